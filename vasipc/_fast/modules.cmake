@@ -1,0 +1,14 @@
+# The compiled core: one extension per job. VASIPC_ONLY (a ;-list) builds a subset,
+# for working on one kernel while another is half-edited.
+set(VASIPC_ONLY "" CACHE STRING "Build only these _fast modules")
+
+macro(vasipc_module name)
+  if(NOT VASIPC_ONLY OR "${name}" IN_LIST VASIPC_ONLY)
+    vasipc_cython_module(${name} ${ARGN})
+  endif()
+endmacro()
+
+vasipc_module(framing)
+vasipc_module(frameview)
+vasipc_module(letterbox SOURCES ${FAST_DIR}/letterbox_kernel.c ${FAST_DIR}/sigbus_guard.c)
+vasipc_module(yolo SOURCES ${FAST_DIR}/yolo_decode.c)
