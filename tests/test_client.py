@@ -1,0 +1,365 @@
+"""vasipc.client against real servers (CONTRACT sections 1-4, 8), plus a scripted fake
+server for the failures a real one does not produce on demand."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from vasipc import errors, frames
+from vasipc.client import Client, Detection, InferResult, ServerInfo, discover
+
+MODEL_ID = "nudenet-320n"
+METADATA_KEYS = {"preprocess_ms", "inference_ms", "postprocess_ms", "queue_ms", "total_ms",
+                 "batch_size", "model_version", "device"}
+
+
+@pytest.fixture
+def client(nudenet_server) -> Iterator[Client]:
+    with Client(nudenet_server.socket, model_id=MODEL_ID) as c:
+        yield c
+
+
+def requests_total(path: str) -> int:
+    with Client(path, pool_size=0) as c:
+        return c.health()["requests_total"]
+
+
+# --- infer -----------------------------------------------------------------------------------
+
+def test_infer_astronaut(client, astronaut_frame):
+    result = client.infer(astronaut_frame, camera_id="cam-1", request_id="r-1")
+    assert isinstance(result, InferResult)
+    assert (result.model_id, result.camera_id, result.frame_id, result.request_id) == (
+        MODEL_ID, "cam-1", 42, "r-1")
+    assert all(isinstance(d, Detection) for d in result.detections)
+    assert "FACE_FEMALE" in [d.class_name for d in result.detections]
+    for det in result.detections:
+        assert isinstance(det.class_id, int) and isinstance(det.confidence, float)
+        x0, y0, x1, y1 = det.bbox
+        assert 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1
+        assert det.track_id is None
+    confidences = [d.confidence for d in result.detections]
+    assert confidences == sorted(confidences, reverse=True)
+    assert result.metadata.keys() >= METADATA_KEYS
+    assert result.raw["error_code"] is None and result.raw["error"] is None
+
+
+def test_infer_learns_model_id_from_info(nudenet_server, astronaut_frame):
+    with Client(nudenet_server.socket) as c:
+        assert c.model_id is None
+        result = c.infer(str(astronaut_frame), camera_id="cam-1", request_id=7)
+        assert c.model_id == MODEL_ID
+    assert result.model_id == MODEL_ID and result.request_id == 7
+
+
+def test_infer_config_and_raw_frame(client, shm_dir, astronaut_rgb):
+    height, width = astronaut_rgb.shape[:2]
+    raw = shm_dir / "ring.raw"
+    offset = 4096
+    frames.write_raw_frame(raw, frames.encode_frame(astronaut_rgb, "BGR24"), offset=offset)
+    meta = {"width": width, "height": height, "format": "bgr", "offset": offset, "frame_id": 9}
+    full = client.infer(raw, camera_id="c", frame_metadata=meta)
+    assert full.frame_id == 9 and "FACE_FEMALE" in [d.class_name for d in full.detections]
+    assert client.infer(raw, camera_id="c", frame_metadata=meta,
+                        config={"max_detections": 0}).detections == []
+    one = client.infer(raw, camera_id="c", frame_metadata=meta, config={"max_detections": 1})
+    assert one.detections == full.detections[:1]
+
+
+def test_health_and_info(client, nudenet_server):
+    health = client.health()
+    assert health["op"] == "health" and health["ready"] is True and health["status"] == "ok"
+    assert health["model_id"] == MODEL_ID
+    info = client.info()
+    assert info["op"] == "info" and info["protocol_version"] == 1
+    assert info["model_id"] == MODEL_ID and info["task"] == "detect"
+    assert "FACE_FEMALE" in info["classes"]
+    assert info["socket"] == nudenet_server.socket
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def _write_header(path: Path, **changes) -> Path:
+    """A frame-export dir whose header is valid but for `changes`."""
+    fields = dict(version=1, frame_id=5, timestamp_ns=1, width=64, height=48,
+                  pixel_format=frames.NV12, stride=64, data_size=64 * 72)
+    fields.update(changes)
+    path.mkdir()
+    (path / "frame.data").write_bytes(bytes(64 * 72))
+    (path / "frame.meta").write_bytes(frames.FrameHeader(**fields).pack())
+    return path
+
+
+ERROR_CASES: dict[str, tuple[type[errors.VasipcError], Callable[[Path, Path], dict]]] = {
+    "frame_not_found": (errors.FrameNotFound,
+                        lambda shm, tmp: {"frame_reference": str(shm / "missing")}),
+    "frame_forbidden": (errors.FrameForbidden, lambda shm, tmp: {
+        "frame_reference": str(_write_header(tmp / "outside"))}),
+    "model_mismatch": (errors.ModelMismatch, lambda shm, tmp: {"model_id": "someone-else"}),
+    "relative_path": (errors.InvalidRequest, lambda shm, tmp: {"frame_reference": "rel/frame"}),
+    "frame_invalid": (errors.FrameInvalid, lambda shm, tmp: {
+        "frame_reference": str(_write_header(shm / "odd", width=63))}),
+    "unsupported_format": (errors.UnsupportedFormat, lambda shm, tmp: {
+        "frame_reference": str(_write_header(shm / "yuyv", pixel_format=77))}),
+    "frame_changed": (errors.FrameChanged, lambda shm, tmp: {
+        "frame_reference": str(_write_header(shm / "changed")), "frame_metadata": {"frame_id": 6}}),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_error_codes_raise_their_class(client, astronaut_frame, shm_dir, tmp_path, case):
+    expected, make_args = ERROR_CASES[case]
+    kwargs = {"frame_reference": str(astronaut_frame), "camera_id": "cam-e", "request_id": case}
+    kwargs.update(make_args(shm_dir, tmp_path))
+    with pytest.raises(expected) as info:
+        client.infer(**kwargs)
+    resp = info.value.response
+    assert resp["error_code"] == expected.code and resp["detections"] == []
+    assert resp["request_id"] == case and isinstance(resp["error"], str)
+    assert info.value.message == resp["error"] and info.value.frame_id == resp["frame_id"]
+    assert client.infer(astronaut_frame, camera_id="c").detections  # still serving
+
+
+def test_request_returns_errors_without_raising(client):
+    resp = client.request({"op": "bogus", "request_id": "q"})
+    assert resp["error_code"] == "invalid_request" and resp["request_id"] == "q"
+    resp = client.request({"op": "infer", "camera_id": "c"})  # required fields missing
+    assert resp["error_code"] == "invalid_request" and resp["detections"] == []
+
+
+# --- connections -----------------------------------------------------------------------------
+
+def socket_fds(pid: int) -> int:
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(os.path.join(fd_dir, name)).startswith("socket:")
+    return count
+
+
+def settled(read: Callable[[], int], want: int | None = None, timeout: float = 5.0) -> int:
+    """`read()` once it equals `want` (or, without `want`, once it stops changing)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now == (last if want is None else want):
+            return now
+        last = now
+    return last
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_sequential_requests_reuse_one_connection(server_factory, astronaut_frame):
+    server = server_factory()
+    baseline = settled(lambda: socket_fds(server.pid))
+    with Client(server.socket, model_id=MODEL_ID) as c:
+        for i in range(20):
+            assert c.infer(astronaut_frame, camera_id="c", request_id=i).request_id == i
+        assert socket_fds(server.pid) == baseline + 1
+        assert c.health()["requests_total"] == 20
+    assert settled(lambda: socket_fds(server.pid), want=baseline) == baseline
+
+
+def test_threads_share_one_client(client, nudenet_server, astronaut_frame):
+    before = requests_total(nudenet_server.socket)
+    failures: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(20):
+                rid = f"t{t}-{i}"
+                result = client.infer(astronaut_frame, camera_id=f"cam-{t}", request_id=rid)
+                assert (result.request_id, result.camera_id) == (rid, f"cam-{t}")
+                assert "FACE_FEMALE" in [d.class_name for d in result.detections]
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    assert requests_total(nudenet_server.socket) - before == 16 * 20
+
+
+def test_reconnects_after_server_restart(server_factory, astronaut_frame):
+    first = server_factory()
+    with Client(first.socket, model_id=MODEL_ID) as c:
+        assert c.infer(astronaut_frame, camera_id="c").detections
+        assert first.stop() == 0
+        with pytest.raises(ConnectionError, match=re.escape(first.socket)):
+            c.infer(astronaut_frame, camera_id="c")
+        second = server_factory(socket=first.socket)
+        assert c.infer(astronaut_frame, camera_id="c").detections
+        # Restarted under the client's pooled connection: no error reaches the caller.
+        assert second.stop() == 0
+        server_factory(socket=first.socket)
+        assert c.infer(astronaut_frame, camera_id="c").detections
+
+
+def test_least_outstanding_routing_spreads_over_servers(server_factory, astronaut_frame):
+    servers = [server_factory(), server_factory()]
+    with Client([s.socket for s in servers], model_id=MODEL_ID) as c:
+        for i in range(10):  # one at a time: every choice is a tie, taken in turn
+            c.infer(astronaut_frame, camera_id="c", request_id=i)
+        assert [requests_total(s.socket) for s in servers] == [5, 5]
+
+        def worker() -> None:
+            for _ in range(10):
+                c.infer(astronaut_frame, camera_id="c")
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    totals = [requests_total(s.socket) for s in servers]
+    assert sum(totals) == 90 and min(totals) > 5
+
+
+def test_unreachable_socket_is_skipped(server_factory, nudenet_server, astronaut_frame):
+    dead = server_factory.socket_path("nobody.sock")
+    with Client([dead, nudenet_server.socket], model_id=MODEL_ID) as c:
+        for _ in range(4):
+            assert c.infer(astronaut_frame, camera_id="c").detections
+    with Client(dead) as c, pytest.raises(ConnectionError, match=re.escape(dead)):
+        c.health()
+
+
+def test_discover_lists_live_servers(server_factory, monkeypatch):
+    live = server_factory(socket=server_factory.socket_path("vas_model_live.sock"))
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(server_factory.socket_path("vas_model_stale.sock"))
+    stale.close()  # the file stays, nothing listens
+    Path(server_factory.socket_path("vas_model_file.sock")).write_text("not a socket")
+    found = discover(str(server_factory.dir))
+    assert found == [ServerInfo(live.socket, found[0].info)]
+    assert found[0].info["model_id"] == MODEL_ID
+    monkeypatch.setenv("VASIPC_SOCKET_DIR", str(server_factory.dir))
+    assert [s.socket for s in discover()] == [live.socket]
+    assert discover(str(server_factory.dir), pattern="nothing*") == []
+
+
+def test_closed_client_refuses(nudenet_server):
+    c = Client(nudenet_server.socket)
+    c.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        c.health()
+
+
+# --- failures a real server does not produce on demand ----------------------------------------
+
+class ScriptedServer:
+    """A fake server on a Unix socket. `script(n)` says what to do with the n-th request of
+    a connection (0-based): "answer", "close" (read it, close without answering),
+    "half" (send half a length prefix, close) or "hang" (never answer)."""
+
+    def __init__(self, path: str, script: Callable[[int], str]) -> None:
+        self.path = path
+        self.script = script
+        self.connections = 0
+        self.requests = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        for n in range(1 << 30):
+            head = conn.recv(4, socket.MSG_WAITALL)
+            if len(head) < 4:
+                return conn.close()
+            body = conn.recv(struct.unpack(">I", head)[0], socket.MSG_WAITALL)
+            self.requests += 1
+            action = self.script(n)
+            if action == "close":
+                return conn.close()
+            if action == "half":
+                conn.sendall(b"\0\0")
+                return conn.close()
+            if action == "hang":
+                continue
+            msg = orjson.loads(body)
+            out = orjson.dumps({"op": msg.get("op"), "ok": True, "n": n})
+            conn.sendall(struct.pack(">I", len(out)) + out)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.open:
+            conn.close()
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    servers: list[ScriptedServer] = []
+
+    def start(script: Callable[[int], str]) -> ScriptedServer:
+        server = ScriptedServer(str(tmp_path / f"s{len(servers)}.sock"), script)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_dead_pooled_connection_is_retried_once(scripted):
+    # Answers the first request of each connection and drops the second unanswered: the
+    # second request on the pooled connection meets EOF and goes again on a fresh one.
+    server = scripted(lambda n: "answer" if n == 0 else "close")
+    with Client(server.path) as c:
+        assert c.request({"op": "health"})["n"] == 0
+        assert c.request({"op": "health"})["n"] == 0
+        assert (server.connections, server.requests) == (2, 3)
+
+
+def test_fresh_connection_failure_is_not_retried(scripted):
+    server = scripted(lambda n: "close")
+    with Client(server.path) as c, pytest.raises(ConnectionError, match="closed the connection"):
+        c.request({"op": "health"})
+    assert server.requests == 1
+
+
+def test_partial_response_is_not_retried(scripted):
+    server = scripted(lambda n: "answer" if n == 0 else "half")
+    with Client(server.path) as c:
+        c.request({"op": "health"})
+        with pytest.raises(ConnectionError, match="mid-response"):
+            c.request({"op": "health"})
+        assert server.requests == 2
+        assert c.request({"op": "health"})["n"] == 0  # a fresh connection afterwards
+
+
+def test_timeout(scripted):
+    server = scripted(lambda n: "hang")
+    with Client(server.path, timeout=5) as c:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=re.escape(server.path)):
+            c.request({"op": "health"}, timeout=0.3)
+        assert time.monotonic() - started < 2

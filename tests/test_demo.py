@@ -1,0 +1,41 @@
+"""`python -m vasipc.demo`: a real server, a real photo, an annotated PNG."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def run_demo(child_env, tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vasipc.demo", *args], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path, env=child_env)
+    return run
+
+
+@pytest.mark.slow
+def test_demo_detects_on_the_astronaut(run_demo, tmp_path, nudenet_model, astronaut_rgb):
+    pil_image = pytest.importorskip("PIL.Image")
+    out = tmp_path / "demo.png"
+    done = run_demo("--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "FACE_FEMALE" in done.stdout
+    with pil_image.open(out) as png:
+        assert png.format == "PNG"
+        assert png.size == (astronaut_rgb.shape[1], astronaut_rgb.shape[0])
+
+
+def test_demo_bad_option_exits_2(run_demo):
+    done = run_demo("--no-such-option")
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_demo_unreadable_image_exits_2(run_demo, tmp_path, nudenet_model):
+    bogus = tmp_path / "not-an-image.png"
+    bogus.write_text("hello")
+    done = run_demo("--image", str(bogus), "--out", str(tmp_path / "x.png"))
+    assert done.returncode == 2
+    assert "cannot read image" in done.stderr and "Traceback" not in done.stderr

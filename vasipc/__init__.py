@@ -1,0 +1,15 @@
+"""vasipc: a model server for video analytics, and its client.
+
+The server is `python -m vasipc.serve`; the wire contract is length-prefixed JSON over a
+Unix socket with frames passed by path. This package's top level stays light (no ONNX
+Runtime, no compiled core) so that producers and callers can import the client cheaply.
+"""
+
+__version__ = "0.1.0"
+
+from vasipc.client import Client, Detection, InferResult, ServerInfo, discover  # noqa: E402
+from vasipc.errors import *  # noqa: E402,F403
+from vasipc.errors import ERROR_CLASSES, VasipcError  # noqa: E402
+
+__all__ = ["ERROR_CLASSES", "Client", "Detection", "InferResult", "ServerInfo", "VasipcError",
+           "__version__", "discover"]

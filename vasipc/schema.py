@@ -1,0 +1,201 @@
+"""Request validation and response shapes (CONTRACT sections 3 and 4).
+
+Validation turns a decoded JSON object into a typed request or raises InvalidRequest /
+ModelMismatch; nothing here touches the filesystem or the model. Responses are plain
+dicts handed to the JSON encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vasipc.errors import InvalidRequest, ModelMismatch, VasipcError
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_CAMERA_ID_CHARS = 256
+OPS = ("infer", "health", "info")
+
+
+@dataclass(frozen=True, slots=True)
+class InferConfig:
+    """Per-request overrides (`config`); None means "the server's default"."""
+
+    confidence_threshold: float | None = None
+    nms_iou_threshold: float | None = None
+    max_detections: int | None = None
+    classes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameMetadata:
+    """`frame_metadata`, typed; which keys are required depends on the frame's form (5.1/5.2)."""
+
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    stride: int | None = None
+    offset: int | None = None
+    frame_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    frame_reference: str
+    frame_metadata: FrameMetadata
+    camera_id: str
+    model_id: str
+    timestamp: float
+    config: InferConfig
+    deadline_ms: float | None
+    request_id: str | int | None
+
+
+NO_CONFIG = InferConfig()
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is a subclass of int; JSON booleans are never numbers
+
+
+def _is_number(v: Any) -> bool:
+    return (type(v) is int) or (type(v) is float and math.isfinite(v))
+
+
+def _unit_interval(obj: dict, key: str, where: str) -> float | None:
+    v = obj.get(key)
+    if v is None and key not in obj:
+        return None
+    if not _is_number(v) or not 0.0 <= v <= 1.0:
+        raise InvalidRequest(f"{where}{key} must be a number in [0, 1]")
+    return float(v)
+
+
+def _non_negative_int(obj: dict, key: str, where: str) -> int | None:
+    if key not in obj:
+        return None
+    v = obj[key]
+    if not _is_int(v) or v < 0:
+        raise InvalidRequest(f"{where}{key} must be a non-negative integer")
+    return v
+
+
+def request_id_of(msg: dict) -> str | int | None:
+    """The request's `request_id` when it is valid (echoed even in error responses)."""
+    rid = msg.get("request_id")
+    if type(rid) is str and len(rid) <= MAX_REQUEST_ID_CHARS:
+        return rid
+    if type(rid) is int and len(str(rid)) <= MAX_REQUEST_ID_CHARS:
+        return rid
+    return None
+
+
+def parse_op(msg: dict) -> str:
+    """The request's op; raises InvalidRequest for a bad `op` or `request_id`."""
+    if "request_id" in msg and request_id_of(msg) is None:
+        raise InvalidRequest(
+            f"request_id must be a string or integer of at most {MAX_REQUEST_ID_CHARS} characters")
+    op = msg.get("op", "infer")
+    if type(op) is not str:
+        raise InvalidRequest("op must be a string")
+    if op not in OPS:
+        raise InvalidRequest(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    return op
+
+
+def _parse_frame_metadata(fm: Any) -> FrameMetadata:
+    if type(fm) is not dict:
+        raise InvalidRequest("frame_metadata must be an object")
+    w = "frame_metadata."
+    fmt = fm.get("format")
+    if "format" in fm and type(fmt) is not str:
+        raise InvalidRequest("frame_metadata.format must be a string")
+    if "timestamp" in fm and not _is_number(fm["timestamp"]):
+        raise InvalidRequest("frame_metadata.timestamp must be a number")
+    return FrameMetadata(
+        width=_non_negative_int(fm, "width", w),
+        height=_non_negative_int(fm, "height", w),
+        format=fmt,
+        stride=_non_negative_int(fm, "stride", w),
+        offset=_non_negative_int(fm, "offset", w),
+        frame_id=_non_negative_int(fm, "frame_id", w),
+    )
+
+
+def _parse_config(cfg: Any) -> InferConfig:
+    if cfg is None:
+        return NO_CONFIG
+    if type(cfg) is not dict:
+        raise InvalidRequest("config must be an object")
+    classes = None
+    if "classes" in cfg:
+        cl = cfg["classes"]
+        if type(cl) is not list or not all(_is_int(c) and c >= 0 for c in cl):
+            raise InvalidRequest("config.classes must be a list of non-negative class ids")
+        classes = tuple(cl)
+    w = "config."
+    return InferConfig(
+        confidence_threshold=_unit_interval(cfg, "confidence_threshold", w),
+        nms_iou_threshold=_unit_interval(cfg, "nms_iou_threshold", w),
+        max_detections=_non_negative_int(cfg, "max_detections", w),
+        classes=classes,
+    )
+
+
+def parse_infer(msg: dict, server_model_id: str) -> InferRequest:
+    """Validate an `infer` request (CONTRACT 3.1). Field errors come before model_mismatch."""
+    ref = msg.get("frame_reference")
+    if type(ref) is not str or not ref:
+        raise InvalidRequest("frame_reference is required and must be a non-empty string")
+    if not ref.startswith("/"):
+        raise InvalidRequest("frame_reference must be an absolute path")
+    if "\x00" in ref:
+        raise InvalidRequest("frame_reference must not contain NUL")
+    if "frame_metadata" not in msg:
+        raise InvalidRequest("frame_metadata is required (use {} for a frame-export directory)")
+    metadata = _parse_frame_metadata(msg["frame_metadata"])
+    cam = msg.get("camera_id")
+    if type(cam) is not str or not 1 <= len(cam) <= MAX_CAMERA_ID_CHARS:
+        raise InvalidRequest(f"camera_id is required: a string of 1-{MAX_CAMERA_ID_CHARS} characters")
+    model_id = msg.get("model_id")
+    if type(model_id) is not str:
+        raise InvalidRequest("model_id is required and must be a string")
+    ts = msg.get("timestamp")
+    if not _is_number(ts) or ts <= 0:
+        raise InvalidRequest("timestamp is required: a number > 0 (Unix seconds)")
+    config = _parse_config(msg.get("config"))
+    deadline = msg.get("deadline_ms")
+    if "deadline_ms" in msg and (not _is_number(deadline) or deadline <= 0):
+        raise InvalidRequest("deadline_ms must be a number > 0")
+    if model_id != server_model_id:
+        raise ModelMismatch(f"this server serves model {server_model_id!r}, not {model_id!r}")
+    return InferRequest(
+        frame_reference=ref, frame_metadata=metadata, camera_id=cam, model_id=model_id,
+        timestamp=float(ts), config=config,
+        deadline_ms=None if deadline is None else float(deadline),
+        request_id=request_id_of(msg),
+    )
+
+
+def error_response(err: VasipcError, msg: dict | None, server_model_id: str,
+                   metadata: dict) -> dict:
+    """An infer-shaped error response; echoes what the request carried where it was valid."""
+    msg = msg if type(msg) is dict else {}
+    model_id = msg.get("model_id")
+    camera_id = msg.get("camera_id")
+    frame_id = err.frame_id
+    if frame_id is None:
+        fm = msg.get("frame_metadata")
+        if type(fm) is dict and _is_int(fm.get("frame_id")) and fm["frame_id"] >= 0:
+            frame_id = fm["frame_id"]
+    return {
+        "model_id": model_id if type(model_id) is str else server_model_id,
+        "camera_id": camera_id if type(camera_id) is str else "",
+        "frame_id": frame_id,
+        "detections": [],
+        "metadata": metadata,
+        "error": err.message,
+        "error_code": err.code,
+        "request_id": request_id_of(msg),
+    }

@@ -1,0 +1,226 @@
+"""`python -m vasipc.serve`: the model server's command line (CONTRACT 8).
+
+Precedence of settings: command line, then environment (`VASIPC_<OPTION>`, e.g.
+VASIPC_SOCKET_DIR, VASIPC_MAX_BATCH; VASIPC_FRAME_ROOT is a colon-separated list), then
+model.yaml, then the defaults. Any problem before serving is one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+PROG = "vasipc.serve"
+USAGE = ("python -m vasipc.serve (--model PATH | --model-dir DIR | --models-root DIR "
+         "--model-id ID) [options]")
+
+log = logging.getLogger("vasipc")
+
+
+class CliError(Exception):
+    """A startup problem reported as one line, exit code 2."""
+
+
+def _ranged(kind: Callable, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+        if kind is float and v != v:  # NaN
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {hi}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _mode(text: str) -> int:
+    try:
+        v = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid octal mode {text!r}") from None
+    if not 0 <= v <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} out of range (000-777)")
+    return v
+
+
+def _device(text: str) -> str:
+    from vasipc.runtime import parse_device
+    try:
+        parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage line + one error line, exit 2
+        self.exit(2, f"usage: {USAGE}\n{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    p = _Parser(prog=PROG, usage=USAGE, description="Serve a YOLO-style ONNX detector on a Unix socket.")
+
+    def opt(flag: str, **kw) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        if "default" not in kw and not kw.get("action"):
+            kw["default"] = env.get(f"VASIPC_{dest.upper()}")  # argparse applies `type` to it
+        p.add_argument(flag, **kw)
+
+    src = p.add_argument_group("model (exactly one of --model, --model-dir, --models-root)")
+    src.add_argument("--model", metavar="PATH", help="ONNX file to serve")
+    src.add_argument("--model-dir", metavar="DIR", help="directory with model.yaml")
+    src.add_argument("--models-root", metavar="DIR", help="serve DIR/<model-id>/")
+    opt("--model-id", metavar="ID", help="id callers address (default: model.yaml, else file stem)")
+    opt("--model-version", metavar="V", help="version subdirectory (default: highest)")
+    opt("--labels", metavar="FILE", help="class names, one per line")
+    opt("--socket", metavar="PATH", help="socket path (default /tmp/vas_model_{id}.sock)")
+    opt("--socket-dir", metavar="DIR", help="directory of the default socket path")
+    opt("--socket-mode", metavar="MODE", type=_mode, help="socket file mode (default 0600)")
+    p.add_argument("--frame-root", metavar="DIR", action="append",
+                   help="where frames may be read from (repeatable; default /dev/shm)")
+    opt("--device", type=_device, help="auto | cpu | cuda[:N] (default auto)")
+    opt("--conf", type=_ranged(float, 0, 1), help="confidence threshold (default 0.25)")
+    opt("--iou", type=_ranged(float, 0, 1), help="NMS IoU threshold (default 0.45)")
+    opt("--max-detections", type=_ranged(int, 0), help="default 300")
+    opt("--max-message-bytes", type=_ranged(int, 1), help="default 10 MiB")
+    opt("--read-timeout", type=_ranged(float, 0, lo_open=True), help="seconds (default 10)")
+    opt("--idle-timeout", type=_ranged(float, 0, lo_open=True), help="seconds (default 300)")
+    opt("--drain-timeout", type=_ranged(float, 0), help="seconds (default 10)")
+    opt("--max-frame-dim", type=_ranged(int, 1), help="default 8192")
+    opt("--max-batch", type=_ranged(int, 1), help="default 1 on CPU, 16 on CUDA")
+    opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
+    opt("--max-queue", type=_ranged(int, 1), help="default 1024")
+    opt("--max-connections", type=_ranged(int, 1), help="default 1024")
+    opt("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+        help="default INFO")
+    return p
+
+
+def _pick(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _resolve_source(args: argparse.Namespace):
+    from vasipc import model_yaml as my
+
+    given = [a for a in ("model", "model_dir", "models_root") if getattr(args, a)]
+    if len(given) != 1:
+        raise CliError("exactly one of --model, --model-dir, --models-root is required")
+    if args.model:
+        return my.from_model_file(args.model)
+    if args.model_dir:
+        return my.from_model_dir(args.model_dir)
+    if not args.model_id:
+        raise CliError("--models-root needs --model-id")
+    if not my.MODEL_ID_RE.match(args.model_id):
+        raise CliError(f"invalid model id {args.model_id!r}: 1-64 characters of [A-Za-z0-9._-]")
+    return my.from_models_root(args.models_root, args.model_id, args.model_version)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s vasipc: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    from vasipc.listener import StartupError, check_socket_path, default_socket_path
+    from vasipc.model import ModelError, ModelSpec, load_model
+    from vasipc.model_yaml import MODEL_ID_RE, ModelSourceError, read_labels
+    from vasipc.runtime import RuntimeUnavailable, import_onnxruntime, resolve_device
+
+    try:
+        source = _resolve_source(args)
+        model_id = _pick(args.model_id, source.model_id, source.model_name)
+        if not MODEL_ID_RE.match(model_id):
+            raise CliError(f"invalid model id {model_id!r}: 1-64 characters of [A-Za-z0-9._-] "
+                           "(set --model-id)")
+        socket_path = args.socket or default_socket_path(model_id, args.socket_dir)
+        check_socket_path(socket_path)
+        roots = args.frame_root or [r for r in os.environ.get("VASIPC_FRAME_ROOT", "").split(":") if r]
+        roots = roots or ["/dev/shm"]
+        for r in roots:
+            if not os.path.isdir(r):
+                raise CliError(f"--frame-root {r} is not a directory")
+        ort = import_onnxruntime()
+        device, warning = resolve_device(args.device or "auto", ort)
+        if device.kind == "cpu" and source.gpu_required:
+            raise CliError("model.yaml says gpu_required: true and no usable GPU is selected")
+        if warning:
+            log.warning("%s", warning)
+        labels_file = _pick(args.labels, source.class_names_file)
+        spec = ModelSpec(
+            path=source.weights, model_id=model_id, model_name=source.model_name,
+            model_version=source.model_version,
+            class_names=read_labels(labels_file) if labels_file else None,
+            confidence_threshold=_pick(args.conf, source.confidence_threshold, 0.25),
+            nms_iou_threshold=_pick(args.iou, source.nms_iou_threshold, 0.45),
+            max_detections=_pick(args.max_detections, 300),
+        )
+        model = load_model(spec, device, args.max_batch)
+    except (CliError, ModelSourceError, ModelError, RuntimeUnavailable, StartupError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if stop.is_set():
+        return 0
+
+    from vasipc.server import Server, ServerConfig
+
+    config = ServerConfig(
+        socket_path=socket_path,
+        socket_mode=_pick(args.socket_mode, 0o600),
+        frame_roots=tuple(roots),
+        max_message_bytes=_pick(args.max_message_bytes, 10 * 1024 * 1024),
+        read_timeout=_pick(args.read_timeout, 10.0),
+        idle_timeout=_pick(args.idle_timeout, 300.0),
+        drain_timeout=_pick(args.drain_timeout, 10.0),
+        max_frame_dim=_pick(args.max_frame_dim, 8192),
+        batch_timeout_us=_pick(args.batch_timeout_us, 0),
+        max_queue=_pick(args.max_queue, 1024),
+        max_connections=_pick(args.max_connections, 1024),
+    )
+    server = Server(model, config)
+    try:
+        server.start()
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("serving model %s (%s, version %s) on %s: input %dx%d, %d classes, device %s, "
+             "providers %s, max batch %d, batch timeout %d us, frame roots %s",
+             model_id, spec.model_name, spec.model_version, socket_path, model.input_width,
+             model.input_height, model.num_classes, device.name, ",".join(model.providers),
+             model.max_batch, config.batch_timeout_us, ":".join(roots))
+    while not stop.wait(0.2):
+        if server.fatal is not None:
+            code = server.abort()
+            log.error("exiting after a session error")
+            return code
+    log.info("draining: %d request(s) in flight", server.in_flight())
+    code = server.drain()
+    log.info("stopped (exit %d)", code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    code = run(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # daemon threads (a blocked accept, a session run) must not hold up exit
+
+
+if __name__ == "__main__":
+    main()
