@@ -192,3 +192,26 @@ def nudenet_server(nudenet_model: str) -> Iterator[ServerProcess]:
         yield launcher()
     finally:
         launcher.close()
+
+
+BENCH_MODEL_PATH = REPO_ROOT.parent / "shared" / "models" / "yolov8n-640-random.onnx"
+
+
+@pytest.fixture(scope="session")
+def bench_model() -> str:
+    """The 640x640 YOLOv8n benchmark model (random weights: real compute, ~100 ms a run on
+    CPU, meaningless detections); skips when ../shared/models lacks it."""
+    if not BENCH_MODEL_PATH.is_file():
+        pytest.skip(f"benchmark model {BENCH_MODEL_PATH} is missing")
+    return str(BENCH_MODEL_PATH)
+
+
+@pytest.fixture(scope="session")
+def bench_server(bench_model: str) -> Iterator[ServerProcess]:
+    """One benchmark-model server (model id "bench", default options) shared by the session:
+    slow enough on CPU to fill its queue on demand. Do not stop or reconfigure it."""
+    launcher = ServerLauncher(bench_model)
+    try:
+        yield launcher(model_id="bench")
+    finally:
+        launcher.close()

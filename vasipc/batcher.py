@@ -210,13 +210,16 @@ class Batcher:
                      geom: tuple) -> list[dict[str, Any]]:
         (r, _, _, left, top), src_w, src_h = geom
         cfg, spec = req.config, model.spec
+        max_det = spec.max_detections if cfg.max_detections is None else cfg.max_detections
+        # Any int >= 0 and any class id is valid on the wire: cap to what the kernel takes
+        # (no more detections than anchors; ids beyond the model's classes match nothing).
+        classes = None if cfg.classes is None else np.asarray(
+            [c for c in cfg.classes if c < model.num_classes], dtype=np.int32)
         boxes, scores, class_ids = decode_yolo(
             pred,
             spec.confidence_threshold if cfg.confidence_threshold is None else cfg.confidence_threshold,
             spec.nms_iou_threshold if cfg.nms_iou_threshold is None else cfg.nms_iou_threshold,
-            spec.max_detections if cfg.max_detections is None else cfg.max_detections,
-            None if cfg.classes is None else np.asarray(cfg.classes, dtype=np.int32),
-            r, left, top, src_w, src_h)
+            min(max_det, pred.shape[1]), classes, r, left, top, src_w, src_h)
         names = model.class_names
         return [
             {"class_id": c, "class_name": names[c], "confidence": s, "bbox": b, "track_id": None}

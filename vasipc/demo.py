@@ -92,14 +92,15 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(model: Path, workdir: Path) -> ServerProcess:
+def start_server(model: Path, workdir: Path, *, detached: bool) -> ServerProcess:
     socket_path = str(workdir / "demo.sock")
     stderr_path = workdir / "server.stderr"
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vasipc.serve", "--model", str(model), "--model-id", MODEL_ID,
              "--socket", socket_path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=detached)  # a kept server outlives this terminal's Ctrl-C
     server = ServerProcess(proc, socket_path, stderr_path)
     try:
         wait_until_ready(server)
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> None:
     server = None
     keep_server = False
     try:
-        server = start_server(model, workdir)
+        server = start_server(model, workdir, detached=args.keep_server)
         with exported_frame(frame_rgb) as frame_dir, \
                 Client(server.socket, model_id=MODEL_ID) as client:
             result = client.infer(frame_dir, camera_id="demo")
@@ -227,7 +228,8 @@ def run(args: argparse.Namespace) -> None:
     save_annotated(rgb, result, (width, height), args.out)
     print(f"annotated image: {args.out}")
     if args.keep_server:
-        print(f"server still running: pid {server.proc.pid}, socket {server.socket}")
+        print(f"server still running: pid {server.proc.pid}, socket {server.socket}, "
+              f"log {server.stderr_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

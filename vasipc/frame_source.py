@@ -50,7 +50,8 @@ class OpenFrame:
         if self.dir_fd < 0:
             return
         try:
-            st = os.stat("frame.meta", dir_fd=self.dir_fd, follow_symlinks=False)
+            # followed: a frame.meta symlink (allowed inside the roots) was fstat'ed via its target
+            st = os.stat("frame.meta", dir_fd=self.dir_fd)
         except FileNotFoundError:
             raise FrameChanged("frame.meta vanished while the frame was read",
                                frame_id=self.frame_id) from None

@@ -140,11 +140,13 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
     probe = LoadedModel(spec, session, device, inputs[0].name, outputs[0].name, width, height,
                         0, (), limit, tuple(session.get_providers()))
     nc = 0
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failed warm-up is our one error line, not ORT's log too
     for b in range(1, limit + 1):  # warm up every batch size it may run
         x = probe.new_input(b)
         x.fill(114 / 255)
         try:
-            out = probe.run(x)
+            out = np.asarray(session.run([probe.output_name], {probe.input_name: x}, quiet)[0])
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{spec.path}: warm-up inference failed: {first}") from None

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would allow a trailing newline
 
 
 class ModelSourceError(ValueError):

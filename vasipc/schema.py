@@ -124,9 +124,7 @@ def _parse_frame_metadata(fm: Any) -> FrameMetadata:
 
 
 def _parse_config(cfg: Any) -> InferConfig:
-    if cfg is None:
-        return NO_CONFIG
-    if type(cfg) is not dict:
+    if type(cfg) is not dict:  # present but null is a wrong type too (CONTRACT 3)
         raise InvalidRequest("config must be an object")
     classes = None
     if "classes" in cfg:
@@ -164,7 +162,7 @@ def parse_infer(msg: dict, server_model_id: str) -> InferRequest:
     ts = msg.get("timestamp")
     if not _is_number(ts) or ts <= 0:
         raise InvalidRequest("timestamp is required: a number > 0 (Unix seconds)")
-    config = _parse_config(msg.get("config"))
+    config = _parse_config(msg["config"]) if "config" in msg else NO_CONFIG
     deadline = msg.get("deadline_ms")
     if "deadline_ms" in msg and (not _is_number(deadline) or deadline <= 0):
         raise InvalidRequest("deadline_ms must be a number > 0")

@@ -145,7 +145,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     try:
         source = _resolve_source(args)
-        model_id = _pick(args.model_id, source.model_id, source.model_name)
+        stem = os.path.splitext(os.path.basename(source.weights))[0]
+        model_id = _pick(args.model_id, source.model_id, stem)  # not model_name (CONTRACT 8)
         if not MODEL_ID_RE.match(model_id):
             raise CliError(f"invalid model id {model_id!r}: 1-64 characters of [A-Za-z0-9._-] "
                            "(set --model-id)")
@@ -160,8 +161,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         device, warning = resolve_device(args.device or "auto", ort)
         if device.kind == "cpu" and source.gpu_required:
             raise CliError("model.yaml says gpu_required: true and no usable GPU is selected")
-        if warning:
-            log.warning("%s", warning)
         labels_file = _pick(args.labels, source.class_names_file)
         spec = ModelSpec(
             path=source.weights, model_id=model_id, model_name=source.model_name,
@@ -199,6 +198,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if warning:  # only once serving: a failed start prints its one error line, nothing else
+        log.warning("%s", warning)
     log.info("serving model %s (%s, version %s) on %s: input %dx%d, %d classes, device %s, "
              "providers %s, max batch %d, batch timeout %d us, frame roots %s",
              model_id, spec.model_name, spec.model_version, socket_path, model.input_width,

@@ -1,6 +1,6 @@
 """Length-prefixed message I/O on a stream socket (CONTRACT section 2). See framing.pyx."""
 
-from collections.abc import Buffer
+from typing_extensions import Buffer
 
 class FramingError(Exception): ...
 class ConnectionClosed(FramingError): ...

@@ -42,7 +42,7 @@ size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride)
 size_t lb_scratch_nbytes(const lb_job *job)
 {
     size_t cols = (size_t)job->new_w, rows = (size_t)job->new_h;
-    return sizeof(int32_t) * (4 * cols + 4 * rows + 2 * 3 * cols);
+    return sizeof(int32_t) * (4 * cols + 4 * rows + 2 * 3 * cols + 6 * cols);
 }
 
 /* Source position of destination index d: OpenCV's (d + 0.5) * scale - 0.5, as a float,
@@ -74,7 +74,8 @@ void lb_plan(lb_job *job, void *scratch)
     job->row_w0 = p; p += nh;
     job->row_w1 = p; p += nh;
     job->hrow[0] = p; p += 3 * nw;
-    job->hrow[1] = p;
+    job->hrow[1] = p; p += 3 * nw;
+    job->taps = p;
 
     /* Columns: a position left of pixel 0 or right of the last one takes that pixel
      * alone (weight 2048, 0), as OpenCV clamps x. */
@@ -148,65 +149,101 @@ static ALWAYS_INLINE int clamp_u8(int v)
     return v < 0 ? 0 : (v > 255 ? 255 : v);
 }
 
-/* The RGB of source pixel x in row r, as uint8 values: OpenCV converts the whole frame to
- * uint8 RGB before resizing, so the taps are rounded and clamped the same way here. */
-static ALWAYS_INLINE void tap_rgb(int format, source_row r, int x, int *red, int *green,
-                                  int *blue)
+/* BT.601 limited range -> RGB of one pixel, rounded and clamped to uint8 as OpenCV
+ * does: OpenCV converts the whole frame to uint8 RGB before resizing, so the taps are
+ * rounded the same way here. */
+static ALWAYS_INLINE void yuv_to_rgb(int luma, int u, int v, int *red, int *green, int *blue)
+{
+    const int y = (luma > 16 ? luma - 16 : 0) * YUV_CY;
+    u -= 128;
+    v -= 128;
+    *red = clamp_u8((y + YUV_HALF + YUV_CVR * v) >> YUV_SHIFT);
+    *green = clamp_u8((y + YUV_HALF + YUV_CVG * v + YUV_CUG * u) >> YUV_SHIFT);
+    *blue = clamp_u8((y + YUV_HALF + YUV_CUB * u) >> YUV_SHIFT);
+}
+
+/* The three bytes of source pixel x in row r: Y, U, V (nearest chroma: one U,V per 2x2
+ * block, NV12 interleaves them) or R, G, B (a channel swap for BGR24). */
+static ALWAYS_INLINE void tap_bytes(int format, source_row r, int x, int32_t *c0, int32_t *c1,
+                                    int32_t *c2)
 {
     if (format == VAS_NV12 || format == VAS_I420) {
-        /* Nearest chroma: one U,V per 2x2 block. NV12 interleaves them (UVUV..). */
         const int c = format == VAS_NV12 ? (x & ~1) : (x >> 1);
-        const int luma = r.luma[x];
-        const int y = (luma > 16 ? luma - 16 : 0) * YUV_CY;
-        const int u = r.u[c] - 128, v = r.v[c] - 128;
-        *red = clamp_u8((y + YUV_HALF + YUV_CVR * v) >> YUV_SHIFT);
-        *green = clamp_u8((y + YUV_HALF + YUV_CVG * v + YUV_CUG * u) >> YUV_SHIFT);
-        *blue = clamp_u8((y + YUV_HALF + YUV_CUB * u) >> YUV_SHIFT);
+        *c0 = r.luma[x];
+        *c1 = r.u[c];
+        *c2 = r.v[c];
     } else {
         const uint8_t *px = r.luma + 3 * (size_t)x;
         const int swap = format == VAS_BGR24;
-        *red = px[swap ? 2 : 0];
-        *green = px[1];
-        *blue = px[swap ? 0 : 2];
+        *c0 = px[swap ? 2 : 0];
+        *c1 = px[1];
+        *c2 = px[swap ? 0 : 2];
     }
 }
 
 /* ------------------------------------------------------------------------------------ */
 /* The pass.                                                                              */
 
+/* Colour conversion (YUV formats) and weighting of one row's gathered taps: taps holds
+ * six planes of n (tap 0's Y,U,V or R,G,B, then tap 1's), out three (R, G, B). A
+ * function of its own so that `restrict` tells the compiler the planes do not overlap:
+ * it vectorises this loop. */
+static ALWAYS_INLINE void weigh_taps(int format, int two_taps, int n,
+                                     const int32_t *restrict taps,
+                                     const int32_t *restrict w0,
+                                     const int32_t *restrict w1, int32_t *restrict out)
+{
+    const int yuv = format == VAS_NV12 || format == VAS_I420;
+    for (int i = 0; i < n; i++) {
+        int r0 = taps[i], g0 = taps[n + i], b0 = taps[2 * n + i];
+        if (yuv)
+            yuv_to_rgb(taps[i], taps[n + i], taps[2 * n + i], &r0, &g0, &b0);
+        if (two_taps) {
+            int r1 = taps[3 * n + i], g1 = taps[4 * n + i], b1 = taps[5 * n + i];
+            if (yuv)
+                yuv_to_rgb(taps[3 * n + i], taps[4 * n + i], taps[5 * n + i], &r1, &g1, &b1);
+            out[i] = r0 * w0[i] + r1 * w1[i];
+            out[n + i] = g0 * w0[i] + g1 * w1[i];
+            out[2 * n + i] = b0 * w0[i] + b1 * w1[i];
+        } else {
+            /* every w1 is 0, so every w0 is 2048 */
+            out[i] = r0 * WEIGHT_ONE;
+            out[n + i] = g0 * WEIGHT_ONE;
+            out[2 * n + i] = b0 * WEIGHT_ONE;
+        }
+    }
+}
+
+/* The tap bytes of one source row: taps gets six planes of n (tap 0's Y,U,V or R,G,B,
+ * then tap 1's). Scalar loads; `restrict` lets the loop keep its pointers in registers. */
+static ALWAYS_INLINE void gather_taps(int format, int two_taps, source_row r, int n,
+                                      const int32_t *restrict x0,
+                                      const int32_t *restrict x1, int32_t *restrict taps)
+{
+    for (int i = 0; i < n; i++) {
+        tap_bytes(format, r, x0[i], &taps[i], &taps[n + i], &taps[2 * n + i]);
+        if (two_taps)
+            tap_bytes(format, r, x1[i], &taps[3 * n + i], &taps[4 * n + i], &taps[5 * n + i]);
+    }
+}
+
 /* Horizontal pass over source row y: per output column and channel, tap0*w0 + tap1*w1,
- * into out as three planes (R, G, B) of new_w. */
+ * into out as three planes (R, G, B) of new_w. First the gather (scalar loads), then the
+ * arithmetic on contiguous arrays, which vectorises. */
 static ALWAYS_INLINE void horizontal_pass(const lb_job *job, int format, int two_taps, int y,
                                           int32_t *out)
 {
-    const source_row r = row_planes(job, format, y);
-    const int nw = job->new_w;
-    int32_t *out_r = out, *out_g = out + nw, *out_b = out + 2 * nw;
-    for (int dx = 0; dx < nw; dx++) {
-        int r0, g0, b0;
-        const int w0 = job->col_w0[dx];
-        tap_rgb(format, r, job->col_x0[dx], &r0, &g0, &b0);
-        if (two_taps) {
-            int r1, g1, b1;
-            const int w1 = job->col_w1[dx];
-            tap_rgb(format, r, job->col_x1[dx], &r1, &g1, &b1);
-            out_r[dx] = r0 * w0 + r1 * w1;
-            out_g[dx] = g0 * w0 + g1 * w1;
-            out_b[dx] = b0 * w0 + b1 * w1;
-        } else {
-            out_r[dx] = r0 * w0;
-            out_g[dx] = g0 * w0;
-            out_b[dx] = b0 * w0;
-        }
-    }
+    gather_taps(format, two_taps, row_planes(job, format, y), job->new_w, job->col_x0,
+                job->col_x1, job->taps);
+    weigh_taps(format, two_taps, job->new_w, job->taps, job->col_w0, job->col_w1, out);
 }
 
 /* Vertical blend of two horizontal-pass rows into one output row, then /255. The
  * rounding is OpenCV's SIMD path (VResizeLinearVec_32s8u): each product is taken as a
  * 16x16-bit multiply-high of the row value >> 4, then (sum + 2) >> 2. The float is
  * value / 255.0f, the same float numpy's astype(float32) / 255 gives. */
-static void vertical_pass(const int32_t *h0, const int32_t *h1, int w0, int w1, float *dst,
-                          int n)
+static void vertical_pass(const int32_t *restrict h0, const int32_t *restrict h1, int w0,
+                          int w1, float *restrict dst, int n)
 {
     for (int i = 0; i < n; i++) {
         int v = (((w0 * (h0[i] >> 4)) >> 16) + ((w1 * (h1[i] >> 4)) >> 16) + 2) >> 2;
@@ -275,8 +312,35 @@ static ALWAYS_INLINE void run_rows(const lb_job *job, int format, int two_taps)
     }
 }
 
-static ALWAYS_INLINE void run_format(const lb_job *job, int format)
+/* x86-64's baseline is SSE2, which has no 32-bit vector multiply or min/max: the loops
+ * above are also compiled for AVX2 and the CPU picks at load time (an ifunc). Integer
+ * arithmetic and IEEE division: the clones compute identical results. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(VASIPC_NO_CLONES)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* The row loop specialised for one format (a constant) and tap count. */
+static VECTOR_CLONES void run_nv12(const lb_job *job)
 {
+    if (job->one_col_tap)
+        run_rows(job, VAS_NV12, 0);
+    else
+        run_rows(job, VAS_NV12, 1);
+}
+
+static VECTOR_CLONES void run_i420(const lb_job *job)
+{
+    if (job->one_col_tap)
+        run_rows(job, VAS_I420, 0);
+    else
+        run_rows(job, VAS_I420, 1);
+}
+
+static VECTOR_CLONES void run_packed(const lb_job *job)
+{
+    const int format = job->format == VAS_BGR24 ? VAS_BGR24 : VAS_RGB24;
     if (job->one_col_tap)
         run_rows(job, format, 0);
     else
@@ -287,10 +351,10 @@ void lb_run(void *arg)
 {
     const lb_job *job = (const lb_job *)arg;
     switch (job->format) {
-    case VAS_NV12: run_format(job, VAS_NV12); break;
-    case VAS_I420: run_format(job, VAS_I420); break;
-    case VAS_BGR24: run_format(job, VAS_BGR24); break;
-    case VAS_RGB24: run_format(job, VAS_RGB24); break;
+    case VAS_NV12: run_nv12(job); break;
+    case VAS_I420: run_i420(job); break;
+    case VAS_BGR24:
+    case VAS_RGB24: run_packed(job); break;
     default: break;
     }
 }

@@ -43,6 +43,7 @@ typedef struct lb_job {
     int32_t *col_x0, *col_x1, *col_w0, *col_w1;
     int32_t *row_y0, *row_y1, *row_w0, *row_w1;
     int32_t *hrow[2];       /* two source rows after the horizontal pass: R, G, B x new_w */
+    int32_t *taps;          /* one source row's tap bytes, gathered: 6 x new_w */
     int one_col_tap;        /* every col_w1 is 0 (e.g. an exact 3x downscale): skip tap 2 */
 } lb_job;
 

@@ -1,0 +1,236 @@
+"""Shared helpers for the benchmarks: test frames, servers, a wire client, load, statistics.
+
+Imported by the pytest-benchmark files (pytest puts bench/ on sys.path) and by the scripts
+(`python bench/ipc.py` runs with bench/ as sys.path[0]). It puts the repository root on
+sys.path so the in-place build of vasipc is importable without installing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PYTHON = sys.executable
+BENCH_MODEL = REPO.parent / "shared" / "models" / "yolov8n-640-random.onnx"
+RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160)}
+_LENGTH = struct.Struct(">I")
+
+
+def nudenet_model() -> str:
+    """nudenet's 320n.onnx: a small trained YOLOv8n (320x320), cheap to load."""
+    import nudenet
+
+    return os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
+
+
+# --- frames ----------------------------------------------------------------------------------
+
+def photo(width: int, height: int) -> np.ndarray:
+    """scikit-image's astronaut (real photo content), RGB uint8, resized to width x height."""
+    import cv2
+    from skimage import data
+
+    return cv2.resize(data.astronaut(), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def nv12_photo(width: int, height: int) -> np.ndarray:
+    from vasipc.frames import rgb_to_nv12
+
+    return rgb_to_nv12(photo(width, height))
+
+
+def write_frames(root: str, count: int, width: int, height: int) -> list[str]:
+    """`count` NV12 frame-export directories under `root`, the photo shifted a little in each."""
+    from vasipc.frames import rgb_to_nv12, write_frame_dir
+
+    base = photo(width, height)
+    paths = []
+    for i in range(count):
+        path = os.path.join(root, f"frame_{i:03d}")
+        write_frame_dir(path, rgb_to_nv12(np.roll(base, 16 * i, axis=1)), width=width,
+                        height=height, pixel_format="NV12", frame_id=i)
+        paths.append(path)
+    return paths
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def pct(values: Sequence[float] | np.ndarray, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def spread(values: Sequence[float], fmt: str = ".3g") -> str:
+    """'median (min-max, +-half-range %)' of repeated figures."""
+    med = float(np.median(values))
+    lo, hi = min(values), max(values)
+    half = 100 * (hi - lo) / 2 / med if med else 0.0
+    return f"{med:{fmt}} ({lo:{fmt}}-{hi:{fmt}}, ±{half:.0f}%)"
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} CPUs, load average {load}, "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}, Python {sys.version.split()[0]}")
+
+
+# --- wire --------------------------------------------------------------------------------------
+
+def encode(msg: dict) -> bytes:
+    """One framed message: uint32 big-endian length + JSON."""
+    body = orjson.dumps(msg)
+    return _LENGTH.pack(len(body)) + body
+
+
+class Conn:
+    """A persistent connection, one request outstanding at a time."""
+
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+
+    def call(self, framed: bytes) -> bytes:
+        self.sock.sendall(framed)
+        data = self.sock.recv(65536)
+        while len(data) < 4 or len(data) < 4 + _LENGTH.unpack_from(data)[0]:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("server closed the connection")
+            data += chunk
+        return data[4:]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def server(cmd: Sequence[str], sock: str, timeout: float = 120.0) -> Iterator[subprocess.Popen]:
+    """Run a server subprocess until it answers `health` on `sock`; SIGTERM it on exit."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{cmd} exited {proc.returncode}:\n{log.read().decode()[-2000:]}")
+            try:
+                conn = Conn(sock, timeout=5)
+                orjson.loads(conn.call(encode({"op": "health"})))
+                conn.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{cmd} did not answer on {sock}") from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def vasipc_cmd(model: str | os.PathLike, sock: str, model_id: str = "bench") -> list[str]:
+    return [PYTHON, "-m", "vasipc.serve", "--model", os.fspath(model), "--socket", sock,
+            "--model-id", model_id, "--log-level", "WARNING"]
+
+
+# --- load ------------------------------------------------------------------------------------
+
+@dataclass
+class Load:
+    """What a closed-loop run measured: requests, wall time, per-request latency (s)."""
+
+    requests: int
+    elapsed_s: float
+    latencies_s: np.ndarray
+    metadata: list[dict] = field(default_factory=list)  # server timings from infer responses
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.elapsed_s
+
+    def p(self, q: float) -> float:
+        """Latency percentile in ms."""
+        return pct(self.latencies_s, q) * 1e3
+
+
+def _client(path: str, payloads: list[bytes], requests: int | None, duration: float | None,
+            warmup: int, barrier, results) -> None:
+    conn = Conn(path)
+    for i in range(warmup):
+        conn.call(payloads[i % len(payloads)])
+    barrier.wait()
+    lat: list[float] = []
+    meta: list[dict] = []
+    clock = time.perf_counter
+    t_start = clock()
+    stop = t_start + duration if duration is not None else float("inf")
+    i = 0
+    while (requests is None or i < requests) and (t := clock()) < stop:
+        resp = orjson.loads(conn.call(payloads[i % len(payloads)]))
+        lat.append(clock() - t)
+        if resp.get("error_code") is not None:
+            raise RuntimeError(f"error response: {resp}")
+        if "metadata" in resp:
+            meta.append(resp["metadata"])
+        i += 1
+    results.put((t_start, clock(), np.array(lat), meta))
+    conn.close()
+
+
+def drive(path: str, payloads: list[bytes], connections: int, *, requests: int | None = None,
+          duration: float | None = None, warmup: int = 100) -> Load:
+    """Closed loop: `connections` client processes, one persistent connection each, each
+    sending `payloads` in turn until it has sent `requests` or `duration` s have passed.
+    Processes (spawned, so no state leaks in) keep the client's GIL out of the figure."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(connections, timeout=120), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(path, payloads, requests, duration, warmup,
+                                               barrier, results)) for _ in range(connections)]
+    for p in procs:
+        p.start()
+    try:
+        got = [results.get(timeout=(duration or 600) + 180) for _ in procs]
+    except queue.Empty:
+        raise RuntimeError(f"client processes failed: exit codes {[p.exitcode for p in procs]}"
+                           ) from None
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    latencies = np.concatenate([g[2] for g in got])
+    elapsed = max(g[1] for g in got) - min(g[0] for g in got)
+    return Load(len(latencies), elapsed, latencies, [m for g in got for m in g[3]])

@@ -1,0 +1,87 @@
+"""NV12 frame -> 640x640 letterboxed float32 CHW: our kernel vs OpenCV, single thread.
+
+    python -m pytest bench/test_preprocess.py --benchmark-only
+
+One group per source resolution, so each comparison prints side by side:
+- `vasipc`: `letterbox_into` writing straight into the (preallocated) input slot;
+- `opencv`: the reference pipeline of CONTRACT 6 as a Python server would write it:
+  cvtColor NV12->RGB, resize INTER_LINEAR, copyMakeBorder 114, astype(float32)/255,
+  transpose to CHW (contiguous);
+- `opencv_blob`: OpenCV at its best: cvtColor, resize into the centre of a preallocated
+  114-filled canvas (no border copy), then dnn.blobFromImage (scale + CHW in one C++ pass).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from _common import RESOLUTIONS, nv12_photo
+
+from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
+
+SIZE = 640
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(before)
+
+
+@pytest.fixture(scope="module", params=list(RESOLUTIONS), ids=list(RESOLUTIONS))
+def frame(request):
+    w, h = RESOLUTIONS[request.param]
+    return request.param, nv12_photo(w, h), w, h, letterbox_geometry(w, h, SIZE, SIZE)
+
+
+def vasipc_letterbox(nv12, w, h, geom, out):
+    _, nw, nh, left, top = geom
+    letterbox_into(nv12, NV12, w, h, w, out, nw, nh, left, top)
+    return out
+
+
+def opencv_letterbox(nv12, w, h, geom):
+    _, nw, nh, left, top = geom
+    rgb = cv2.cvtColor(nv12.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_NV12)
+    resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(resized, top, SIZE - nh - top, left, SIZE - nw - left,
+                                cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    return np.ascontiguousarray((padded.astype(np.float32) / 255).transpose(2, 0, 1))
+
+
+def opencv_blob(nv12, w, h, geom, canvas):
+    _, nw, nh, left, top = geom
+    rgb = cv2.cvtColor(nv12.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_NV12)
+    cv2.resize(rgb, (nw, nh), dst=canvas[top:top + nh, left:left + nw],
+               interpolation=cv2.INTER_LINEAR)
+    return cv2.dnn.blobFromImage(canvas, scalefactor=1 / 255)[0]
+
+
+def _group(benchmark, name):
+    benchmark.group = f"preprocess {name} NV12 -> {SIZE}x{SIZE} float32 CHW"
+
+
+def test_vasipc(benchmark, frame):
+    name, nv12, w, h, geom = frame
+    _group(benchmark, name)
+    out = np.empty((3, SIZE, SIZE), np.float32)
+    got = benchmark(vasipc_letterbox, nv12, w, h, geom, out)
+    # same work as the reference (CONTRACT 6 tolerance), so the timings compare like with like
+    assert np.abs(got - opencv_letterbox(nv12, w, h, geom)).mean() < 2 / 255
+
+
+def test_opencv(benchmark, frame):
+    name, nv12, w, h, geom = frame
+    _group(benchmark, name)
+    benchmark(opencv_letterbox, nv12, w, h, geom)
+
+
+def test_opencv_blob(benchmark, frame):
+    name, nv12, w, h, geom = frame
+    _group(benchmark, name)
+    canvas = np.full((SIZE, SIZE, 3), 114, np.uint8)
+    got = benchmark(opencv_blob, nv12, w, h, geom, canvas)
+    np.testing.assert_allclose(got, opencv_letterbox(nv12, w, h, geom), atol=1e-6)

@@ -1,0 +1,225 @@
+"""Pure numpy references of the compiled kernels: vasipc._fast.letterbox and .yolo.
+
+Written from the formulas (CONTRACT 5.3, 6), not from the C, and with no OpenCV: the
+tests run one set of assertions against both the compiled kernel and these (uvloop's
+pattern), so each pins the other. They are slow and clear; nothing in the product uses
+them.
+
+The letterbox reference does OpenCV's arithmetic, because the contract's reference
+pipeline is OpenCV's: BT.601 limited-range YUV -> RGB in 20-bit fixed point rounded to
+uint8 (cvtColor), bilinear weights as 11-bit fixed point from float source positions,
+and the vertical blend as OpenCV's SIMD path rounds it (resize INTER_LINEAR).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NV12, I420, BGR24, RGB24 = 0, 1, 2, 3
+FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
+PAD_VALUE = 114
+MAX_NMS = 30000
+
+# OpenCV's YUV420 -> RGB coefficients, scaled by 2**20 (1.164, 2.018, -0.391, -0.813, 1.596).
+_YUV_SHIFT = 20
+_CY, _CUB, _CUG, _CVG, _CVR = 1220542, 2116026, -409993, -852492, 1673527
+_WEIGHT_ONE = 2048  # bilinear weight 1.0 in OpenCV's fixed point
+
+
+# --- letterbox -----------------------------------------------------------------------------
+
+def min_stride(fmt: int, width: int) -> int:
+    if fmt not in FORMAT_CODES.values():
+        raise ValueError(f"unknown pixel format code {fmt}")
+    if width < 0:
+        raise ValueError(f"frame width {width} is negative")
+    return width if fmt in (NV12, I420) else 3 * width
+
+
+def frame_nbytes(fmt: int, width: int, height: int, stride: int) -> int:
+    packed = min_stride(fmt, width)
+    if width < 1 or height < 1:
+        raise ValueError(f"frame size {width}x{height} has a zero dimension")
+    if fmt in (NV12, I420) and (width % 2 or height % 2):
+        raise ValueError(f"YUV 4:2:0 needs an even size, got {width}x{height}")
+    if stride < packed:
+        raise ValueError(f"stride {stride} < {packed}")
+    if fmt == I420 and stride % 2:
+        raise ValueError(f"I420 stride must be even, got {stride}")
+    if fmt == NV12:
+        return stride * height * 3 // 2
+    if fmt == I420:
+        return stride * height + 2 * (stride // 2) * (height // 2)
+    return stride * height
+
+
+def letterbox_geometry(src_w: int, src_h: int, dst_w: int, dst_h: int
+                       ) -> tuple[float, int, int, int, int]:
+    if min(src_w, src_h, dst_w, dst_h) < 1:
+        raise ValueError("sizes must be positive")
+    r = min(dst_w / src_w, dst_h / src_h)
+    new_w, new_h = max(1, round(src_w * r)), max(1, round(src_h * r))
+    return r, new_w, new_h, round((dst_w - new_w) / 2 - 0.1), round((dst_h - new_h) / 2 - 0.1)
+
+
+def _taps(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's source position of each destination index: (d + 0.5) * scale - 0.5 with
+    scale = 1 / (n_dst / n_src), as float32, split into index and fraction."""
+    scale = 1.0 / (n_dst / n_src)
+    pos = ((np.arange(n_dst) + 0.5) * scale - 0.5).astype(np.float32)
+    index = np.floor(pos)
+    return index.astype(np.int64), (pos - index).astype(np.float32)
+
+
+def _weights(fraction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    one = np.float32(_WEIGHT_ONE)
+    # np.rint rounds half to even, as OpenCV's saturate_cast<short>(float).
+    return (np.rint((np.float32(1) - fraction) * one).astype(np.int32),
+            np.rint(fraction * one).astype(np.int32))
+
+
+def _column_taps(width: int, new_w: int):
+    sx, fx = _taps(width, new_w)
+    fx[sx < 0] = 0
+    sx[sx < 0] = 0
+    w0, w1 = _weights(fx)
+    right = sx >= width - 1  # OpenCV: the last pixel alone
+    sx[right] = width - 1
+    w0[right], w1[right] = _WEIGHT_ONE, 0
+    return sx, np.minimum(sx + 1, width - 1), w0, w1
+
+
+def _row_taps(height: int, new_h: int):
+    sy, fy = _taps(height, new_h)
+    w0, w1 = _weights(fy)  # rows keep the fraction; the indices are clamped
+    return np.clip(sy, 0, height - 1), np.clip(sy + 1, 0, height - 1), w0, w1
+
+
+def _yuv_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    yy = np.maximum(y.astype(np.int32) - 16, 0) * _CY
+    uu, vv = u.astype(np.int32) - 128, v.astype(np.int32) - 128
+    half = 1 << (_YUV_SHIFT - 1)
+    rgb = [(yy + half + _CVR * vv) >> _YUV_SHIFT,
+           (yy + half + _CVG * vv + _CUG * uu) >> _YUV_SHIFT,
+           (yy + half + _CUB * uu) >> _YUV_SHIFT]
+    return np.clip(np.stack(rgb), 0, 255).astype(np.int32)  # (3, ...): uint8 values
+
+
+def _pixels(data: np.ndarray, fmt: int, height: int, stride: int,
+            rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """RGB (3, len(rows), len(cols)) of source pixels (rows[i], cols[j]), as uint8 values."""
+    r, c = rows[:, None], cols[None, :]
+    if fmt in (BGR24, RGB24):
+        packed = data[:stride * height].reshape(height, stride)
+        channels = [packed[r, 3 * c + k] for k in range(3)]
+        return np.stack(channels[::-1] if fmt == BGR24 else channels).astype(np.int32)
+    luma = data[:stride * height].reshape(height, stride)
+    chroma = data[stride * height:]
+    if fmt == NV12:
+        uv = chroma[:stride * (height // 2)].reshape(height // 2, stride)
+        u, v = uv[r // 2, (c // 2) * 2], uv[r // 2, (c // 2) * 2 + 1]
+    else:
+        cs, ch = stride // 2, height // 2
+        u = chroma[:cs * ch].reshape(ch, cs)[r // 2, c // 2]
+        v = chroma[cs * ch:2 * cs * ch].reshape(ch, cs)[r // 2, c // 2]
+    return _yuv_to_rgb(luma[r, c], u, v)
+
+
+def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
+                   new_w: int, new_h: int, left: int, top: int) -> None:
+    needed = frame_nbytes(fmt, width, height, stride)
+    data = np.frombuffer(src, dtype=np.uint8)
+    if data.size < needed:
+        raise ValueError(f"frame buffer holds {data.size} bytes, needs {needed}")
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 3
+            or out.shape[0] != 3 or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError("out must be a writable C-contiguous float32 (3, H, W) array")
+    _, out_h, out_w = out.shape
+    if (new_w < 1 or new_h < 1 or left < 0 or top < 0
+            or left + new_w > out_w or top + new_h > out_h):
+        raise ValueError("the resized image does not fit in out")
+
+    x0, x1, wx0, wx1 = _column_taps(width, new_w)
+    y0, y1, wy0, wy1 = _row_taps(height, new_h)
+    # Horizontal pass on both source rows of every output row: tap0*w0 + tap1*w1.
+    h0 = (_pixels(data, fmt, height, stride, y0, x0) * wx0
+          + _pixels(data, fmt, height, stride, y0, x1) * wx1)
+    h1 = (_pixels(data, fmt, height, stride, y1, x0) * wx0
+          + _pixels(data, fmt, height, stride, y1, x1) * wx1)
+    # Vertical pass: OpenCV's 16-bit multiply-high of (row >> 4), then (sum + 2) >> 2.
+    wy0, wy1 = wy0[None, :, None], wy1[None, :, None]
+    value = (((wy0 * (h0 >> 4)) >> 16) + ((wy1 * (h1 >> 4)) >> 16) + 2) >> 2
+    value = np.minimum(value, 255)
+
+    out[...] = np.float32(PAD_VALUE) / np.float32(255)
+    out[:, top:top + new_h, left:left + new_w] = value.astype(np.float32) / np.float32(255)
+
+
+# --- YOLO decode + NMS ---------------------------------------------------------------------
+
+def decode_yolo(pred, conf_threshold: float, iou_threshold: float, max_detections: int,
+                classes, scale: float, pad_left: float, pad_top: float, src_w: int,
+                src_h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not isinstance(pred, np.ndarray) or pred.dtype != np.float32 or pred.ndim != 2:
+        raise ValueError("pred must be a 2-D float32 array")
+    if pred.shape[0] < 5:
+        raise ValueError("pred must be [4 + nc, N] with nc >= 1")
+    if np.isnan(conf_threshold) or np.isnan(iou_threshold):
+        raise ValueError("thresholds must not be NaN")
+    if max_detections < 0:
+        raise ValueError("max_detections must be >= 0")
+    if not (np.isfinite(scale) and scale > 0) or not np.isfinite([pad_left, pad_top]).all():
+        raise ValueError("bad scale or padding")
+    if src_w < 1 or src_h < 1:
+        raise ValueError("bad source size")
+    if classes is not None:
+        classes = np.asarray(classes)
+        if classes.ndim != 1:
+            raise ValueError("classes must be 1-D")
+        if classes.size and not np.issubdtype(classes.dtype, np.integer):
+            raise ValueError("classes must be integer ids")
+    empty = (np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32))
+    n = pred.shape[1]
+    if n == 0 or max_detections == 0:
+        return empty
+
+    class_scores = pred[4:]
+    best_class = class_scores.argmax(axis=0)                 # first maximum
+    best = class_scores[best_class, np.arange(n)]
+    keep = best >= np.float32(conf_threshold)               # float32 comparison
+    if classes is not None:
+        keep &= np.isin(best_class, classes)                 # before NMS, as Ultralytics
+    anchors = np.flatnonzero(keep)
+    # Score descending, ties by anchor; then Ultralytics' max_nms cap.
+    order = anchors[np.lexsort((anchors, -best[anchors]))][:MAX_NMS]
+
+    half_w, half_h = pred[2] / np.float32(2), pred[3] / np.float32(2)
+    x1, y1 = pred[0] - half_w, pred[1] - half_h
+    x2, y2 = pred[0] + half_w, pred[1] + half_h
+    area = (x2 - x1) * (y2 - y1)
+
+    kept: list[int] = []
+    kept_by_class: dict[int, list[int]] = {}
+    for a in order:
+        if len(kept) == max_detections:
+            break
+        same = np.asarray(kept_by_class.get(int(best_class[a]), []), dtype=np.int64)
+        if same.size:
+            iw = np.minimum(x2[a], x2[same]) - np.maximum(x1[a], x1[same])
+            ih = np.minimum(y2[a], y2[same]) - np.maximum(y1[a], y1[same])
+            inter = np.maximum(iw, np.float32(0)) * np.maximum(ih, np.float32(0))
+            iou = inter / (area[same] + area[a] - inter)
+            with np.errstate(invalid="ignore"):
+                if (iou.astype(np.float64) > iou_threshold).any():
+                    continue
+        kept.append(int(a))
+        kept_by_class.setdefault(int(best_class[a]), []).append(int(a))
+    if not kept:
+        return empty
+
+    k = np.asarray(kept)
+    boxes = np.stack([x1[k], y1[k], x2[k], y2[k]], axis=1).astype(np.float64)
+    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad_left) / scale / src_w
+    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_top) / scale / src_h
+    boxes = np.clip(boxes.astype(np.float32), 0, 1)
+    return boxes, best[k].astype(np.float32), best_class[k].astype(np.int32)

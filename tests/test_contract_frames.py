@@ -1,0 +1,705 @@
+"""CONTRACT section 5: frame-export directories, raw frame files, pixel formats, header
+checks, confinement to the frame roots, torn reads, and the server's hands-off treatment of
+frames (no writes, no leaked fds or mappings); real /dev/shm files against real servers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import wire
+from contract_util import (
+    FORMATS,
+    MODEL_ID,
+    assert_error,
+    assert_ok,
+    assert_serving,
+    gray,
+    infer,
+    write_dir,
+    write_meta,
+    write_raw,
+)
+
+from vasipc import frames
+from vasipc.frames import BGR24, I420, NV12, RGB24
+
+FACE_FEMALE = 1
+
+
+@pytest.fixture(scope="module")
+def sock(nudenet_server) -> str:
+    return nudenet_server.socket
+
+
+@pytest.fixture(scope="module")
+def astro(astronaut_rgb) -> np.ndarray:
+    return astronaut_rgb
+
+
+@pytest.fixture(scope="module")
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vasipc-frames-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def astro_dir(root, astro) -> Path:
+    return write_dir(root / "astronaut", astro, "NV12", frame_id=42)
+
+
+def _has_face(resp: dict) -> bool:
+    return FACE_FEMALE in [d["class_id"] for d in assert_ok(resp)]
+
+
+def _face_box(resp: dict) -> list[float]:
+    faces = [d for d in assert_ok(resp) if d["class_id"] == FACE_FEMALE]
+    assert faces, resp
+    return faces[0]["bbox"]
+
+
+# --- 5.1 frame-export directories and 5.3 formats -------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_export_dir_formats(sock, root, astro, fmt, padded):
+    w = astro.shape[1]
+    stride = None
+    if padded:
+        stride = frames.packed_stride(w, fmt) + 64
+    path = write_dir(root / f"dir-{fmt}-{padded}", astro, fmt, stride=stride, frame_id=1000 + 7)
+    resp = infer(sock, path)
+    assert _has_face(resp), resp
+    assert resp["frame_id"] == 1007
+
+
+def test_export_dir_large_frame_id(sock, root, astro):
+    path = write_dir(root / "big-id", astro, "BGR24", frame_id=2**64 - 1)
+    resp = infer(sock, path)
+    assert_ok(resp)
+    assert resp["frame_id"] == 2**64 - 1
+    assert_ok(infer(sock, path, {"frame_id": 2**64 - 1}))
+    assert_error(infer(sock, path, {"frame_id": 2**64 - 2}), "frame_changed")
+
+
+def test_formats_agree(sock, root, astro):
+    """The four encodings of one picture give the same face box (the server decodes each
+    format as 5.3 defines it: BGR vs RGB order, NV12 vs I420 chroma layout)."""
+    boxes = {fmt: _face_box(infer(sock, write_dir(root / f"agree-{fmt}", astro, fmt)))
+             for fmt in FORMATS}
+    for fmt in FORMATS:
+        assert boxes[fmt] == pytest.approx(boxes["RGB24"], abs=0.01), boxes
+
+
+def test_swapped_channels_change_the_result(sock, root, astro):
+    """Sanity of the test above: labelling RGB bytes as BGR changes what the model sees."""
+    h, w = astro.shape[:2]
+    path = root / "swapped"
+    frames.write_frame_dir(path, frames.encode_frame(astro, "RGB24"), width=w, height=h,
+                           pixel_format="BGR24")
+    right = infer(sock, write_dir(root / "unswapped", astro, "RGB24"))
+    wrong = infer(sock, path)
+    confs = {resp["frame_id"]: None for resp in (right, wrong)}
+    del confs
+    a = [(d["class_id"], round(d["confidence"], 3)) for d in assert_ok(right)]
+    b = [(d["class_id"], round(d["confidence"], 3)) for d in assert_ok(wrong)]
+    assert a != b
+
+
+def test_frame_metadata_may_be_empty_and_is_compared_when_given(sock, astro_dir):
+    assert_ok(infer(sock, astro_dir, {}))
+    full = {"width": 512, "height": 512, "format": "NV12", "stride": 512, "frame_id": 42}
+    assert_ok(infer(sock, astro_dir, full))
+    assert_ok(infer(sock, astro_dir, {"format": "nv12"}))  # case-insensitive
+    # keys other than width/height/format/stride/frame_id are ignored for directories
+    assert_ok(infer(sock, astro_dir, {"offset": 12345, "timestamp": 1.0, "camera": "x"}))
+
+
+@pytest.mark.parametrize(("md", "code"), [
+    ({"width": 510}, "frame_invalid"),
+    ({"height": 514}, "frame_invalid"),
+    ({"format": "I420"}, "frame_invalid"),
+    ({"format": "RGB"}, "frame_invalid"),
+    ({"stride": 576}, "frame_invalid"),
+    ({"width": 0}, "frame_invalid"),
+    ({"frame_id": 41}, "frame_changed"),
+    ({"frame_id": 0}, "frame_changed"),
+    ({"width": 512, "height": 512, "frame_id": 43}, "frame_changed"),
+])
+def test_frame_metadata_mismatch(sock, astro_dir, md, code):
+    resp = infer(sock, astro_dir, md)
+    assert_error(resp, code)
+    assert resp["frame_id"] == 42
+
+
+def test_header_version_above_one_is_accepted(sock, root, astro):
+    path = write_dir(root / "v2", astro, "RGB24", frame_id=9)
+    h, w = astro.shape[:2]
+    write_meta(path, version=7, frame_id=9, width=w, height=h, pixel_format=RGB24,
+               stride=w * 3, data_size=w * h * 3)
+    assert _has_face(infer(sock, path))
+
+
+def test_data_file_larger_than_the_frame_is_fine(sock, root, astro):
+    h, w = astro.shape[:2]
+    data = np.concatenate([frames.encode_frame(astro, "RGB24"), np.zeros(4096, np.uint8)])
+    frames.write_frame_dir(root / "long", data, width=w, height=h, pixel_format="RGB24",
+                           frame_id=3)
+    assert _has_face(infer(sock, root / "long"))
+
+
+def _w(h: int = 64, w: int = 64, fmt: int = RGB24, **kw: int) -> dict:
+    stride = kw.pop("stride", w * 3 if fmt in (RGB24, BGR24) else w)
+    fields = {"width": w, "height": h, "pixel_format": fmt, "stride": stride,
+              "data_size": frames.frame_size(w, h, fmt, max(stride, 1)) if w and h else 0}
+    fields.update(kw)
+    return fields
+
+
+HEADER_CASES = {
+    "version 0": (_w(version=0), "frame_invalid"),
+    "width 0": (_w(width=0), "frame_invalid"),
+    "height 0": (_w(height=0), "frame_invalid"),
+    "stride 0": (_w(stride=0), "frame_invalid"),
+    "odd width NV12": (_w(64, 63, NV12, stride=64), "frame_invalid"),
+    "odd height NV12": (_w(63, 64, NV12), "frame_invalid"),
+    "odd width I420": (_w(64, 63, I420, stride=64), "frame_invalid"),
+    "odd height I420": (_w(63, 64, I420), "frame_invalid"),
+    "stride too small BGR24": (_w(fmt=BGR24, stride=191), "frame_invalid"),
+    "stride too small NV12": (_w(fmt=NV12, stride=62), "frame_invalid"),
+    "stride odd I420": (_w(fmt=I420, stride=65), "frame_invalid"),
+    "data_size too small": (_w(data_size=64 * 64 * 3 - 1), "frame_invalid"),
+    "data_size 0": (_w(data_size=0), "frame_invalid"),
+    "file shorter than frame": (_w(128, 128), "frame_invalid"),
+    "width above max dim": (_w(2, 8194, NV12, stride=8194), "frame_invalid"),
+    "height above max dim": (_w(8194, 2, NV12, stride=2), "frame_invalid"),
+    "pixel_format 7": (_w(pixel_format=7), "unsupported_format"),
+    "pixel_format 4": (_w(pixel_format=4), "unsupported_format"),
+    "pixel_format 2**32-1": (_w(pixel_format=2**32 - 1), "unsupported_format"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_header_checks(sock, root, case):
+    fields, code = HEADER_CASES[case]
+    path = root / f"hdr-{case.replace(' ', '_')}"
+    path.mkdir()
+    nbytes = 8194 * 3 if "max dim" in case else 64 * 64 * 3
+    (path / "frame.data").write_bytes(bytes(nbytes))
+    write_meta(path, frame_id=77, **fields)
+    resp = infer(sock, path)
+    assert_error(resp, code)
+    assert resp["frame_id"] == 77
+
+
+def test_max_dim_boundary_is_allowed(sock, root):
+    """8192 wide (the default --max-frame-dim) is allowed, 8194 is not (above)."""
+    path = root / "wide"
+    frames.write_frame_dir(path, bytes(8192 * 3), width=8192, height=2, pixel_format="NV12")
+    assert_ok(infer(sock, path))
+
+
+def test_short_frame_meta_is_invalid(sock, root):
+    path = write_dir(root / "short-meta", gray(), "RGB24")
+    (path / "frame.meta").write_bytes(frames.FrameHeader(1, 1, 1, 64, 64, RGB24, 192,
+                                                         64 * 64 * 3).pack()[:40])
+    assert_error(infer(sock, path), "frame_invalid")
+
+
+def test_max_frame_dim_option(server_factory, shm_dir):
+    server = server_factory("--max-frame-dim", "100")
+    ok = write_dir(shm_dir / "ok", gray(100, 100), "NV12")
+    big = write_dir(shm_dir / "big", gray(2, 102), "NV12")
+    assert_ok(infer(server.socket, ok))
+    assert_error(infer(server.socket, big), "frame_invalid")
+    raw = shm_dir / "raw"
+    md = write_raw(raw, gray(102, 2), "RGB24")
+    assert_error(infer(server.socket, raw, md), "frame_invalid")
+
+
+# --- 5.2 raw frame files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_raw_file_ring_with_stride_and_offset(sock, root, astro, fmt):
+    """Three frames in one file at unaligned offsets, rows padded: each read by its offset."""
+    h, w = astro.shape[:2]
+    stride = frames.packed_stride(w, fmt) + 32
+    size = frames.frame_size(w, h, fmt, stride)
+    mirrored = np.ascontiguousarray(astro[:, ::-1])
+    pictures = [astro, gray(h, w), mirrored]
+    path = root / f"ring-{fmt}.raw"
+    offsets = [100 + i * (size + 333) for i in range(3)]
+    for pic, off in zip(pictures, offsets, strict=True):
+        write_raw(path, pic, fmt, stride=stride, offset=off)
+    md = {"width": w, "height": h, "format": fmt, "stride": stride}
+    first = infer(sock, path, {**md, "offset": offsets[0], "frame_id": 0})
+    second = infer(sock, path, {**md, "offset": offsets[1], "frame_id": 1})
+    third = infer(sock, path, {**md, "offset": offsets[2], "frame_id": 2})
+    assert [r["frame_id"] for r in (first, second, third)] == [0, 1, 2]
+    assert assert_ok(second) == []  # the flat gray frame
+    a, c = _face_box(first), _face_box(third)
+    assert c == pytest.approx([1 - a[2], a[1], 1 - a[0], a[3]], abs=0.02)
+
+
+def test_raw_file_defaults(sock, root, astro):
+    """stride defaults to the packed row size, offset to 0."""
+    path = root / "plain.bgr"
+    md = write_raw(path, astro, "BGR24")
+    del md["offset"]
+    assert _has_face(infer(sock, path, md))
+
+
+@pytest.mark.parametrize("name", ["bgr", "RGB", "Bgr24", "rgb24", "nv12", "i420"])
+def test_raw_format_names_are_case_insensitive_with_aliases(sock, root, astro, name):
+    canonical = {"BGR": "BGR24", "RGB": "RGB24"}.get(name.upper(), name.upper())
+    path = root / f"alias-{name}"
+    md = write_raw(path, astro, canonical)
+    md["format"] = name
+    assert _has_face(infer(sock, path, md))
+
+
+@pytest.mark.parametrize("fmt", ["YUYV", "NV21", "GRAY8", "", "RGBA", "BGR 24"])
+def test_raw_unknown_format_is_unsupported(sock, root, fmt):
+    path = root / "fmt.raw"
+    write_raw(path, gray(), "RGB24")
+    resp = infer(sock, path, {"width": 64, "height": 64, "format": fmt, "frame_id": 4})
+    assert_error(resp, "unsupported_format")
+    assert resp["frame_id"] == 4
+
+
+@pytest.mark.parametrize("missing", ["width", "height", "format"])
+def test_raw_file_needs_width_height_format(sock, root, missing):
+    path = root / "needs.raw"
+    write_raw(path, gray(), "RGB24")
+    md = {"width": 64, "height": 64, "format": "RGB24"}
+    del md[missing]
+    assert_error(infer(sock, path, md), "invalid_request")
+
+
+RAW_INVALID = {
+    "width 0": {"width": 0},
+    "height 0": {"height": 0},
+    "odd width NV12": {"format": "NV12", "width": 63, "stride": 64},
+    "odd height I420": {"format": "I420", "height": 63},
+    "stride too small": {"stride": 191},
+    "stride odd I420": {"format": "I420", "stride": 65},
+    "file shorter than frame": {"height": 65},
+    "file shorter than offset + frame": {"offset": 1},
+    "offset past the end": {"offset": 10**6},
+    "width above max dim": {"width": 8194, "height": 1, "stride": 8194 * 3},
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_INVALID))
+def test_raw_file_checks(sock, root, case):
+    path = root / "exact.raw"
+    write_raw(path, gray(), "RGB24")
+    md = {"width": 64, "height": 64, "format": "RGB24", "frame_id": 11, **RAW_INVALID[case]}
+    resp = infer(sock, path, md)
+    assert_error(resp, "frame_invalid")
+    assert resp["frame_id"] == 11
+
+
+def test_raw_offset_exactly_at_the_end_minus_frame(sock, root):
+    path = root / "offset.raw"
+    write_raw(path, gray(), "RGB24", offset=5000)
+    assert_ok(infer(sock, path, {"width": 64, "height": 64, "format": "RGB24",
+                                 "offset": 5000}))
+
+
+def test_empty_raw_file_is_invalid(sock, root):
+    path = root / "empty.raw"
+    path.write_bytes(b"")
+    assert_error(infer(sock, path, {"width": 2, "height": 2, "format": "NV12"}),
+                 "frame_invalid")
+
+
+# --- confinement -------------------------------------------------------------------------------
+
+RAW_MD = {"width": 64, "height": 64, "format": "RGB24"}
+
+
+@pytest.fixture(scope="module")
+def outside() -> Iterator[Path]:
+    """A directory outside the frame roots with a valid raw frame and a valid export dir."""
+    path = Path(tempfile.mkdtemp(prefix="vasipc-outside-", dir="/tmp"))
+    try:
+        write_raw(path / "frame.rgb", gray(), "RGB24")
+        write_dir(path / "dir", gray(), "RGB24")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_path_outside_the_roots_is_forbidden(sock, outside):
+    assert_error(infer(sock, outside / "frame.rgb", RAW_MD), "frame_forbidden")
+    assert_error(infer(sock, outside / "dir"), "frame_forbidden")
+    assert_error(infer(sock, "/etc/passwd", RAW_MD), "frame_forbidden")
+    assert_error(infer(sock, "/", RAW_MD), "frame_forbidden")
+    assert_error(infer(sock, "/dev/shmx/frame", RAW_MD), "frame_forbidden")  # prefix only
+    assert_error(infer(sock, "/dev/zero", RAW_MD), "frame_forbidden")
+
+
+@pytest.mark.parametrize("ref", ["/dev/shm/../etc/passwd", "/dev/shm/../../etc/passwd",
+                                 "/dev/shm/./../tmp", "/dev/shm/x/../../etc/shadow"])
+def test_dotdot_traversal_is_forbidden(sock, ref):
+    assert_error(infer(sock, ref, RAW_MD), "frame_forbidden")
+
+
+def test_symlinks_leaving_the_roots_are_forbidden(sock, root, outside):
+    links = root / "links"
+    links.mkdir(exist_ok=True)
+    cases = {"passwd": "/etc/passwd", "tmp-file": str(outside / "frame.rgb"),
+             "tmp-dir": str(outside / "dir"), "relative-out": "../../../etc/passwd",
+             "dangling-out": "/tmp/vasipc-no-such-file"}
+    for name, target in cases.items():
+        with contextlib.suppress(FileNotFoundError):
+            (links / name).unlink()
+        (links / name).symlink_to(target)
+    for name in cases:
+        md = {} if name == "tmp-dir" else RAW_MD
+        assert_error(infer(sock, links / name, md), "frame_forbidden")
+    # a directory reached through a symlinked parent directory
+    (links / "parent").symlink_to(outside)
+    assert_error(infer(sock, links / "parent" / "dir"), "frame_forbidden")
+    assert_error(infer(sock, links / "parent" / "frame.rgb", RAW_MD), "frame_forbidden")
+
+
+def test_symlinks_inside_the_roots_are_allowed(sock, root, astro_dir):
+    links = root / "inlinks"
+    links.mkdir()
+    (links / "dir").symlink_to(astro_dir)
+    raw = root / "target.rgb"
+    write_raw(raw, gray(), "RGB24")
+    (links / "raw").symlink_to("../target.rgb")
+    assert _has_face(infer(sock, links / "dir"))
+    assert_ok(infer(sock, links / "raw", RAW_MD))
+    # members of an export dir may be symlinks that stay inside the roots
+    member_dir = links / "members"
+    member_dir.mkdir()
+    (member_dir / "frame.meta").symlink_to(astro_dir / "frame.meta")
+    (member_dir / "frame.data").symlink_to(astro_dir / "frame.data")
+    assert _has_face(infer(sock, member_dir))
+
+
+def test_fifo_is_forbidden_and_answered_quickly(sock, root):
+    fifo = root / "frame.fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    assert_error(infer(sock, fifo, RAW_MD, timeout=10), "frame_forbidden")
+    assert_error(infer(sock, fifo, {}, timeout=10), "frame_forbidden")
+    assert time.monotonic() - t0 < 5
+    assert_serving(sock)
+
+
+def test_other_special_files_are_forbidden(sock, root):
+    import socket as socketlib
+
+    path = root / "frame.sock"
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        s.bind(str(path))
+        assert_error(infer(sock, path, RAW_MD), "frame_forbidden")
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("member", ["frame.meta", "frame.data"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink-out", "symlink-dev"])
+def test_member_special_files_are_forbidden(sock, root, astro, member, kind):
+    path = write_dir(root / f"member-{member}-{kind}", astro, "RGB24")
+    (path / member).unlink()
+    if kind == "fifo":
+        os.mkfifo(path / member)
+    elif kind == "symlink-out":
+        (path / member).symlink_to("/etc/passwd")
+    else:
+        (path / member).symlink_to("/dev/zero")
+    t0 = time.monotonic()
+    assert_error(infer(sock, path, timeout=10), "frame_forbidden")
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("missing", ["frame.meta", "frame.data", "both"])
+def test_export_dir_without_members_is_not_found(sock, root, astro, missing):
+    path = write_dir(root / f"missing-{missing}", astro, "RGB24")
+    for name in ("frame.meta", "frame.data"):
+        if missing in (name, "both"):
+            (path / name).unlink()
+    resp = infer(sock, path)
+    assert_error(resp, "frame_not_found")
+
+
+def test_nonexistent_path_inside_the_roots_is_not_found(sock, root):
+    assert_error(infer(sock, root / "nope", RAW_MD), "frame_not_found")
+    assert_error(infer(sock, root / "nope" / "deeper", RAW_MD), "frame_not_found")
+    assert_error(infer(sock, "/dev/shm/vasipc-definitely-missing-frame"), "frame_not_found")
+    raw = root / "a-file"
+    write_raw(raw, gray(), "RGB24")
+    assert_error(infer(sock, raw / "child", RAW_MD), "frame_not_found")  # ENOTDIR
+
+
+def test_dangling_symlink_inside_the_roots_is_not_found(sock, root):
+    link = root / "dangling"
+    link.symlink_to(root / "no-such-target")
+    assert_error(infer(sock, link, RAW_MD), "frame_not_found")
+
+
+def test_extra_frame_root(server_factory, shm_dir):
+    extra = Path(tempfile.mkdtemp(prefix="vasipc-root-"))
+    sibling = Path(tempfile.mkdtemp(prefix="vasipc-sibling-"))
+    try:
+        server = server_factory("--frame-root", str(extra), "--frame-root", "/dev/shm")
+        write_dir(extra / "f", gray(), "RGB24", frame_id=5)
+        write_dir(sibling / "f", gray(), "RGB24", frame_id=5)
+        write_dir(shm_dir / "f", gray(), "RGB24", frame_id=5)
+        resp = infer(server.socket, extra / "f")
+        assert_ok(resp)
+        assert resp["frame_id"] == 5
+        assert_ok(infer(server.socket, shm_dir / "f"))
+        assert_error(infer(server.socket, sibling / "f"), "frame_forbidden")
+        assert_error(infer(server.socket, str(extra) + "x/f"), "frame_forbidden")
+        # the default root is /dev/shm only: the extra root is forbidden on another server
+        assert_error(infer(server.socket, extra / ".." / sibling.name / "f"),
+                     "frame_forbidden")
+    finally:
+        shutil.rmtree(extra, ignore_errors=True)
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
+def test_default_root_forbids_other_dirs(sock):
+    extra = Path(tempfile.mkdtemp(prefix="vasipc-root-"))
+    try:
+        write_dir(extra / "f", gray(), "RGB24")
+        assert_error(infer(sock, extra / "f"), "frame_forbidden")
+    finally:
+        shutil.rmtree(extra, ignore_errors=True)
+
+
+# --- frames changing under the reader ----------------------------------------------------------
+
+class _Churn:
+    """Runs `step` in a loop on a thread while the block runs."""
+
+    def __init__(self, step) -> None:
+        self.step = step
+        self.stop = threading.Event()
+        self.count = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.step(self.count)
+                self.count += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> _Churn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert self.error is None, self.error
+
+
+def test_raw_file_truncated_while_read(nudenet_server, root):
+    sock = nudenet_server.socket
+    w, h = 3840, 2160
+    size = frames.frame_size(w, h, "NV12")
+    path = root / "4k.nv12"
+    frames.write_raw_frame(path, np.random.default_rng(1).integers(0, 256, size, np.uint8))
+    fd = os.open(path, os.O_RDWR)
+
+    def step(i: int) -> None:
+        os.ftruncate(fd, [0, size // 3, 4096, size // 2][i % 4])
+        time.sleep(0.0005)
+        os.ftruncate(fd, size)
+        time.sleep(0.0005)
+
+    md = {"width": w, "height": h, "format": "NV12"}
+    codes = []
+    try:
+        with _Churn(step) as churn:
+            for _ in range(40):
+                resp = infer(sock, path, md)
+                codes.append(resp["error_code"])
+                if resp["error_code"]:
+                    assert_error(resp, resp["error_code"])
+    finally:
+        os.close(fd)
+    assert churn.count > 10
+    assert set(codes) <= {None, "frame_changed", "frame_invalid"}, codes
+    assert nudenet_server.proc.poll() is None, nudenet_server.stderr_text()[-2000:]
+    assert_serving(sock)
+    os.truncate(path, size)
+    assert_ok(infer(sock, path, md))
+
+
+def test_export_data_truncated_while_read(nudenet_server, root):
+    """The same through a frame-export directory: frame.data shrinks under the mapping."""
+    sock = nudenet_server.socket
+    w, h = 3840, 2160
+    size = frames.frame_size(w, h, "NV12")
+    path = root / "4k-dir"
+    frames.write_frame_dir(path, bytes(size), width=w, height=h, pixel_format="NV12",
+                           frame_id=8)
+    fd = os.open(path / "frame.data", os.O_RDWR)
+
+    def step(i: int) -> None:
+        os.ftruncate(fd, (i * 7919) % size)
+        time.sleep(0.0005)
+        os.ftruncate(fd, size)
+        time.sleep(0.0005)
+
+    codes = []
+    try:
+        with _Churn(step):
+            for _ in range(30):
+                resp = infer(sock, path)
+                codes.append(resp["error_code"])
+    finally:
+        os.close(fd)
+    assert set(codes) <= {None, "frame_changed", "frame_invalid"}, codes
+    assert nudenet_server.proc.poll() is None
+    assert_serving(sock)
+
+
+def test_header_replaced_between_reads(nudenet_server, root, astro):
+    sock = nudenet_server.socket
+    path = write_dir(root / "swapping", astro, "NV12", frame_id=1)
+    h, w = astro.shape[:2]
+    size = frames.frame_size(w, h, "NV12")
+
+    def step(i: int) -> None:
+        write_meta(path, frame_id=1 + i % 5, width=w, height=h, pixel_format=NV12, stride=w,
+                   data_size=size)
+        time.sleep(0.002)  # a fast camera: most reads fall between two writes
+
+    results = []
+    with _Churn(step) as churn:
+        for _ in range(60):
+            results.append(infer(sock, path))
+    assert churn.count > 50
+    codes = {r["error_code"] for r in results}
+    assert codes <= {None, "frame_changed"}, codes
+    for r in results:
+        if r["error_code"] is None:
+            assert r["frame_id"] in range(1, 6)
+            assert FACE_FEMALE in [d["class_id"] for d in r["detections"]]
+        else:
+            assert_error(r, "frame_changed")
+    assert None in codes  # most reads are not torn
+    assert nudenet_server.proc.poll() is None
+    assert_serving(sock)
+
+
+def test_frame_replaced_whole_between_requests(sock, root, astro):
+    """A writer replacing the export between requests: each request sees one whole frame."""
+    path = root / "replaced"
+    for i in range(5):
+        pic = astro if i % 2 == 0 else gray(*astro.shape[:2])
+        write_dir(path, pic, "I420", frame_id=100 + i)
+        resp = infer(sock, path)
+        assert resp["frame_id"] == 100 + i
+        assert (FACE_FEMALE in [d["class_id"] for d in assert_ok(resp)]) == (i % 2 == 0)
+
+
+# --- hands off: no writes, no leaks ------------------------------------------------------------
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _shm_maps(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if "/dev/shm" in line)
+
+
+def _settled(pid: int, baseline: int, count) -> int:
+    deadline = time.monotonic() + 5
+    while True:
+        n = count(pid)
+        if n <= baseline or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
+
+
+def test_no_fd_or_mapping_leaks(nudenet_server, root, astro):
+    sock = nudenet_server.socket
+    pid = nudenet_server.pid
+    dir_ok = write_dir(root / "leak-dir", astro, "NV12", frame_id=5)
+    raw_ok = root / "leak.raw"
+    md_ok = write_raw(raw_ok, astro, "I420", offset=4096)
+    short = root / "leak-short"
+    write_dir(short, gray(), "RGB24")
+    write_meta(short, width=64, height=64, pixel_format=RGB24, stride=192,
+               data_size=64 * 64 * 3)
+    (short / "frame.data").write_bytes(bytes(100))
+    fmt7 = write_dir(root / "leak-fmt7", gray(), "RGB24")
+    write_meta(fmt7, width=64, height=64, pixel_format=7, stride=192, data_size=64 * 64 * 3)
+    cases = [
+        (dir_ok, {}, None),
+        (dir_ok, {"frame_id": 6}, "frame_changed"),
+        (raw_ok, md_ok, None),
+        (raw_ok, {**md_ok, "offset": 10**7}, "frame_invalid"),
+        (short, {}, "frame_invalid"),
+        (fmt7, {}, "unsupported_format"),
+        (root / "leak-missing", {}, "frame_not_found"),
+        (root / "links-leak", {}, "frame_forbidden"),
+    ]
+    (root / "links-leak").symlink_to("/etc")
+    for ref, md, code in cases:  # warm up (lazy imports, thread pools)
+        assert infer(sock, ref, md)["error_code"] == code
+    fds, maps = _fd_count(pid), _shm_maps(pid)
+    with wire.connect(sock, 30) as s:  # pooled
+        for i in range(100):
+            ref, md, code = cases[i % len(cases)]
+            wire.send(s, wire.infer_request(str(ref), MODEL_ID, md))
+            assert wire.recv(s)["error_code"] == code
+    for i in range(100):  # connect-per-request
+        ref, md, code = cases[i % len(cases)]
+        assert infer(sock, ref, md)["error_code"] == code
+    assert _settled(pid, fds, _fd_count) <= fds
+    assert _settled(pid, maps, _shm_maps) <= maps
+
+
+def test_server_never_writes_to_frames(sock, root, astro):
+    d = write_dir(root / "ro-dir", astro, "NV12", frame_id=3)
+    raw = root / "ro.raw"
+    md = write_raw(raw, astro, "BGR24")
+    files = [d / "frame.meta", d / "frame.data", raw]
+    for f in files:
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    before = {f: (f.read_bytes(), os.stat(f).st_mtime_ns, os.stat(f).st_ino) for f in files}
+    for _ in range(5):
+        assert_ok(infer(sock, d))
+        assert_ok(infer(sock, raw, md))
+        assert_error(infer(sock, d, {"frame_id": 4}), "frame_changed")
+    after = {f: (f.read_bytes(), os.stat(f).st_mtime_ns, os.stat(f).st_ino) for f in files}
+    assert after == before
+    assert sorted(p.name for p in d.iterdir()) == ["frame.data", "frame.meta"]
+
+
+def test_frame_deleted_after_response_is_not_held(sock, root, astro):
+    """After the response the server holds nothing: unlinking frees the file at once."""
+    pid_maps_before = None
+    d = write_dir(root / "gone", astro, "RGB24")
+    assert_ok(infer(sock, d))
+    shutil.rmtree(d)
+    assert_error(infer(sock, d), "frame_not_found")
+    del pid_maps_before

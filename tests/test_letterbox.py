@@ -1,0 +1,490 @@
+"""The fused letterbox kernel (vasipc._fast.letterbox, CONTRACT 5.3 and 6) on a real photo.
+
+`_LetterboxBehaviour` runs against the compiled kernel and the numpy reference
+(tests/reference_kernels.py): both must match an independent OpenCV pipeline
+(cvtColor -> resize INTER_LINEAR -> copyMakeBorder 114 -> /255 -> CHW) in all four pixel
+formats, with padded strides, frames inside bigger buffers, tiny and huge frames, wide
+and tall pictures, square and non-square models. Then what only the compiled kernel
+promises: bit-identical to the reference, the SIGBUS guard (a frame file truncated under
+its mapping raises FrameBusError and the process lives on), any buffer as source.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import reference_kernels
+
+from vasipc._fast import letterbox
+
+cv2 = pytest.importorskip("cv2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FORMATS = {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3}
+PAD = np.float32(114) / np.float32(255)
+
+
+# --- frames: a real photo in each pixel format, laid out as a producer would ---------------
+
+@functools.cache
+def photo(width: int, height: int, crop: str = "full") -> np.ndarray:
+    """skimage's astronaut (RGB, 512x512), optionally cropped wide or tall, resized to
+    width x height (INTER_AREA: a real picture at any size)."""
+    data = pytest.importorskip("skimage.data")
+    rgb = data.astronaut()
+    if crop == "wide":
+        rgb = rgb[96:352]          # 512 x 256
+    elif crop == "tall":
+        rgb = rgb[:, 128:384]      # 256 x 512
+    if rgb.shape[:2] != (height, width):
+        rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+    rgb = np.ascontiguousarray(rgb)
+    rgb.flags.writeable = False
+    return rgb
+
+
+def rgb_to_yuv420(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BT.601 limited range, chroma averaged over each 2x2 block: Y (h, w), U, V (h/2, w/2)."""
+    r, g, b = (rgb[..., k].astype(np.float32) for k in range(3))
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    h, w = y.shape
+
+    def block_mean(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    def u8(c: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(c), 0, 255).astype(np.uint8)
+
+    return u8(y), u8(block_mean(u)), u8(block_mean(v))
+
+
+@dataclass
+class Frame:
+    src: object            # what letterbox_into reads: the frame's first byte is src's first
+    fmt: int
+    width: int
+    height: int
+    stride: int
+    rgb_opencv: np.ndarray  # the frame's pixels as OpenCV decodes them (cvtColor)
+
+
+def _strided(plane: np.ndarray, stride: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of `stride` bytes: the plane's bytes, then garbage."""
+    rows = rng.integers(0, 256, (plane.shape[0], stride), dtype=np.uint8)
+    rows[:, :plane.shape[1]] = plane
+    return rows.ravel()
+
+
+def make_frame(rgb: np.ndarray, fmt: int, stride_pad: int = 0, offset: int = 0,
+               seed: int = 0) -> Frame:
+    """The photo as a frame of format fmt with stride = packed + stride_pad (garbage in the
+    padding), placed at `offset` inside a bigger buffer full of garbage."""
+    rng = np.random.default_rng(seed)
+    h, w = rgb.shape[:2]
+    if fmt in (FORMATS["NV12"], FORMATS["I420"]):
+        y, u, v = rgb_to_yuv420(rgb)
+        stride = w + stride_pad
+        if fmt == FORMATS["NV12"]:
+            uv = np.stack([u, v], axis=-1).reshape(h // 2, w)
+            planes = [_strided(y, stride, rng), _strided(uv, stride, rng)]
+            decoded = cv2.cvtColor(np.vstack([y, uv]), cv2.COLOR_YUV2RGB_NV12)
+        else:
+            assert stride % 2 == 0
+            planes = [_strided(y, stride, rng), _strided(u, stride // 2, rng),
+                      _strided(v, stride // 2, rng)]
+            packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
+            decoded = cv2.cvtColor(packed, cv2.COLOR_YUV2RGB_I420)
+    else:
+        pixels = rgb[..., ::-1] if fmt == FORMATS["BGR24"] else rgb
+        stride = 3 * w + stride_pad
+        planes = [_strided(np.ascontiguousarray(pixels).reshape(h, 3 * w), stride, rng)]
+        decoded = (cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_BGR2RGB)
+                   if fmt == FORMATS["BGR24"] else rgb)
+    data = np.concatenate(planes)
+    assert data.size == reference_kernels.frame_nbytes(fmt, w, h, stride)
+    big = rng.integers(0, 256, offset + data.size + 1000, dtype=np.uint8)
+    big[offset:offset + data.size] = data
+    src = big[offset:offset + data.size] if offset else big  # longer than needed is fine
+    return Frame(src, fmt, w, h, stride, decoded)
+
+
+def opencv_letterbox(rgb: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
+    """The contract's reference pipeline, as Ultralytics writes it, on a decoded RGB frame."""
+    h, w = rgb.shape[:2]
+    r = min(dst_w / w, dst_h / h)
+    new_w, new_h = max(1, round(w * r)), max(1, round(h * r))  # max: a 1x700 frame
+    left, top = round((dst_w - new_w) / 2 - 0.1), round((dst_h - new_h) / 2 - 0.1)
+    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(resized, top, dst_h - new_h - top, left, dst_w - new_w - left,
+                                cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    return np.ascontiguousarray((padded.astype(np.float32) / 255).transpose(2, 0, 1))
+
+
+def assert_matches_opencv(out: np.ndarray, expected: np.ndarray) -> None:
+    diff = np.abs(out.astype(np.float64) - expected)
+    # The contract: mean <= 2/255, 99.9% of elements within 8/255. The kernel does
+    # OpenCV's integer arithmetic, so it is held to 1/255 everywhere (it is exact here).
+    assert diff.mean() <= 2 / 255
+    assert np.mean(diff <= 8 / 255 + 1e-7) >= 0.999
+    assert diff.max() <= 1 / 255 + 1e-7, f"max diff {diff.max() * 255:.3f}/255"
+
+
+# (name, source size, crop, model size W x H, stride padding per format kind, offset)
+CASES = [
+    ("photo-up-640", (512, 512), "full", (640, 640), 0, 0),
+    ("photo-320", (512, 512), "full", (320, 320), 14, 4099),
+    ("wide-640", (512, 256), "wide", (640, 640), 14, 1),
+    ("tall-640", (256, 512), "tall", (640, 640), 0, 64),
+    ("wide-320x256", (512, 256), "wide", (320, 256), 14, 0),
+    ("tall-320x256", (256, 512), "tall", (320, 256), 2, 3),
+    ("1080p-640", (1920, 1080), "full", (640, 640), 14, 0),   # exact 3x: one tap per row
+    ("720p-320x256", (1280, 720), "full", (320, 256), 0, 0),
+    ("4k-640", (3840, 2160), "full", (640, 640), 14, 7),
+    ("same-size", (640, 640), "full", (640, 640), 0, 0),
+    ("tiny-2x2", (2, 2), "full", (640, 640), 14, 5),
+    ("tiny-2x4", (2, 4), "full", (320, 320), 0, 0),
+    ("tiny-4x2", (4, 2), "full", (320, 256), 2, 0),
+]
+
+
+@functools.cache
+def _case_frame(fmt: int, case: tuple) -> tuple[Frame, np.ndarray]:
+    """The case's frame and the OpenCV pipeline's tensor for it (built once per session)."""
+    _, (w, h), crop, (dst_w, dst_h), pad, offset = case
+    frame = make_frame(photo(w, h, crop), fmt, stride_pad=pad, offset=offset)
+    frame.src.flags.writeable = False
+    expected = opencv_letterbox(frame.rgb_opencv, dst_w, dst_h)
+    expected.flags.writeable = False
+    return frame, expected
+
+
+def _run_case(kernel: types.ModuleType, fmt: int, case: tuple, out: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    _, (w, h), _, (dst_w, dst_h), _, _ = case
+    frame, expected = _case_frame(fmt, case)
+    _, new_w, new_h, left, top = reference_kernels.letterbox_geometry(w, h, dst_w, dst_h)
+    if out is None:
+        out = np.full((3, dst_h, dst_w), np.nan, np.float32)
+    kernel.letterbox_into(frame.src, fmt, w, h, frame.stride, out, new_w, new_h, left, top)
+    return out, expected
+
+
+class _LetterboxBehaviour:
+    kernel: ClassVar[types.ModuleType]
+
+    @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_matches_opencv(self, fmt_name: str, case: tuple) -> None:
+        out, expected = _run_case(self.kernel, FORMATS[fmt_name], case)
+        assert_matches_opencv(out, expected)
+
+    @pytest.mark.parametrize("size", [(333, 211), (211, 333), (1, 1), (3, 1), (1, 700)])
+    @pytest.mark.parametrize("fmt_name", ["BGR24", "RGB24"])
+    def test_odd_sizes_packed_formats(self, fmt_name: str, size: tuple[int, int]) -> None:
+        w, h = size
+        frame = make_frame(photo(w, h), FORMATS[fmt_name], stride_pad=5, offset=11)
+        _, new_w, new_h, left, top = reference_kernels.letterbox_geometry(w, h, 320, 256)
+        out = np.empty((3, 256, 320), np.float32)
+        self.kernel.letterbox_into(frame.src, frame.fmt, w, h, frame.stride, out,
+                                   new_w, new_h, left, top)
+        assert_matches_opencv(out, opencv_letterbox(frame.rgb_opencv, 320, 256))
+
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_padding_is_exactly_114(self, fmt_name: str) -> None:
+        out, _ = _run_case(self.kernel, FORMATS[fmt_name], CASES[2])  # wide: bands top/bottom
+        _, new_w, new_h, left, top = reference_kernels.letterbox_geometry(512, 256, 640, 640)
+        assert (new_w, new_h, left, top) == (640, 320, 0, 160)
+        inside = np.zeros(out.shape, bool)
+        inside[:, top:top + new_h, left:left + new_w] = True
+        assert np.all(out[~inside] == PAD)
+        assert np.all(np.isfinite(out)) and out.min() >= 0 and out.max() <= 1
+
+    def test_writes_only_its_batch_slot(self) -> None:
+        batch = np.full((3, 3, 320, 320), -1.0, np.float32)
+        out, expected = _run_case(self.kernel, FORMATS["NV12"], CASES[1], out=batch[1])
+        assert_matches_opencv(batch[1], expected)
+        assert np.all(batch[0] == -1) and np.all(batch[2] == -1)
+
+    def test_geometry_constants(self) -> None:
+        assert self.kernel.FORMAT_CODES == {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3}
+        assert self.kernel.min_stride(0, 640) == 640 and self.kernel.min_stride(1, 640) == 640
+        assert self.kernel.min_stride(2, 640) == 1920 and self.kernel.min_stride(3, 640) == 1920
+        assert self.kernel.frame_nbytes(0, 640, 480, 704) == 704 * 480 * 3 // 2
+        assert self.kernel.frame_nbytes(1, 640, 480, 706) == 706 * 480 + 2 * 353 * 240
+        assert self.kernel.frame_nbytes(2, 5, 3, 16) == 48
+        assert self.kernel.frame_nbytes(3, 5, 3, 15) == 45
+
+    @pytest.mark.parametrize("args", [
+        (0, 641, 480, 641),   # odd width, NV12
+        (1, 640, 481, 640),   # odd height, I420
+        (1, 640, 480, 641),   # odd I420 stride
+        (0, 640, 480, 639),   # stride below a row
+        (2, 640, 480, 1919),
+        (4, 640, 480, 640),   # unknown format
+        (2, 0, 480, 0),
+        (2, 640, 0, 1920),
+    ])
+    def test_invalid_frame_geometry(self, args: tuple[int, int, int, int]) -> None:
+        fmt, w, h, stride = args
+        out = np.empty((3, 64, 64), np.float32)
+        with pytest.raises(ValueError):
+            self.kernel.frame_nbytes(fmt, w, h, stride)
+        with pytest.raises(ValueError):
+            self.kernel.letterbox_into(bytes(4 * 1024 * 1024), fmt, w, h, stride, out,
+                                       64, 48, 0, 8)
+
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_short_buffer(self, fmt_name: str) -> None:
+        fmt = FORMATS[fmt_name]
+        stride = self.kernel.min_stride(fmt, 64)
+        need = self.kernel.frame_nbytes(fmt, 64, 48, stride)
+        out = np.empty((3, 64, 64), np.float32)
+        self.kernel.letterbox_into(bytes(need), fmt, 64, 48, stride, out, 64, 48, 0, 8)
+        with pytest.raises(ValueError, match="bytes"):
+            self.kernel.letterbox_into(bytes(need - 1), fmt, 64, 48, stride, out,
+                                       64, 48, 0, 8)
+
+    @pytest.mark.parametrize("bad_out", [
+        np.empty((3, 64, 64), np.float64),
+        np.empty((64, 64, 3), np.float32),
+        np.empty((4, 64, 64), np.float32),
+        np.empty((3, 64), np.float32),
+        np.empty((3, 64, 128), np.float32)[:, :, ::2],        # not contiguous
+        np.frombuffer(bytes(3 * 64 * 64 * 4), np.float32).reshape(3, 64, 64),  # read-only
+    ], ids=["float64", "hwc", "4-planes", "2-d", "strided", "read-only"])
+    def test_bad_out(self, bad_out: np.ndarray) -> None:
+        with pytest.raises(ValueError):
+            self.kernel.letterbox_into(bytes(64 * 48 * 3), 2, 64, 48, 192, bad_out,
+                                       64, 48, 0, 8)
+
+    @pytest.mark.parametrize("placement", [
+        (65, 48, 0, 8), (64, 48, 1, 8), (64, 48, 0, 17), (0, 48, 0, 8), (64, 0, 0, 8),
+        (64, 48, -1, 8), (64, 48, 0, -1)])
+    def test_placement_must_fit(self, placement: tuple[int, int, int, int]) -> None:
+        out = np.empty((3, 64, 64), np.float32)
+        with pytest.raises(ValueError):
+            self.kernel.letterbox_into(bytes(64 * 48 * 3), 2, 64, 48, 192, out, *placement)
+
+
+class TestCompiledLetterbox(_LetterboxBehaviour):
+    kernel = letterbox
+
+
+class TestReferenceLetterbox(_LetterboxBehaviour):
+    kernel = reference_kernels
+
+
+# --- geometry --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [
+    (1920, 1080, 640, 640), (1080, 1920, 640, 640), (512, 512, 320, 256), (512, 256, 320, 256),
+    (256, 512, 320, 256), (1280, 720, 320, 320), (2, 2, 640, 640), (2, 4, 320, 320),
+    (3840, 2160, 640, 640), (641, 479, 640, 640), (333, 211, 320, 256), (640, 640, 640, 640),
+    (1000, 3, 640, 640)])
+def test_letterbox_geometry_formula(sizes: tuple[int, int, int, int]) -> None:
+    src_w, src_h, dst_w, dst_h = sizes
+    r = min(dst_w / src_w, dst_h / src_h)
+    new_w, new_h = round(src_w * r), round(src_h * r)
+    expected = (r, new_w, new_h, round((dst_w - new_w) / 2 - 0.1),
+                round((dst_h - new_h) / 2 - 0.1))
+    assert letterbox.letterbox_geometry(*sizes) == expected
+    assert reference_kernels.letterbox_geometry(*sizes) == expected
+
+
+def test_letterbox_geometry_known_values() -> None:
+    assert letterbox.letterbox_geometry(1920, 1080, 640, 640) == (1 / 3, 640, 360, 0, 140)
+    assert letterbox.letterbox_geometry(512, 512, 320, 256) == (0.5, 256, 256, 32, 0)
+    # Never a zero-sized image: a sliver frame still gets one row.
+    assert letterbox.letterbox_geometry(5000, 1, 640, 640)[1:3] == (640, 1)
+    with pytest.raises(ValueError):
+        letterbox.letterbox_geometry(0, 10, 640, 640)
+
+
+# --- compiled only ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_compiled_equals_reference_bit_for_bit(fmt_name: str, case: tuple) -> None:
+    compiled, expected = _run_case(letterbox, FORMATS[fmt_name], case)
+    reference, _ = _run_case(reference_kernels, FORMATS[fmt_name], case)
+    assert np.array_equal(compiled, reference)
+    # And both equal OpenCV exactly on this OpenCV (the tests above allow 1/255).
+    assert np.array_equal(compiled, expected)
+
+
+def test_any_buffer_is_a_source(tmp_path: Path) -> None:
+    frame = make_frame(photo(64, 48), FORMATS["NV12"])
+    raw = np.asarray(frame.src)[:frame.stride * 72].tobytes()
+    expected = opencv_letterbox(frame.rgb_opencv, 64, 64)
+    path = tmp_path / "frame"
+    path.write_bytes(raw)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for src in (raw, bytearray(raw), memoryview(raw), np.frombuffer(raw, np.uint8),
+                    np.frombuffer(raw, np.uint8).reshape(72, 64), mm):
+            out = np.empty((3, 64, 64), np.float32)
+            letterbox.letterbox_into(src, 0, 64, 48, 64, out, 64, 48, 0, 8)
+            assert np.array_equal(out, expected)
+    with pytest.raises((ValueError, BufferError)):  # a strided source has no flat buffer
+        letterbox.letterbox_into(np.zeros((72, 128), np.uint8)[:, ::2], 0, 64, 48, 64,
+                                 np.empty((3, 64, 64), np.float32), 64, 48, 0, 8)
+
+
+def test_threads_run_concurrently_and_agree() -> None:
+    frame = make_frame(photo(1920, 1080), FORMATS["I420"], stride_pad=14)
+    outs = [np.empty((3, 640, 640), np.float32) for _ in range(4)]
+
+    def work(out: np.ndarray) -> None:
+        for _ in range(5):
+            letterbox.letterbox_into(frame.src, 1, 1920, 1080, frame.stride, out,
+                                     640, 360, 0, 140)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = opencv_letterbox(frame.rgb_opencv, 640, 640)
+    for out in outs:
+        assert np.array_equal(out, expected)
+
+
+# --- SIGBUS: a frame file truncated under its mapping ----------------------------------------
+
+@pytest.fixture
+def shm_file() -> Iterator[str]:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    fd, path = tempfile.mkstemp(prefix="vasipc-letterbox-", dir="/dev/shm")
+    os.close(fd)
+    yield path
+    os.unlink(path)
+
+
+# The child writes an NV12 frame to /dev/shm, maps it (mmap, FrameView), reads it once,
+# truncates the file through another fd, then reads it again: in the main thread and in a
+# worker thread, FrameBusError, and the process goes on (a good frame still works).
+SIGBUS_PROBE = textwrap.dedent("""
+    import mmap, os, signal, sys, tempfile, threading
+    import numpy as np
+    from vasipc._fast import letterbox as lb
+    from vasipc._fast.frameview import FrameView
+
+    W, H = 1280, 720
+    N = lb.frame_nbytes(lb.NV12, W, H, W)
+    out = np.zeros((3, 320, 320), np.float32)
+    args = (lb.NV12, W, H, W, out, 320, 180, 0, 70)
+
+    def truncated(kind):
+        fd, path = tempfile.mkstemp(dir="/dev/shm")
+        os.write(fd, np.full(N, 128, np.uint8).tobytes())
+        src = mmap.mmap(fd, N, access=mmap.ACCESS_READ) if kind == "mmap" else FrameView(fd, 0, N)
+        lb.letterbox_into(src, *args)                # mapped and readable
+        other = os.open(path, os.O_RDWR)
+        os.ftruncate(other, 0)                       # the producer truncates it
+        os.close(other); os.close(fd); os.unlink(path)
+        return src
+
+    for kind in ("mmap", "frameview"):
+        src = truncated(kind)
+        try:
+            lb.letterbox_into(src, *args)
+            print(kind, "no error")
+        except lb.FrameBusError:
+            print(kind, "FrameBusError")
+        caught = []
+        def worker():
+            try:
+                lb.letterbox_into(src, *args)
+            except lb.FrameBusError:
+                caught.append(True)
+        t = threading.Thread(target=worker); t.start(); t.join()
+        print(kind, "thread", "FrameBusError" if caught else "no error")
+    assert signal.SIGBUS not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    lb.letterbox_into(bytes(N), *args)
+    print("alive")
+""")
+
+
+@functools.cache
+def _sigbus_probe() -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", SIGBUS_PROBE],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
+
+
+def test_sigbus_in_a_subprocess() -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    proc = _sigbus_probe()
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.split("\n") == [
+        "mmap FrameBusError", "mmap thread FrameBusError",
+        "frameview FrameBusError", "frameview thread FrameBusError", "alive", ""]
+
+
+def test_sigbus_in_process(shm_file: str) -> None:
+    # Only once the subprocess showed the guard works: a broken guard kills pytest.
+    if _sigbus_probe().returncode != 0:
+        pytest.fail("the SIGBUS probe subprocess failed; not risking this process")
+    frame = make_frame(photo(640, 480), FORMATS["NV12"])
+    raw = np.asarray(frame.src)[:frame.stride * 720].tobytes()
+    Path(shm_file).write_bytes(raw)
+    out = np.empty((3, 320, 320), np.float32)
+    args = (0, 640, 480, 640, out, 320, 240, 0, 40)
+    with open(shm_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        letterbox.letterbox_into(mm, *args)
+        assert np.array_equal(out, opencv_letterbox(frame.rgb_opencv, 320, 320))
+        os.truncate(shm_file, 0)
+        with pytest.raises(letterbox.FrameBusError):
+            letterbox.letterbox_into(mm, *args)
+        with pytest.raises(letterbox.FrameBusError):  # and again: the guard re-arms
+            letterbox.letterbox_into(mm, *args)
+    assert signal.SIGBUS not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    letterbox.letterbox_into(raw, *args)
+    assert np.array_equal(out, opencv_letterbox(frame.rgb_opencv, 320, 320))
+
+
+def test_sigbus_outside_the_guard_still_kills(shm_file: str) -> None:
+    """A bus error that is not the kernel's goes to the previous handler (faulthandler,
+    then the default action): the guard must not swallow other code's crashes."""
+    code = textwrap.dedent(f"""
+        import mmap, os
+        import numpy as np
+        from vasipc._fast import letterbox as lb
+        out = np.zeros((3, 8, 8), np.float32)
+        lb.letterbox_into(bytes(48), lb.RGB24, 4, 4, 12, out, 8, 8, 0, 0)  # handler installed
+        path = {shm_file!r}
+        with open(path, "wb") as f:
+            f.write(bytes(1 << 20))
+        f = open(path, "rb")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        os.truncate(path, 0)
+        print("reading", flush=True)
+        mm[4096]                                     # SIGBUS in Python, outside any guard
+        print("survived", flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout == "reading\n"
+    assert "Bus error" in proc.stderr                # faulthandler saw it
+    assert proc.returncode != 0
+    if "AddressSanitizer" not in proc.stderr:
+        assert proc.returncode == -signal.SIGBUS     # then the default action

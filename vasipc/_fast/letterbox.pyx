@@ -1,0 +1,162 @@
+# cython: language_level=3
+"""Letterbox one frame into one slot of the model's input tensor (CONTRACT 5.3, 6).
+
+letterbox_into() runs the fused kernel (letterbox_kernel.c): colour conversion at the
+bilinear taps only, resize, pad 114, /255, written as float32 NCHW RGB straight into the
+batch. It releases the GIL and reads the frame inside a SIGBUS guard (sigbus_guard.c), so
+a frame file truncated under its mapping raises FrameBusError instead of killing the
+server. Its output equals OpenCV's cvtColor -> resize(INTER_LINEAR) -> copyMakeBorder(114)
+-> astype(float32) / 255 -> CHW, bit for bit (same fixed-point arithmetic).
+
+letterbox_geometry() gives the placement (Ultralytics' formula); frame_nbytes() and
+min_stride() the frame's size rules, shared with the server's frame checks.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.errno cimport errno
+from libc.stdlib cimport free, malloc
+
+from operator import index as _index
+
+NV12 = VAS_NV12
+I420 = VAS_I420
+BGR24 = VAS_BGR24
+RGB24 = VAS_RGB24
+FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
+_FORMAT_NAMES = {code: name for name, code in FORMAT_CODES.items()}
+
+# Bounds that keep every size computation far from int overflow in the kernel (the
+# server's own limit, --max-frame-dim, defaults to 8192).
+cdef enum:
+    MAX_DIM = 1 << 20
+cdef Py_ssize_t MAX_STRIDE = 0x80000000
+
+
+class FrameBusError(Exception):
+    """The frame's memory vanished while it was read (SIGBUS: the mapped file was
+    truncated under the mapping)."""
+
+
+cdef Py_ssize_t _min_stride(int fmt, Py_ssize_t width) except -1:
+    if fmt < VAS_NV12 or fmt > VAS_RGB24:
+        raise ValueError(f"unknown pixel format code {fmt} (NV12=0, I420=1, BGR24=2, RGB24=3)")
+    if width < 0 or width > MAX_STRIDE:
+        raise ValueError(f"frame width {width} out of range")
+    return width if fmt == VAS_NV12 or fmt == VAS_I420 else 3 * width
+
+
+cdef Py_ssize_t _frame_nbytes(int fmt, Py_ssize_t width, Py_ssize_t height,
+                              Py_ssize_t stride) except -1:
+    """The frame's size in bytes, after checking that the geometry is valid."""
+    cdef Py_ssize_t packed = _min_stride(fmt, width)
+    if width < 1 or width > MAX_DIM:
+        raise ValueError(f"frame width {width} out of range 1..{MAX_DIM}")
+    if height < 1 or height > MAX_DIM:
+        raise ValueError(f"frame height {height} out of range 1..{MAX_DIM}")
+    if fmt == VAS_NV12 or fmt == VAS_I420:
+        if width % 2 or height % 2:
+            raise ValueError(f"{_FORMAT_NAMES[fmt]} needs an even width and height, "
+                             f"got {width}x{height}")
+    if stride < packed or stride > MAX_STRIDE:
+        raise ValueError(f"stride {stride} out of range for a {width}-pixel "
+                         f"{_FORMAT_NAMES[fmt]} row (at least {packed})")
+    if fmt == VAS_I420 and stride % 2:
+        raise ValueError(f"I420 stride must be even (chroma rows are stride/2), got {stride}")
+    return <Py_ssize_t>lb_frame_nbytes(fmt, <size_t>width, <size_t>height, <size_t>stride)
+
+
+def min_stride(int fmt, Py_ssize_t width):
+    """Packed row size of the first plane: width (NV12, I420) or 3*width (BGR24, RGB24).
+    ValueError for an unknown format or a negative (or absurd) width; 0 is allowed: this
+    is a size rule, frame_nbytes() is the check."""
+    return _min_stride(fmt, width)
+
+
+def frame_nbytes(int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride):
+    """Bytes the frame occupies from its first byte: NV12 stride*h*3/2, I420
+    stride*h + 2*(stride/2)*(h/2), BGR24/RGB24 stride*h. ValueError for an invalid
+    geometry (unknown format, size out of range, odd NV12/I420 size, stride too small or
+    odd for I420)."""
+    return _frame_nbytes(fmt, width, height, stride)
+
+
+def letterbox_geometry(src_w, src_h, dst_w, dst_h):
+    """(r, new_w, new_h, left, top) placing a src_w x src_h frame in a dst_w x dst_h
+    input, as Ultralytics does: r = min(dst_w/src_w, dst_h/src_h), new = round(src*r),
+    left = round((dst_w-new_w)/2 - 0.1), top likewise (Python's round). new_w and new_h
+    are at least 1, so a 1x5000 frame still has a place."""
+    # Untyped on purpose: Python int/float semantics (a C int would divide as integers).
+    src_w, src_h, dst_w, dst_h = (_index(src_w), _index(src_h), _index(dst_w), _index(dst_h))
+    if src_w < 1 or src_h < 1 or dst_w < 1 or dst_h < 1:
+        raise ValueError(f"sizes must be positive: {src_w}x{src_h} -> {dst_w}x{dst_h}")
+    r = min(dst_w / src_w, dst_h / src_h)
+    new_w = max(1, round(src_w * r))
+    new_h = max(1, round(src_h * r))
+    left = round((dst_w - new_w) / 2 - 0.1)
+    top = round((dst_h - new_h) / 2 - 0.1)
+    return r, new_w, new_h, left, top
+
+
+def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride,
+                   float[:, :, ::1] out not None, Py_ssize_t new_w, Py_ssize_t new_h,
+                   Py_ssize_t left, Py_ssize_t top):
+    """Letterbox the frame in src into out, a C-contiguous float32 (3, H, W) buffer (a
+    batch slot), RGB in [0, 1]; the resized image fills [top:top+new_h, left:left+new_w],
+    the rest is 114/255.
+
+    src: any object exporting a contiguous readable buffer (FrameView, bytes, mmap, numpy
+    uint8 array) whose first byte is the frame's first byte, holding frame_nbytes() bytes.
+    ValueError for an invalid frame geometry, a short buffer, a wrong out or placement.
+    FrameBusError if the frame's memory vanishes while read (the GIL is released).
+    """
+    cdef Py_ssize_t needed = _frame_nbytes(fmt, width, height, stride)
+    if out.shape[0] != 3:
+        raise ValueError(f"out must have shape (3, H, W), got {(out.shape[0], out.shape[1], out.shape[2])}")
+    cdef Py_ssize_t out_h = out.shape[1], out_w = out.shape[2]
+    if out_w < 1 or out_h < 1 or out_w > MAX_DIM or out_h > MAX_DIM:
+        raise ValueError(f"out size {out_w}x{out_h} out of range 1..{MAX_DIM}")
+    if (new_w < 1 or new_h < 1 or left < 0 or top < 0
+            or left + new_w > out_w or top + new_h > out_h):
+        raise ValueError(f"resized image {new_w}x{new_h} at ({left}, {top}) does not fit "
+                         f"in out ({out_w}x{out_h})")
+
+    cdef Py_buffer view
+    cdef lb_job job
+    cdef void *scratch = NULL
+    cdef int rc = VAS_GUARD_OK
+    cdef int install_errno = 0
+    PyObject_GetBuffer(src, &view, PyBUF_SIMPLE)
+    try:
+        if view.len < needed:
+            raise ValueError(f"frame buffer holds {view.len} bytes; a {width}x{height} "
+                             f"{_FORMAT_NAMES[fmt]} frame with stride {stride} needs {needed}")
+        job.frame = <const unsigned char *>view.buf
+        job.format = fmt
+        job.width = <int>width
+        job.height = <int>height
+        job.stride = <size_t>stride
+        job.out = &out[0, 0, 0]
+        job.out_w = <int>out_w
+        job.out_h = <int>out_h
+        job.new_w = <int>new_w
+        job.new_h = <int>new_h
+        job.left = <int>left
+        job.top = <int>top
+        with nogil:
+            # Allocated outside the guard: a SIGBUS abandons lb_run midway, never a malloc.
+            scratch = malloc(lb_scratch_nbytes(&job))
+            if scratch != NULL:
+                lb_plan(&job, scratch)
+                rc = vas_sigbus_guard_run(lb_run, &job)
+                if rc == VAS_GUARD_INSTALL_FAILED:
+                    install_errno = errno
+                free(scratch)
+    finally:
+        PyBuffer_Release(&view)
+    if scratch == NULL:
+        raise MemoryError()
+    if rc == VAS_GUARD_SIGBUS:
+        raise FrameBusError("the frame's memory vanished while it was read "
+                            "(SIGBUS: file truncated under its mapping)")
+    if rc == VAS_GUARD_INSTALL_FAILED:
+        raise OSError(install_errno, "cannot install the SIGBUS handler")
