@@ -133,32 +133,36 @@ class Conn:
 @contextlib.contextmanager
 def server(cmd: Sequence[str], sock: str, timeout: float = 120.0) -> Iterator[subprocess.Popen]:
     """Run a server subprocess until it answers `health` on `sock`; SIGTERM it on exit."""
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"{cmd} exited {proc.returncode}:\n{log.read().decode()[-2000:]}")
-            try:
-                conn = Conn(sock, timeout=5)
-                orjson.loads(conn.call(encode({"op": "health"})))
-                conn.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{cmd} did not answer on {sock}") from None
-                time.sleep(0.1)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            _wait_ready(proc, sock, timeout, log)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen, sock: str, timeout: float, log) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{tail}")
+        try:
+            conn = Conn(sock, timeout=5)
+            orjson.loads(conn.call(encode({"op": "health"})))
+            conn.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{proc.args} did not answer on {sock}") from None
+            time.sleep(0.1)
 
 
 def vasipc_cmd(model: str | os.PathLike, sock: str, model_id: str = "bench") -> list[str]:
@@ -221,11 +225,15 @@ def drive(path: str, payloads: list[bytes], connections: int, *, requests: int |
                                                barrier, results)) for _ in range(connections)]
     for p in procs:
         p.start()
+    got: list = []
     try:
-        got = [results.get(timeout=(duration or 600) + 180) for _ in procs]
-    except queue.Empty:
-        raise RuntimeError(f"client processes failed: exit codes {[p.exitcode for p in procs]}"
-                           ) from None
+        while len(got) < connections:
+            try:
+                got.append(results.get(timeout=1))
+            except queue.Empty:
+                if any(p.exitcode for p in procs):
+                    raise RuntimeError("a client process failed (see its traceback above)"
+                                       ) from None
     finally:
         for p in procs:
             p.join(5)

@@ -87,11 +87,11 @@ def main() -> None:
                       f"{cn.elapsed_s:.1f} s)", flush=True)
 
     print("\n| health round trip | vasipc | plain threaded | vasipc / plain |\n|---|---|---|---|")
-    for key, label in (("p50", "c1 p50 (us)"), ("p99", "c1 p99 (us)"),
-                       ("rps", f"c{args.connections} throughput (req/s)")):
+    for key, label, fmt in (("p50", "c1 p50 (us)", ".1f"), ("p99", "c1 p99 (us)", ".0f"),
+                            ("rps", f"c{args.connections} throughput (req/s)", ",.0f")):
         v, p = rows["vasipc"][key], rows["plain"][key]
         ratios = [a / b for a, b in zip(v, p, strict=True)]
-        print(f"| {label} | {spread(v)} | {spread(p)} | {spread(ratios, '.2f')} |")
+        print(f"| {label} | {spread(v, fmt)} | {spread(p, fmt)} | {spread(ratios, '.2f')} |")
     print(f"\nmedian (min-max, ±half-range) of {args.repeats} rounds; ratio per round. "
           f"c1: {args.requests} requests per round on one persistent connection.")
 

@@ -23,11 +23,13 @@ OPTIONS = ["--model", "--model-dir", "--models-root", "--model-id", "--socket", 
 
 
 def onnx_model(path: Path, kind: str) -> Path:
-    """A tiny ONNX model that loads in ONNX Runtime but is not a YOLO detector."""
+    """A tiny ONNX model that loads in ONNX Runtime (all but "tiny-yolo" are not YOLO-style
+    detectors)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     f = TensorProto.FLOAT
+    inits = []
     if kind == "identity-2d":  # a 2-D input and output
         nodes = [helper.make_node("Identity", ["x"], ["y"])]
         inp = helper.make_tensor_value_info("x", f, [1, 8])
@@ -37,19 +39,19 @@ def onnx_model(path: Path, kind: str) -> Path:
         inp = helper.make_tensor_value_info("x", f, [1, 3, 32, 32])
         out = helper.make_tensor_value_info("y", f, [1, 3072])
     elif kind == "four-channels":  # [B, 4, N]: boxes but no class scores
-        shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, 4, 768])
-        nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]),
-                 helper.make_node("Reshape", ["s", "shape"], ["y"])]
-        inits = [shape,
-                 helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
-                 helper.make_tensor("ends", TensorProto.INT64, [1], [16]),
-                 helper.make_tensor("axes", TensorProto.INT64, [1], [2])]
+        inits = [helper.make_tensor("shape", TensorProto.INT64, [3], [1, 4, 768])]
+        nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
         inp = helper.make_tensor_value_info("x", f, [1, 3, 32, 32])
         out = helper.make_tensor_value_info("y", f, [1, 4, 768])
+    elif kind.startswith("tiny-yolo"):  # [B, 3, 32, 32] -> [B, 4 + 2, 512], B static
+        b = int(kind.rpartition("-b")[2]) if "-b" in kind else 1
+        inits = [helper.make_tensor("shape", TensorProto.INT64, [3], [b, 6, 512])]
+        nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+        inp = helper.make_tensor_value_info("x", f, [b, 3, 32, 32])
+        out = helper.make_tensor_value_info("y", f, [b, 6, 512])
     else:
         raise ValueError(kind)
-    graph = helper.make_graph(nodes, kind, [inp], [out],
-                              initializer=inits if kind == "four-channels" else [])
+    graph = helper.make_graph(nodes, kind, [inp], [out], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -146,6 +148,23 @@ def test_every_option_accepted_with_its_default(server_factory, astronaut_frame)
     resp = wire.roundtrip(path, wire.infer_request(str(astronaut_frame), MODEL_ID))
     assert resp["error_code"] is None and resp["detections"], resp
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("static", "max_batch", "expected"), [(1, "4", 1), (2, "4", 2),
+                                                               (4, None, 1)])
+def test_max_batch_capped_by_static_batch_dimension(server_factory, tmp_path, astronaut_frame,
+                                                    static, max_batch, expected):
+    """--max-batch is capped by a static batch dimension; a model with a static batch above
+    one is still served, one request at a time too."""
+    model = onnx_model(tmp_path / "tiny.onnx", f"tiny-yolo-b{static}")
+    args = ["--max-batch", max_batch] if max_batch else []
+    server = server_factory(*args, model=str(model), model_id="tiny")
+    got = info(server.socket)
+    assert got["max_batch_size"] == expected
+    assert got["input"] == {"width": 32, "height": 32}
+    assert got["classes"] == ["class_0", "class_1"]
+    resp = wire.roundtrip(server.socket, wire.infer_request(str(astronaut_frame), "tiny"))
+    assert resp["error_code"] is None and resp["metadata"]["batch_size"] == 1, resp
 
 
 def test_device_cpu_gives_no_warning(server_factory):
@@ -389,7 +408,8 @@ def test_models_root_bad_version_or_id_exits_2(nudenet_model, tmp_path):
 def test_precedence_cli_env_yaml(server_factory, nudenet_model, tmp_path, astronaut_frame,
                                  monkeypatch):
     """Command line over environment (--max-batch 2 over VASIPC_MAX_BATCH=3), environment
-    over model.yaml (VASIPC_CONF=0.5 over 0.9, VASIPC_LABELS over class_names_file)."""
+    over model.yaml (VASIPC_CONF=0.5 over 0.9, VASIPC_LABELS over class_names_file,
+    VASIPC_MODEL_ID over model_id)."""
     d = tmp_path / "prec"
     link_model(d / "w.onnx", nudenet_model)
     (d / "yaml_names.txt").write_text("".join(f"yaml_{i}\n" for i in range(NUDENET_CLASSES)))
@@ -400,13 +420,15 @@ def test_precedence_cli_env_yaml(server_factory, nudenet_model, tmp_path, astron
     monkeypatch.setenv("VASIPC_MAX_BATCH", "3")
     monkeypatch.setenv("VASIPC_CONF", "0.5")
     monkeypatch.setenv("VASIPC_LABELS", str(env_names))
-    path = str(tmp_path / "vas_model_prec.sock")
+    monkeypatch.setenv("VASIPC_MODEL_ID", "prec-env")
+    path = str(tmp_path / "vas_model_prec-env.sock")
     spawn(server_factory, ["--model-dir", str(d), "--max-batch", "2",
                                           "--socket-dir", str(tmp_path)], path)
     got = info(path)
+    assert got["model_id"] == "prec-env"
     assert got["max_batch_size"] == 2
     assert got["classes"] == [f"env_{i}" for i in range(NUDENET_CLASSES)]
-    assert_default_conf(path, "prec", astronaut_frame, 0.5, 0.9)
+    assert_default_conf(path, "prec-env", astronaut_frame, 0.5, 0.9)
 
 
 def test_cli_conf_over_environment(server_factory, astronaut_frame, monkeypatch):

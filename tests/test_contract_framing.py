@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -324,6 +325,19 @@ def test_valid_bodies_are_parsed(nudenet_server, body):
         assert_health(recv_within(s, 10), "deep")
 
 
+@pytest.mark.parametrize("digits", [20, 40, 128])
+def test_integers_beyond_64_bits_are_exact(nudenet_server, digits):
+    """JSON integers have no size limit (RFC 8259); an integer request_id of up to 128
+    characters is echoed exactly, and a huge number in an unknown field is just ignored."""
+    rid = int("9" * digits)
+    body = b'{"op":"health","request_id":%d,"big":-%d,"e":1e300}' % (rid, rid)
+    with wire.connect(nudenet_server.socket) as s:
+        s.sendall(wire.frame(body))
+        resp = recv_within(s, 10)
+    assert resp.get("op") == "health" and resp["request_id"] == rid, resp
+    assert type(resp["request_id"]) is int
+
+
 def test_response_framing(nudenet_server):
     """Responses are a 4-byte big-endian length, then exactly that much UTF-8 JSON object."""
     with wire.connect(nudenet_server.socket) as s:
@@ -483,3 +497,39 @@ def test_max_connections(server_factory):
     finally:
         for s in first:
             s.close()
+
+
+def test_out_of_file_descriptors_is_survived(nudenet_model, tmp_path):
+    """Connections beyond what the process's fd limit allows wait in the backlog; once
+    connections close, the server accepts and answers again (it never stops listening)."""
+    path = str(tmp_path / "fd.sock")
+    code = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+            "runpy.run_module('vasipc.serve', run_name='__main__')")
+    server = ServerProcess([sys.executable, "-c", code, "--model", nudenet_model, "--model-id",
+                            MODEL_ID, "--socket", path], path, tmp_path / "fd.stderr")
+    socks: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        starved = None
+        for _ in range(80):
+            s = wire.connect(path)
+            socks.append(s)
+            wire.send(s, health_msg())
+            try:
+                assert_health(recv_within(s, 1.0))
+            except (TimeoutError, EOFError, ConnectionResetError):
+                starved = s
+                break
+        assert starved is not None, "64 fds were never exhausted"
+        for s in socks:
+            if s is not starved:
+                s.close()
+        assert_health(recv_within(starved, 5))  # accepted once fds were free again
+        with wire.connect(path) as s:
+            wire.send(s, health_msg("fresh"))
+            assert_health(recv_within(s, 5), "fresh")
+        assert server.stop() == 0
+    finally:
+        for s in socks:
+            s.close()
+        server.kill()

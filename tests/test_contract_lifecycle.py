@@ -100,7 +100,7 @@ def test_socket_appears_only_when_warm(server_factory, bench_model):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_signal_drains_in_flight_requests(server_factory, astronaut_frame, sig):
-    n_conn, depth = 4, 6
+    n_conn, depth = 4, 8
     server = server_factory("--max-queue", "2048", "--drain-timeout", "120")
     path = server.socket
     monitor = wire.connect(path)

@@ -295,7 +295,8 @@ def bare_model(nudenet_model) -> Iterator[str]:
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     d = Path(tempfile.mkdtemp(prefix="vasipc-bare-"))
-    path = d / "bare.onnx"
+    (d / "7").mkdir()
+    path = d / "7" / "bare.onnx"  # in a version directory: model_version "7"
     onnx.save(model, str(path))
     try:
         yield str(path)
@@ -309,9 +310,11 @@ def test_class_id_names_and_640_input_without_metadata(server_factory, bare_mode
     info = wire.roundtrip(server.socket, {"op": "info"})
     assert info["classes"] == [f"class_{i}" for i in range(18)]
     assert info["input"] == {"width": 640, "height": 640}  # dynamic dims, no imgsz
-    assert info["model_name"] == "bare"
+    assert info["model_name"] == "bare" and info["model_version"] == "7"
     path, md = write_frame(root, photo, "RGB24", "dir")
-    dets = assert_ok(infer(server.socket, path, md, model_id="bare"))
+    resp = infer(server.socket, path, md, model_id="bare")
+    assert resp["metadata"]["model_version"] == "7"
+    dets = assert_ok(resp)
     assert all(d["class_name"] == f"class_{d['class_id']}" for d in dets)
     # and it really runs at 640: the reference at 640 agrees (same weights as nudenet)
     assert_same_detections(dets, reference.detect(photo, 640), 0.25)
@@ -349,20 +352,136 @@ def test_classes_filter_keeps_best_class_candidates(sock, reference, root, photo
         assert top[0]["confidence"] == pytest.approx(server[0]["confidence"], abs=1e-6)
 
 
-def test_classes_filter_uses_the_best_class_only(sock, reference, root, photo):
-    """A candidate whose best class is not listed is dropped, even when a listed class
-    scores above the threshold for it (Ultralytics' semantics, not re-scoring)."""
-    path, md = write_frame(root, photo, "RGB24", "raw")
-    conf = 0.02
-    distinguishing = []
-    for c in range(18):
-        best_class = reference.detect(photo, 320, conf=conf, classes=[c])
-        rescored = reference.detect(photo, 320, conf=conf, classes=[c], rescore=True)
-        if unmatched(rescored, best_class, conf + CONF_TOL):
-            distinguishing.append((c, best_class))
-    if not distinguishing:
-        pytest.skip("no class tells the two semantics apart on this picture")
-    for c, ref in distinguishing[:3]:
-        server = assert_ok(infer(sock, path, md, config={"confidence_threshold": conf,
-                                                         "classes": [c]}))
-        assert_same_detections(server, ref, conf)
+# --- a model with a known output: decode, NMS, filters and unletterbox checked exactly ------------
+
+# anchors (cx, cy, w, h in input pixels; scores of classes alpha, beta, gamma)
+ANCHORS = [
+    ((32, 24, 32, 16), (0.9, 0.5, 0.0)),   # 0: alpha 0.9 (beta 0.5 is a runner-up only)
+    ((33, 24, 32, 16), (0.8, 0.0, 0.0)),   # 1: alpha, IoU ~0.94 with 0: suppressed at 0.45
+    ((33, 24, 32, 16), (0.0, 0.0, 0.7)),   # 2: gamma at the same place: NMS is per class
+    ((10, 14, 8, 8), (0.1, 0.6, 0.0)),     # 3: beta 0.6
+    ((60, 44, 20, 20), (0.3, 0.0, 0.0)),   # 4: alpha 0.3, running past the frame: clipped
+    ((16, 30, 4, 4), (0.2, 0.24, 0.1)),    # 5: beta 0.24, under the default threshold
+]
+IN_W, IN_H = 64, 48          # the model's static input
+SRC_W, SRC_H = 128, 64       # the frame: r = 0.5, resized 64x32, left 0, top round(7.9) = 8
+
+
+def _expected_bbox(anchor: int) -> list[float]:
+    """CONTRACT 4/6 by hand: unletterbox, clip to the source frame, normalize."""
+    (cx, cy, w, h), _ = ANCHORS[anchor]
+    r = min(IN_W / SRC_W, IN_H / SRC_H)
+    left, top = round((IN_W - SRC_W * r) / 2 - 0.1), round((IN_H - SRC_H * r) / 2 - 0.1)
+    x1, x2 = [min(max((x - left) / r, 0), SRC_W) / SRC_W for x in (cx - w / 2, cx + w / 2)]
+    y1, y2 = [min(max((y - top) / r, 0), SRC_H) / SRC_H for y in (cy - h / 2, cy + h / 2)]
+    return [x1, y1, x2, y2]
+
+
+def _known_output_model(path: Path) -> None:
+    """A static 64x48 model whose output is ANCHORS whatever the image (plus 0 * its mean,
+    so the output stays an input-dependent computation), with names and a misleading
+    imgsz in its metadata (static dims win)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    out = np.zeros((1, 4 + 3, len(ANCHORS)), np.float32)
+    for i, (box, scores) in enumerate(ANCHORS):
+        out[0, :4, i] = box
+        out[0, 4:, i] = scores
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=1),  # [1, 1, 1, 1]
+        helper.make_node("Reshape", ["mean", "one"], ["mean1"]),           # [1, 1, 1]
+        helper.make_node("Mul", ["mean1", "zero"], ["nothing"]),
+        helper.make_node("Add", ["table", "nothing"], ["output0"]),
+    ]
+    inits = [helper.make_tensor("one", TensorProto.INT64, [3], [1, 1, 1]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("table", TensorProto.FLOAT, list(out.shape),
+                                out.reshape(-1).tolist())]
+    graph = helper.make_graph(
+        nodes, "known_output",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, IN_H, IN_W])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(out.shape))],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"names": "{0: 'alpha', 1: 'beta', 2: 'gamma'}",
+                                   "imgsz": "[320, 320]"})
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def known(nudenet_model, root) -> Iterator[tuple[str, Path]]:
+    """(socket, frame) of a server of the known-output model, and a 128x64 frame."""
+    from conftest import ServerLauncher
+
+    d = Path(tempfile.mkdtemp(prefix="vasipc-known-"))
+    launcher = ServerLauncher(nudenet_model)
+    try:
+        _known_output_model(d / "known.onnx")
+        server = launcher(model=str(d / "known.onnx"), model_id="known")
+        frame = write_dir(root / "known-frame", np.full((SRC_H, SRC_W, 3), 50, np.uint8),
+                          "RGB24", frame_id=3)
+        yield server.socket, frame
+    finally:
+        launcher.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _known(known: tuple[str, Path], **config: object) -> list[tuple]:
+    sock, frame = known
+    dets = assert_ok(infer(sock, frame, model_id="known", config=config))
+    return [(d["class_id"], d["class_name"], d["confidence"], d["bbox"]) for d in dets]
+
+
+def _anchors(*ids: int) -> list[tuple]:
+    names = ("alpha", "beta", "gamma")
+    rows = []
+    for i in ids:
+        scores = ANCHORS[i][1]
+        c = int(np.argmax(scores))
+        rows.append((c, names[c], pytest.approx(scores[c], abs=1e-6),
+                     pytest.approx(_expected_bbox(i), abs=1e-5)))
+    return rows
+
+
+def test_known_output_model_info(known):
+    info = wire.roundtrip(known[0], {"op": "info"})
+    assert info["input"] == {"width": IN_W, "height": IN_H}  # static dims, not imgsz
+    assert info["classes"] == ["alpha", "beta", "gamma"]
+
+
+def test_known_output_default_decode(known):
+    assert _known(known) == _anchors(0, 2, 3, 4)
+    assert _expected_bbox(4)[2:] == [1.0, 1.0]  # the clipped one
+
+
+@pytest.mark.parametrize(("config", "anchors"), [
+    ({"nms_iou_threshold": 1.0}, (0, 1, 2, 3, 4)),      # nothing overlaps "more than 1"
+    ({"nms_iou_threshold": 0.95}, (0, 1, 2, 3, 4)),     # IoU(0, 1) ~0.94 is not > 0.95
+    ({"nms_iou_threshold": 0.9}, (0, 2, 3, 4)),
+    ({"confidence_threshold": 0.2}, (0, 2, 3, 4, 5)),
+    ({"confidence_threshold": 0.24}, (0, 2, 3, 4, 5)),  # >= threshold is kept
+    ({"confidence_threshold": 0.7}, (0, 2)),
+    ({"confidence_threshold": 0.95}, ()),
+    ({"max_detections": 2}, (0, 2)),
+    ({"classes": [1]}, (3,)),                  # best class only: anchor 0's beta 0.5 is not
+    ({"classes": [1], "confidence_threshold": 0.2}, (3, 5)),
+    ({"classes": [1], "max_detections": 1}, (3,)),       # filtered before max_detections
+    ({"classes": [2, 1], "max_detections": 2}, (2, 3)),
+    ({"classes": [0, 7, 99]}, (0, 4)),
+    ({"classes": []}, ()),
+])
+def test_known_output_config(known, config, anchors):
+    assert _known(known, **config) == _anchors(*anchors)
+
+
+def test_known_output_raw_frame_with_padding(known, root):
+    """The same through a raw file: geometry from frame_metadata, rows padded, offset."""
+    sock, _ = known
+    path = root / "known.raw"
+    md = write_raw(path, np.full((SRC_H, SRC_W, 3), 50, np.uint8), "NV12",
+                   stride=SRC_W + 16, offset=999)
+    dets = assert_ok(infer(sock, path, md, model_id="known"))
+    assert [(d["class_id"], d["class_name"], d["confidence"], d["bbox"]) for d in dets] == \
+        _anchors(0, 2, 3, 4)

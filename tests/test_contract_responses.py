@@ -172,6 +172,9 @@ def test_frame_id_in_error_responses_where_known(sock, root):
                                                               "frame_id": 3}))
     assert_error(resp, "frame_invalid")
     assert resp["frame_id"] == 3
+    resp = wire.roundtrip(sock, infer_msg("/etc/passwd", {**RAW_MD, "frame_id": 5}))
+    assert_error(resp, "frame_forbidden")
+    assert resp["frame_id"] == 5
     # nothing known
     resp = wire.roundtrip(sock, infer_msg(root / "missing.rgb", RAW_MD))
     assert_error(resp, "frame_not_found")
@@ -285,7 +288,7 @@ def test_shutting_down(server_factory, bench_model, root):
     with wire.connect(sock, 60) as s, wire.connect(sock, 60) as busy:
         wire.send(s, {"op": "health"})
         assert wire.recv(s)["status"] == "ok"
-        busy.sendall(b"".join(wire.encode(slow) for _ in range(10)))
+        busy.sendall(b"".join(wire.encode(slow) for _ in range(6)))
         time.sleep(0.2)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
@@ -306,7 +309,7 @@ def test_shutting_down(server_factory, bench_model, root):
         wire.send(s, {"op": "info"})
         assert wire.recv(s)["protocol_version"] == 1
         # the requests read before the signal are answered normally
-        for _ in range(10):
+        for _ in range(6):
             assert_ok(wire.recv(busy))
     assert server.proc.wait(30) == 0
 

@@ -218,7 +218,7 @@ class _LetterboxBehaviour:
 
     def test_writes_only_its_batch_slot(self) -> None:
         batch = np.full((3, 3, 320, 320), -1.0, np.float32)
-        out, expected = _run_case(self.kernel, FORMATS["NV12"], CASES[1], out=batch[1])
+        _, expected = _run_case(self.kernel, FORMATS["NV12"], CASES[1], out=batch[1])
         assert_matches_opencv(batch[1], expected)
         assert np.all(batch[0] == -1) and np.all(batch[2] == -1)
 

@@ -165,7 +165,7 @@ class _DecodeBehaviour:
         pred[:4, 1] = [300, 300, 50, 50]
         pred[4:, 0] = [0.8, 0.9]
         pred[4:, 1] = [0.5, 0.1]
-        boxes, scores, class_ids = self.run(pred, classes=[0], max_det=1)
+        _, scores, class_ids = self.run(pred, classes=[0], max_det=1)
         # Anchor 0 is not re-labelled class 0, and the filter runs before max_detections.
         assert class_ids.tolist() == [0] and scores.tolist() == [0.5]
         _, scores, class_ids = self.run(pred, classes=None, max_det=1)

@@ -98,6 +98,12 @@ class FrameRoots:
             raise FrameNotFound(f"{full} does not exist") from None
         except PermissionError:
             raise FrameForbidden(f"{full} is not readable") from None
+        except OSError as exc:  # a name too long cannot exist; a symlink loop leads nowhere
+            if exc.errno == errno.ENAMETOOLONG:
+                raise FrameNotFound(f"{full} does not exist: {exc.strerror}") from None
+            if exc.errno == errno.ELOOP:
+                raise FrameForbidden(f"{full} is a symlink loop") from None
+            raise
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise FrameForbidden(f"{full} is not a regular file or directory")
         try:
@@ -128,9 +134,16 @@ def _format_code(name: str) -> int:
                                 f"(NV12, I420, BGR24, RGB24)") from None
 
 
-def _check_geometry(fmt: int, width: int, height: int, stride: int, max_dim: int,
-                    frame_id: int | None) -> int:
-    """Validate sizes and return the frame's byte count."""
+def _metadata_format(name: str) -> int | None:
+    try:
+        return parse_format(name)
+    except ValueError:
+        return None
+
+
+def _check_geometry(fmt: int, width: int, height: int, stride: int | None, max_dim: int,
+                    frame_id: int | None) -> tuple[int, int]:
+    """Validate sizes; return (stride, the frame's byte count). stride None: packed rows."""
     def bad(why: str) -> FrameInvalid:
         return FrameInvalid(why, frame_id=frame_id)
 
@@ -140,11 +153,16 @@ def _check_geometry(fmt: int, width: int, height: int, stride: int, max_dim: int
         raise bad(f"frame size {width}x{height} exceeds --max-frame-dim {max_dim}")
     if fmt in _CHROMA_FORMATS and (width % 2 or height % 2):
         raise bad(f"{_FORMAT_NAMES[fmt]} needs even width and height, got {width}x{height}")
+    if stride is None:
+        stride = min_stride(fmt, width)
     if stride < min_stride(fmt, width):
         raise bad(f"stride {stride} is smaller than a row of {width} {_FORMAT_NAMES[fmt]} pixels")
     if fmt == PIXEL_FORMATS["I420"] and stride % 2:
         raise bad(f"I420 stride must be even, got {stride}")
-    return frame_nbytes(fmt, width, height, stride)
+    try:
+        return stride, frame_nbytes(fmt, width, height, stride)
+    except (ValueError, OverflowError):  # rows of 2 GiB or more: no file holds that frame
+        raise bad(f"stride {stride} is too large") from None
 
 
 def _map(fd: int, offset: int, nbytes: int, frame_id: int | None) -> FrameView:
@@ -175,8 +193,8 @@ class FrameOpener:
             raise InvalidRequest("a raw frame file needs frame_metadata width, height and format",
                                  frame_id=md.frame_id)
         fmt = _format_code(md.format)
-        stride = md.stride if md.stride is not None else min_stride(fmt, md.width)
-        nbytes = _check_geometry(fmt, md.width, md.height, stride, self.max_frame_dim, md.frame_id)
+        stride, nbytes = _check_geometry(fmt, md.width, md.height, md.stride, self.max_frame_dim,
+                                         md.frame_id)
         offset = md.offset or 0
         if st.st_size < offset + nbytes:
             raise FrameInvalid(f"{ref} holds {st.st_size} bytes, the frame needs "
@@ -201,7 +219,9 @@ class FrameOpener:
         if hdr.pixel_format not in _FORMAT_NAMES:
             raise UnsupportedFormat(f"frame.meta pixel_format {hdr.pixel_format} is not supported",
                                     frame_id=fid)
-        if md.format is not None and _format_code(md.format) != hdr.pixel_format:
+        # The header is authoritative: a frame_metadata.format it does not match, even one
+        # this server cannot read, is a mismatch (frame_invalid), not the frame's format.
+        if md.format is not None and _metadata_format(md.format) != hdr.pixel_format:
             raise FrameInvalid(f"frame_metadata.format {md.format!r} differs from the header's "
                                f"{_FORMAT_NAMES[hdr.pixel_format]}", frame_id=fid)
         for key in ("width", "height", "stride"):
@@ -209,8 +229,8 @@ class FrameOpener:
             if given is not None and given != getattr(hdr, key):
                 raise FrameInvalid(f"frame_metadata.{key} {given} differs from the header's "
                                    f"{getattr(hdr, key)}", frame_id=fid)
-        nbytes = _check_geometry(hdr.pixel_format, hdr.width, hdr.height, hdr.stride,
-                                 self.max_frame_dim, fid)
+        _, nbytes = _check_geometry(hdr.pixel_format, hdr.width, hdr.height, hdr.stride,
+                                    self.max_frame_dim, fid)
         if hdr.data_size < nbytes:
             raise FrameInvalid(f"header data_size {hdr.data_size} is smaller than the frame "
                                f"({nbytes} bytes)", frame_id=fid)

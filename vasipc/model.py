@@ -48,11 +48,17 @@ class LoadedModel:
     class_names: tuple[str, ...]
     max_batch: int
     providers: tuple[str, ...]
+    fixed_batch: int = 0  # the model's static batch dimension when above 1
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray, options: Any = None) -> np.ndarray:
         """Run one batch [B,3,H,W] float32; returns [B, 4+nc, N] float32 (C-contiguous)."""
-        out = self.session.run([self.output_name], {self.input_name: batch})[0]
-        return np.ascontiguousarray(out, dtype=np.float32)
+        n = batch.shape[0]
+        if self.fixed_batch and n != self.fixed_batch:  # a static batch: pad the run to it
+            full = np.zeros((self.fixed_batch, *batch.shape[1:]), dtype=np.float32)
+            full[:n] = batch
+            batch = full
+        out = self.session.run([self.output_name], {self.input_name: batch}, options)[0]
+        return np.ascontiguousarray(out[:n], dtype=np.float32)
 
     def new_input(self, batch: int) -> np.ndarray:
         return np.empty((batch, 3, self.input_height, self.input_width), dtype=np.float32)
@@ -134,11 +140,13 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
     width, height = _input_size(inputs[0].shape, meta)
     batch_dim = inputs[0].shape[0]
     limit = max_batch if max_batch is not None else (1 if device.kind == "cpu" else 16)
+    fixed = 0
     if isinstance(batch_dim, int) and batch_dim > 0:
         limit = min(limit, batch_dim)
+        fixed = batch_dim if batch_dim > 1 else 0
 
     probe = LoadedModel(spec, session, device, inputs[0].name, outputs[0].name, width, height,
-                        0, (), limit, tuple(session.get_providers()))
+                        0, (), limit, tuple(session.get_providers()), fixed)
     nc = 0
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failed warm-up is our one error line, not ORT's log too
@@ -146,7 +154,7 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
         x = probe.new_input(b)
         x.fill(114 / 255)
         try:
-            out = np.asarray(session.run([probe.output_name], {probe.input_name: x}, quiet)[0])
+            out = probe.run(x, quiet)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{spec.path}: warm-up inference failed: {first}") from None
@@ -156,4 +164,4 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
         nc = out.shape[1] - 4
     names = class_names_for(nc, spec.class_names, meta)
     return LoadedModel(spec, session, device, inputs[0].name, outputs[0].name, width, height,
-                       nc, names, limit, tuple(session.get_providers()))
+                       nc, names, limit, tuple(session.get_providers()), fixed)

@@ -9,7 +9,10 @@ ahead while earlier requests are in the queue, so pipelined requests batch toget
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -45,8 +48,28 @@ log = logging.getLogger("vasipc")
 _now = time.perf_counter
 
 MAX_JSON_DEPTH = 64
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")  # may be an integer beyond 64 bits
+# accept() failures that pass (a connection reset while queued, fds or memory short for a
+# moment): wait a little and accept again instead of giving up on the listener
+_ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EINTR, errno.EMFILE, errno.ENFILE,
+                     errno.ENOBUFS, errno.ENOMEM, errno.EPROTO, errno.EPERM}
 PIPELINE_DEPTH = 64      # requests one connection may have queued before we stop reading ahead
 WRITE_TIMEOUT_S = 30.0   # a client that never reads its responses is dropped after this
+
+
+def _loads(body: memoryview) -> object:
+    msg = orjson.loads(body)
+    if _LONG_DIGITS.search(body):  # orjson reads integers beyond 64 bits as floats: keep them
+        with contextlib.suppress(ValueError):  # exact (> 4300 digits: keep orjson's float)
+            msg = json.loads(bytes(body))
+    return msg
+
+
+def _dumps(resp: dict) -> bytes:
+    try:
+        return orjson.dumps(resp)
+    except TypeError:  # an echoed integer beyond 64 bits (request_id)
+        return json.dumps(resp, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +172,19 @@ class Server:
     # ---- connections -----------------------------------------------------------------
     def _accept_loop(self) -> None:
         assert self.listener is not None
+        failing = False
         while True:
             try:
                 conn = self.listener.accept()
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT and not self.draining:
+                    if not failing:
+                        log.warning("accept failed (%s); retrying", exc.strerror)
+                    failing = True
+                    time.sleep(0.05)
+                    continue
                 return  # listener closed
+            failing = False
             with self._lock:
                 full = len(self._connections) >= self.config.max_connections
                 if not full:
@@ -161,8 +192,13 @@ class Server:
             if full:
                 conn.close()
                 continue
-            threading.Thread(target=self._serve_connection, args=(conn,),
-                             name="vasipc-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_connection, args=(conn,),
+                                 name="vasipc-conn", daemon=True).start()
+            except RuntimeError:  # no thread for it: close it, as over the cap
+                with self._lock:
+                    self._connections.discard(conn)
+                conn.close()
 
     def _serve_connection(self, conn: socket.socket) -> None:
         cfg = self.config
@@ -213,7 +249,7 @@ class Server:
         if md is not None:
             md["total_ms"] = (_now() - p.arrival) * 1e3
         try:
-            send_message(fd, orjson.dumps(resp), WRITE_TIMEOUT_S)
+            send_message(fd, _dumps(resp), WRITE_TIMEOUT_S)
             return True
         except (FramingError, OSError, TimeoutError):
             return False
@@ -241,7 +277,7 @@ class Server:
             return self._immediate(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"),
                                    None, arrival)
         try:
-            msg = orjson.loads(body)
+            msg = _loads(body)
         except orjson.JSONDecodeError as exc:
             return self._immediate(InvalidMessage(f"body is not valid UTF-8 JSON: {exc}"), None,
                                    arrival)

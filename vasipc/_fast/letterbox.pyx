@@ -111,7 +111,8 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
     """
     cdef Py_ssize_t needed = _frame_nbytes(fmt, width, height, stride)
     if out.shape[0] != 3:
-        raise ValueError(f"out must have shape (3, H, W), got {(out.shape[0], out.shape[1], out.shape[2])}")
+        raise ValueError("out must have shape (3, H, W), got "
+                         f"{(out.shape[0], out.shape[1], out.shape[2])}")
     cdef Py_ssize_t out_h = out.shape[1], out_w = out.shape[2]
     if out_w < 1 or out_h < 1 or out_w > MAX_DIM or out_h > MAX_DIM:
         raise ValueError(f"out size {out_w}x{out_h} out of range 1..{MAX_DIM}")

@@ -9,6 +9,8 @@
 
 #include <math.h>
 
+#include "vector_clones.h"
+
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /* OpenCV's fixed-point resize: weights are 1.0 = 2048 (INTER_RESIZE_COEF_BITS = 11). */
@@ -242,8 +244,9 @@ static ALWAYS_INLINE void horizontal_pass(const lb_job *job, int format, int two
  * rounding is OpenCV's SIMD path (VResizeLinearVec_32s8u): each product is taken as a
  * 16x16-bit multiply-high of the row value >> 4, then (sum + 2) >> 2. The float is
  * value / 255.0f, the same float numpy's astype(float32) / 255 gives. */
-static void vertical_pass(const int32_t *restrict h0, const int32_t *restrict h1, int w0,
-                          int w1, float *restrict dst, int n)
+static ALWAYS_INLINE void vertical_pass(const int32_t *restrict h0,
+                                        const int32_t *restrict h1, int w0, int w1,
+                                        float *restrict dst, int n)
 {
     for (int i = 0; i < n; i++) {
         int v = (((w0 * (h0[i] >> 4)) >> 16) + ((w1 * (h1[i] >> 4)) >> 16) + 2) >> 2;
@@ -252,7 +255,7 @@ static void vertical_pass(const int32_t *restrict h0, const int32_t *restrict h1
     }
 }
 
-static void fill(float *dst, size_t n, float value)
+static ALWAYS_INLINE void fill(float *dst, size_t n, float value)
 {
     for (size_t i = 0; i < n; i++)
         dst[i] = value;
@@ -312,17 +315,9 @@ static ALWAYS_INLINE void run_rows(const lb_job *job, int format, int two_taps)
     }
 }
 
-/* x86-64's baseline is SSE2, which has no 32-bit vector multiply or min/max: the loops
- * above are also compiled for AVX2 and the CPU picks at load time (an ifunc). Integer
- * arithmetic and IEEE division: the clones compute identical results. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(VASIPC_NO_CLONES)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
-/* The row loop specialised for one format (a constant) and tap count. */
-static VECTOR_CLONES void run_nv12(const lb_job *job)
+/* The row loop specialised for one format (a constant) and tap count, compiled for AVX2
+ * too (vector_clones.h). */
+static VAS_VECTOR_CLONES void run_nv12(const lb_job *job)
 {
     if (job->one_col_tap)
         run_rows(job, VAS_NV12, 0);
@@ -330,7 +325,7 @@ static VECTOR_CLONES void run_nv12(const lb_job *job)
         run_rows(job, VAS_NV12, 1);
 }
 
-static VECTOR_CLONES void run_i420(const lb_job *job)
+static VAS_VECTOR_CLONES void run_i420(const lb_job *job)
 {
     if (job->one_col_tap)
         run_rows(job, VAS_I420, 0);
@@ -338,7 +333,7 @@ static VECTOR_CLONES void run_i420(const lb_job *job)
         run_rows(job, VAS_I420, 1);
 }
 
-static VECTOR_CLONES void run_packed(const lb_job *job)
+static VAS_VECTOR_CLONES void run_packed(const lb_job *job)
 {
     const int format = job->format == VAS_BGR24 ? VAS_BGR24 : VAS_RGB24;
     if (job->one_col_tap)

@@ -9,6 +9,8 @@
 
 #include <string.h>
 
+#include "vector_clones.h"
+
 /* Element [row, anchor] of the prediction (any strides). */
 static inline float element(const yd_prediction *pred, int row, int anchor)
 {
@@ -43,14 +45,16 @@ static inline void best_class_pass(const float *restrict scores, ptrdiff_t step,
                                    int32_t *restrict best_class)
 {
     for (int i = 0; i < n; i++) {
-        const float v = scores[i * step];
-        const int better = v > best[i];
-        best[i] = better ? v : best[i];
-        best_class[i] = better ? cls : best_class[i];
+        const float v = scores[i * step], b = best[i];
+        const int32_t k = best_class[i];
+        const int better = v > b;
+        best[i] = better ? v : b;
+        best_class[i] = better ? cls : k;
     }
 }
 
-static void best_classes(const yd_prediction *pred, float *best, int32_t *best_class)
+/* Vectorised with AVX2 (blends); the SSE2 baseline has none (vector_clones.h). */
+static VAS_VECTOR_CLONES void best_classes(const yd_prediction *pred, float *best, int32_t *best_class)
 {
     const int n = pred->num_anchors;
     for (int i = 0; i < n; i++) {
