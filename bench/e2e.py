@@ -7,7 +7,9 @@ Per round, each for `--duration` seconds, closed loop:
 - `session.run`: in-process, on the frames already letterboxed (the ceiling);
 - `in-process pipeline`: letterbox_into + session.run + decode_yolo, no socket;
 - `server c1` / `server cN`: `python -m vasipc.serve` on the same model, infer requests
-  from 1 and `--concurrency` client processes (persistent connections).
+  from 1 and `--concurrency` client processes (persistent connections);
+- `what-if`: session.run with one ORT setting changed (1 intra-op thread; no spinning),
+  to show what the server's session options cost on this machine (`--no-what-if` skips).
 The in-process session is made as the server makes its own (vasipc.runtime.create_session:
 default options, ORT_ENABLE_ALL, default thread counts), so the figures compare like
 with like; they never run at the same time.
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--what-if", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time session.run with 1 intra-op thread / without spinning")
     args = ap.parse_args()
 
     shm = tempfile.mkdtemp(prefix="vasipc-bench-", dir="/dev/shm")
@@ -76,54 +80,68 @@ def main() -> None:
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def what_if_session(ort, threads: int = 0, spinning: bool = True):
+    """A session like the server's (vasipc.runtime.create_session) with one setting changed."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(BENCH_MODEL), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
 def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray]) -> None:
-    session = create_session(str(BENCH_MODEL), Device("cpu"), import_onnxruntime())
+    ort = import_onnxruntime()
+    session = create_session(str(BENCH_MODEL), Device("cpu"), ort)  # exactly the server's
     in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     r, nw, nh, left, top = letterbox_geometry(WIDTH, HEIGHT, SIZE, SIZE)
+    slot = np.empty((1, 3, SIZE, SIZE), np.float32)
 
-    def preprocess(nv12: np.ndarray) -> np.ndarray:
-        x = np.empty((1, 3, SIZE, SIZE), np.float32)
-        letterbox_into(nv12, NV12, WIDTH, HEIGHT, WIDTH, x[0], nw, nh, left, top)
-        return x
-
-    def session_run(x: np.ndarray) -> np.ndarray:
-        return session.run([out_name], {in_name: x})[0]
+    def preprocess(nv12: np.ndarray, out: np.ndarray) -> np.ndarray:
+        letterbox_into(nv12, NV12, WIDTH, HEIGHT, WIDTH, out[0], nw, nh, left, top)
+        return out
 
     def pipeline(nv12: np.ndarray) -> object:
-        pred = session_run(preprocess(nv12))
+        pred = session.run([out_name], {in_name: preprocess(nv12, slot)})[0]
         return decode_yolo(pred[0], 0.25, 0.45, 300, None, r, left, top, WIDTH, HEIGHT)
 
-    tensors = [preprocess(f) for f in frames]
+    def runs_on(sess) -> Callable[[], Load]:
+        return lambda: timed_loop(lambda x: sess.run([out_name], {in_name: x}), tensors, d)
+
+    tensors = [preprocess(f, np.empty_like(slot)) for f in frames]
     sock = os.path.join(tempfile.mkdtemp(prefix="vasipc-bench-"), "e2e.sock")
-    conc = args.concurrency
-    names = ("session.run", "in-process pipeline", "server c1", f"server c{conc}")
-    results: dict[str, list[Load]] = {n: [] for n in names}
+    d, conc = args.duration, args.concurrency
+    configs: dict[str, Callable[[], Load]] = {
+        "session.run": runs_on(session),
+        "in-process pipeline": lambda: timed_loop(pipeline, frames, d),
+        "server c1": lambda: drive(sock, payloads, 1, duration=d, warmup=3),
+        f"server c{conc}": lambda: drive(sock, payloads, conc, duration=d, warmup=3),
+    }
+    if args.what_if:
+        configs["what-if: session.run 1 thread"] = runs_on(what_if_session(ort, threads=1))
+        configs["what-if: session.run no spinning"] = runs_on(what_if_session(ort, spinning=False))
+    results: dict[str, list[Load]] = {n: [] for n in configs}
     print(f"# e2e: {machine()}\n# model {BENCH_MODEL.name}, {WIDTH}x{HEIGHT} NV12 -> "
-          f"{SIZE}x{SIZE}, ORT {session.get_providers()[0]}, "
-          f"intra_op_num_threads={session.get_session_options().intra_op_num_threads} "
-          "(0 = ORT default)", flush=True)
+          f"{SIZE}x{SIZE}, ORT {ort.__version__} {session.get_providers()[0]}, "
+          "default thread settings", flush=True)
     with server(vasipc_cmd(BENCH_MODEL, sock), sock):
         for rnd in range(args.repeats):
-            for name in names:
-                if name == "session.run":
-                    load = timed_loop(session_run, tensors, args.duration)
-                elif name == "in-process pipeline":
-                    load = timed_loop(pipeline, frames, args.duration)
-                else:
-                    load = drive(sock, payloads, 1 if name == "server c1" else conc,
-                                 duration=args.duration, warmup=3)
+            for name, measure in configs.items():
+                load = measure()
                 results[name].append(load)
-                print(f"round {rnd + 1} {name:20s} {load.rps:6.2f} req/s  p50 {load.p(50):6.1f} "
-                      f"ms  p99 {load.p(99):6.1f} ms  ({load.requests} req)", flush=True)
-    report(results, names)
+                print(f"round {rnd + 1} {name:34s} {load.rps:6.2f} req/s  p50 {load.p(50):7.1f} "
+                      f"ms  p99 {load.p(99):7.1f} ms  ({load.requests} req)", flush=True)
+    report(results)
 
 
-def report(results: dict[str, list[Load]], names: tuple[str, ...]) -> None:
+def report(results: dict[str, list[Load]]) -> None:
     base = results["session.run"]
     print("\n| configuration | req/s | p50 ms | p99 ms | req/s vs session.run "
           "| p50 vs session.run |\n|---|---|---|---|---|---|")
-    for name in names:
-        loads = results[name]
+    for name, loads in results.items():
         rps_ratio = [a.rps / b.rps for a, b in zip(loads, base, strict=True)]
         p50_ratio = [a.p(50) / b.p(50) for a, b in zip(loads, base, strict=True)]
         print(f"| {name} | {spread([x.rps for x in loads], '.2f')} "
@@ -135,7 +153,7 @@ def report(results: dict[str, list[Load]], names: tuple[str, ...]) -> None:
           "`wire` = client p50 latency - server total_ms p50:\n")
     print("| configuration | " + " | ".join(STAGES) + " | wire |")
     print("|---" * (len(STAGES) + 2) + "|")
-    for name in names[2:]:
+    for name in (n for n in results if n.startswith("server")):
         meta = [m for load in results[name] for m in load.metadata]
         med = {s: float(np.median([m[s] for m in meta])) for s in STAGES}
         client = float(np.median(np.concatenate([x.latencies_s for x in results[name]]))) * 1e3

@@ -364,8 +364,8 @@ def test_message_stalled_mid_body_is_dropped_others_served(small):
             for i in range(3):
                 t = time.monotonic()
                 wire.send(other, health_msg(i))
-                assert_health(recv_within(other, 0.5), i)
-                assert time.monotonic() - t < 0.5
+                assert_health(recv_within(other, 0.8), i)
+                assert time.monotonic() - t < 0.8  # not held up until the 1 s read timeout
         assert closed_without_response(stalled, 5)
         elapsed = time.monotonic() - t0
         assert 0.8 < elapsed < 3.0, elapsed

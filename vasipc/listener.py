@@ -39,8 +39,10 @@ def _answers(path: str) -> bool:
     try:
         probe.connect(path)
         return True
-    except OSError:  # ECONNREFUSED: nobody listens, the file is stale
+    except (ConnectionRefusedError, FileNotFoundError):  # nobody listens: the file is stale
         return False
+    except OSError:  # no permission, a full backlog: someone may listen; never remove it
+        return True
     finally:
         probe.close()
 
@@ -50,8 +52,12 @@ class Listener:
 
     def __init__(self, path: str, mode: int, backlog: int = 1024) -> None:
         check_socket_path(path)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)  # stale (checked above)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}") from None
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # no window in which the socket is wider than 0600

@@ -5,8 +5,9 @@ letterbox_into() runs the fused kernel (letterbox_kernel.c): colour conversion a
 bilinear taps only, resize, pad 114, /255, written as float32 NCHW RGB straight into the
 batch. It releases the GIL and reads the frame inside a SIGBUS guard (sigbus_guard.c), so
 a frame file truncated under its mapping raises FrameBusError instead of killing the
-server. Its output equals OpenCV's cvtColor -> resize(INTER_LINEAR) -> copyMakeBorder(114)
--> astype(float32) / 255 -> CHW, bit for bit (same fixed-point arithmetic).
+server. It does OpenCV's fixed-point arithmetic, so its output equals cvtColor ->
+resize(INTER_LINEAR) -> copyMakeBorder(114) -> astype(float32) / 255 -> CHW bit for bit
+(OpenCV 5.0; versions whose scalar row tails round differently: within 1/255).
 
 letterbox_geometry() gives the placement (Ultralytics' formula); frame_nbytes() and
 min_stride() the frame's size rules, shared with the server's frame checks.

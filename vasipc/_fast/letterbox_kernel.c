@@ -1,9 +1,15 @@
 /* letterbox_kernel.c: the fused letterbox pass (see letterbox_kernel.h).
  *
+ * Per output row: the horizontal pass of its two source rows (kept in two row buffers,
+ * so an upscale computes each source row once; skipped when the second row's weight is
+ * 0), then the vertical blend straight into the three float planes. The horizontal pass
+ * gathers the tap bytes with scalar loads, then converts and weighs them in a loop over
+ * contiguous arrays that vectorises (AVX2 where the CPU has it: vector_clones.h).
+ *
  * One body serves the four pixel formats: the per-format parts (where a row's planes
- * start, how a tap becomes RGB) are always-inline functions of a `format` argument, and
- * lb_run() calls the row loop once per format with a constant, so the compiler emits a
- * specialised loop for each with no per-pixel branching on the format.
+ * start, which bytes a tap reads, whether it needs YUV -> RGB) are always-inline
+ * functions of a `format` argument, and lb_run() calls the row loop with a constant, so
+ * the compiler emits a specialised loop for each with no per-pixel branch on the format.
  */
 #include "letterbox_kernel.h"
 

@@ -5,7 +5,8 @@
  * NV12/I420, exactly as OpenCV's COLOR_YUV2RGB_NV12/_I420; a channel swap for BGR24),
  * the blend, /255, written straight into three planes; the border is filled with 114/255.
  * The arithmetic is OpenCV's (converted taps are uint8, the blend is its SIMD fixed-point
- * formula), so the result equals cvtColor -> resize -> copyMakeBorder -> /255, bit for bit.
+ * formula), so the result equals cvtColor -> resize -> copyMakeBorder -> /255 bit for bit
+ * (OpenCV 5.0; an OpenCV whose scalar tail loop rounds differently: within 1/255).
  *
  * Use: fill the frame and output fields of an lb_job, lb_plan() it into
  * lb_scratch_nbytes() bytes of scratch, then lb_run() it (the only step that reads the
