@@ -31,7 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PYTHON = sys.executable
-BENCH_MODEL = REPO.parent / "shared" / "models" / "yolov8n-640-random.onnx"
+BENCH_MODEL = Path(os.environ.get("VASIPC_BENCH_MODEL")
+                   or REPO.parent / "shared" / "models" / "yolov8n-640-random.onnx")
 RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160)}
 _LENGTH = struct.Struct(">I")
 
