@@ -385,6 +385,10 @@ PRECEDENCE_CASES: dict[str, tuple[str, Callable[[Path], dict]]] = {
         **infer_msg(root / "astronaut", model_id="other"), "frame_reference": "x/y"}),
     "invalid_request > frame_forbidden": ("invalid_request", lambda root: {
         **infer_msg("/etc/passwd"), "timestamp": 0}),
+    "invalid_request > model_mismatch (raw file without format)": ("invalid_request",
+        lambda root: infer_msg(root / "gray.rgb", {"width": 4, "height": 4}, model_id="other")),
+    "frame_forbidden for a metadata-less file outside the roots": ("frame_forbidden",
+        lambda root: infer_msg("/etc/passwd", {})),
     "model_mismatch > frame_forbidden": ("model_mismatch", lambda root: infer_msg(
         "/etc/passwd", RAW_MD, model_id="other")),
     "model_mismatch > frame_not_found": ("model_mismatch", lambda root: infer_msg(

@@ -179,6 +179,17 @@ class FrameOpener:
         self.roots = roots
         self.max_frame_dim = max_frame_dim
 
+    def is_raw_file(self, ref: str) -> bool:
+        """True for a regular file inside the roots (decides which metadata is required).
+
+        Outside the roots the answer is False, so that a probe learns nothing there and
+        gets frame_forbidden later.
+        """
+        try:
+            return stat.S_ISREG(os.stat(ref).st_mode) and self.roots.contains(os.path.realpath(ref))
+        except (OSError, ValueError):
+            return False
+
     def open(self, ref: str, md: FrameMetadata) -> OpenFrame:
         fd, st = self.roots.open_confined(ref)
         try:

@@ -8,6 +8,7 @@ dicts handed to the JSON encoder.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,8 +142,13 @@ def _parse_config(cfg: Any) -> InferConfig:
     )
 
 
-def parse_infer(msg: dict, server_model_id: str) -> InferRequest:
-    """Validate an `infer` request (CONTRACT 3.1). Field errors come before model_mismatch."""
+def parse_infer(msg: dict, server_model_id: str,
+                is_raw_file: Callable[[str], bool] | None = None) -> InferRequest:
+    """Validate an `infer` request (CONTRACT 3.1). Field errors come before model_mismatch.
+
+    Whether `width`, `height` and `format` are required depends on the frame's form, so
+    when one is missing `is_raw_file(frame_reference)` (the server's cheap stat) decides.
+    """
     ref = msg.get("frame_reference")
     if type(ref) is not str or not ref:
         raise InvalidRequest("frame_reference is required and must be a non-empty string")
@@ -166,6 +172,10 @@ def parse_infer(msg: dict, server_model_id: str) -> InferRequest:
     deadline = msg.get("deadline_ms")
     if "deadline_ms" in msg and (not _is_number(deadline) or deadline <= 0):
         raise InvalidRequest("deadline_ms must be a number > 0")
+    if (is_raw_file is not None and None in (metadata.width, metadata.height, metadata.format)
+            and is_raw_file(ref)):
+        raise InvalidRequest("a raw frame file needs frame_metadata width, height and format",
+                             frame_id=metadata.frame_id)
     if model_id != server_model_id:
         raise ModelMismatch(f"this server serves model {server_model_id!r}, not {model_id!r}")
     return InferRequest(

@@ -291,7 +291,7 @@ class Server:
                 return self._immediate(self._info(), msg, arrival)
             with self._lock:
                 self.requests_total += 1
-            req = parse_infer(msg, self.model_id)
+            req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file)
             if self.draining or self.fatal is not None:
                 raise ShuttingDown("the server is shutting down")
         except VasipcError as err:
