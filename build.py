@@ -2,7 +2,7 @@
 """Developer helper for the compiled core.
 
     python build.py                      # in-place build: vasipc/_fast/*.so next to the sources
-    python build.py --sanitize address   # same, with AddressSanitizer (run pytest with LD_PRELOAD, see README)
+    python build.py --sanitize address   # same with AddressSanitizer (pytest needs LD_PRELOAD: README)
     python build.py --debug              # VASIPC_DEBUG checks, -g
     python build.py --only letterbox     # one module (repeatable)
     python build.py wheel                # a wheel in dist/

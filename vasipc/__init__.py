@@ -7,9 +7,9 @@ Runtime, no compiled core) so that producers and callers can import the client c
 
 __version__ = "0.1.0"
 
-from vasipc.client import Client, Detection, InferResult, ServerInfo, discover  # noqa: E402
-from vasipc.errors import *  # noqa: E402,F403
-from vasipc.errors import ERROR_CLASSES, VasipcError  # noqa: E402
+from vasipc.client import Client, Detection, InferResult, ServerInfo, discover
+from vasipc.errors import *  # noqa: F403
+from vasipc.errors import ERROR_CLASSES, VasipcError
 
 __all__ = ["ERROR_CLASSES", "Client", "Detection", "InferResult", "ServerInfo", "VasipcError",
            "__version__", "discover"]

@@ -190,7 +190,8 @@ class Batcher:
                 "inference_ms": inference_ms, "postprocess_ms": (_now() - t0) * 1e3,
                 "batch_size": len(live)}, model)
 
-    def _preprocess(self, model: LoadedModel, req: InferRequest, slot: np.ndarray) -> tuple[tuple, int | None]:
+    def _preprocess(self, model: LoadedModel, req: InferRequest,
+                    slot: np.ndarray) -> tuple[tuple, int | None]:
         frame = self.opener.open(req.frame_reference, req.frame_metadata)
         try:
             geom = letterbox_geometry(frame.width, frame.height, model.input_width, model.input_height)

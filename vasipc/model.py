@@ -105,10 +105,7 @@ def _metadata_names(meta: dict[str, str]) -> dict[int, str] | None:
 
 def class_names_for(nc: int, given: tuple[str, ...] | None, meta: dict[str, str]) -> tuple[str, ...]:
     """--labels / model.yaml names, else ONNX metadata `names`, else class_{id} (CONTRACT 6)."""
-    if given is not None:
-        src = dict(enumerate(given))
-    else:
-        src = _metadata_names(meta) or {}
+    src = dict(enumerate(given)) if given is not None else (_metadata_names(meta) or {})
     return tuple(src.get(i, f"class_{i}") for i in range(nc))
 
 
