@@ -7,12 +7,14 @@ mean belong to the caller (vasipc/frame_source.py); a file truncated under the
 mapping is sigbus_guard's business.
 """
 
-from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE
+from cpython.buffer cimport PyBUF_WRITABLE
 from libc.errno cimport errno
 from libc.stdint cimport uintptr_t
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
 from posix.types cimport off_t
 from posix.unistd cimport _SC_PAGESIZE, sysconf
+
+from vasipc._fast.readonly_buffer cimport fill_readonly_buffer
 
 import os
 
@@ -90,23 +92,7 @@ cdef class FrameView:
             raise ValueError("FrameView is closed")
         if flags & PyBUF_WRITABLE:
             raise BufferError("FrameView is read-only")
-        view.buf = <void *>self.data
-        view.len = self.length
-        view.readonly = 1
-        view.itemsize = 1
-        view.format = NULL
-        if flags & PyBUF_FORMAT:
-            view.format = "B"
-        view.ndim = 1
-        # shape and strides point into the Py_buffer itself, as PyBuffer_FillInfo does.
-        view.shape = NULL
-        if (flags & PyBUF_ND) == PyBUF_ND:
-            view.shape = &view.len
-        view.strides = NULL
-        if (flags & PyBUF_STRIDES) == PyBUF_STRIDES:
-            view.strides = &view.itemsize
-        view.suboffsets = NULL
-        view.internal = NULL
+        fill_readonly_buffer(view, <char *>self.data, self.length, flags)
         view.obj = self
         self.exports += 1
 

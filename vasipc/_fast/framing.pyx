@@ -13,10 +13,7 @@ fd keeps working as it was configured.
 """
 
 from cpython.buffer cimport (
-    PyBUF_FORMAT,
-    PyBUF_ND,
     PyBUF_SIMPLE,
-    PyBUF_STRIDES,
     PyBUF_WRITABLE,
     PyBuffer_Release,
     PyObject_GetBuffer,
@@ -28,6 +25,8 @@ from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
+
+from vasipc._fast.readonly_buffer cimport fill_readonly_buffer
 
 import os
 
@@ -295,27 +294,6 @@ cdef object os_error(int error):
     return OSError(error, os.strerror(error))
 
 
-cdef void fill_buffer_info(Py_buffer *view, char *data, Py_ssize_t size, int flags) noexcept:
-    """A read-only 1-D uint8 export, as PyBuffer_FillInfo lays it out."""
-    view.buf = data
-    view.len = size
-    view.readonly = 1
-    view.itemsize = 1
-    view.format = NULL
-    if flags & PyBUF_FORMAT:
-        view.format = "B"
-    view.ndim = 1
-    # shape and strides point into the Py_buffer itself, which lives as long as the export.
-    view.shape = NULL
-    if (flags & PyBUF_ND) == PyBUF_ND:
-        view.shape = &view.len
-    view.strides = NULL
-    if (flags & PyBUF_STRIDES) == PyBUF_STRIDES:
-        view.strides = &view.itemsize
-    view.suboffsets = NULL
-    view.internal = NULL
-
-
 cdef class _RecvBlock:
     """A receive buffer that message bodies are exported from.
 
@@ -337,7 +315,7 @@ cdef class _RecvBlock:
     def __getbuffer__(self, Py_buffer *view, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("message bodies are read-only")
-        fill_buffer_info(view, self.data + self.export_start, self.export_len, flags)
+        fill_readonly_buffer(view, self.data + self.export_start, self.export_len, flags)
         view.obj = self
         self.exports += 1
 
