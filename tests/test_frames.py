@@ -186,3 +186,18 @@ def test_encoder_rejects_bad_input(astronaut_rgb):
         frames.encode_frame(astronaut_rgb, "YUYV")
     assert frames.crop_even(astronaut_rgb[:-1, :-1]).shape[:2] == (
         astronaut_rgb.shape[0] - 2, astronaut_rgb.shape[1] - 2)
+
+
+@pytest.mark.parametrize("fmt", ["NV12", "I420", "BGR24", "RGB24"])
+def test_writer_sizes_agree_with_the_server_kernel(fmt):
+    """The producer-side size rules (pure Python) and the kernel's own bounds (C) are two
+    spellings of CONTRACT 5.3; they must never drift apart."""
+    from vasipc._fast.letterbox import FORMAT_CODES, frame_nbytes, min_stride
+
+    code = FORMAT_CODES[fmt]
+    for width, height in [(2, 2), (640, 480), (1920, 1080), (3840, 2160), (1002, 6)]:
+        packed = frames.packed_stride(width, fmt)
+        assert packed == min_stride(code, width)
+        for stride in (packed, packed + 2, packed + 64):
+            assert frames.frame_size(width, height, fmt, stride) == frame_nbytes(
+                code, width, height, stride)

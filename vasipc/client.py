@@ -26,8 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-import orjson
-
+from vasipc import wirejson
 from vasipc.errors import error_for
 
 _LENGTH = struct.Struct(">I")
@@ -107,7 +106,7 @@ class _PeerGone(ConnectionError):
 
 
 def _encode(message: dict[str, Any]) -> bytes:
-    body = orjson.dumps(message)
+    body = wirejson.dumps(message)
     if len(body) > 0xFFFFFFFF:
         raise ValueError(f"message of {len(body)} bytes does not fit the 32-bit length prefix")
     return _LENGTH.pack(len(body)) + body
@@ -171,8 +170,8 @@ class _Connection:
                                   f"response length {length}")
         body = self._read_exact(length, deadline, first=False)
         try:
-            resp = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
+            resp = wirejson.loads(body)
+        except wirejson.JSONDecodeError as exc:
             raise ConnectionError(f"vasipc: protocol error from {self.path}: {exc}") from None
         if not isinstance(resp, dict):
             raise ConnectionError(f"vasipc: protocol error from {self.path}: "

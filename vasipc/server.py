@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
-import re
 import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
-import orjson
-
-from vasipc import __version__
+from vasipc import __version__, wirejson
 from vasipc._fast.framing import (
     ConnectionClosed,
     FramingError,
@@ -48,28 +44,12 @@ log = logging.getLogger("vasipc")
 _now = time.perf_counter
 
 MAX_JSON_DEPTH = 64
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")  # may be an integer beyond 64 bits
 # accept() failures that pass (a connection reset while queued, fds or memory short for a
 # moment): wait a little and accept again instead of giving up on the listener
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EINTR, errno.EMFILE, errno.ENFILE,
                      errno.ENOBUFS, errno.ENOMEM, errno.EPROTO, errno.EPERM}
 PIPELINE_DEPTH = 64      # requests one connection may have queued before we stop reading ahead
 WRITE_TIMEOUT_S = 30.0   # a client that never reads its responses is dropped after this
-
-
-def _loads(body: memoryview) -> object:
-    msg = orjson.loads(body)
-    if _LONG_DIGITS.search(body):  # orjson reads integers beyond 64 bits as floats: keep them
-        with contextlib.suppress(ValueError):  # exact (> 4300 digits: keep orjson's float)
-            msg = json.loads(bytes(body))
-    return msg
-
-
-def _dumps(resp: dict) -> bytes:
-    try:
-        return orjson.dumps(resp)
-    except TypeError:  # an echoed integer beyond 64 bits (request_id)
-        return json.dumps(resp, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +229,7 @@ class Server:
         if md is not None:
             md["total_ms"] = (_now() - p.arrival) * 1e3
         try:
-            send_message(fd, _dumps(resp), WRITE_TIMEOUT_S)
+            send_message(fd, wirejson.dumps(resp), WRITE_TIMEOUT_S)
             return True
         except (FramingError, OSError, TimeoutError):
             return False
@@ -277,8 +257,8 @@ class Server:
             return self._immediate(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"),
                                    None, arrival)
         try:
-            msg = _loads(body)
-        except orjson.JSONDecodeError as exc:
+            msg = wirejson.loads(body)
+        except wirejson.JSONDecodeError as exc:
             return self._immediate(InvalidMessage(f"body is not valid UTF-8 JSON: {exc}"), None,
                                    arrival)
         if type(msg) is not dict:
