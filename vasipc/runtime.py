@@ -8,6 +8,7 @@ from package names.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,12 @@ def import_onnxruntime() -> Any:
         raise RuntimeUnavailable(
             "onnxruntime is not installed: pip install 'vasipc[cpu]' (onnxruntime) or "
             "'vasipc[gpu]' (onnxruntime-gpu), not both") from None
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is not None and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        # onnxruntime-gpu >= 1.21: load CUDA / cuDNN from the nvidia-* wheels when they are
+        # installed, so the CUDA provider works without LD_LIBRARY_PATH set by hand.
+        with contextlib.suppress(Exception):  # system libraries may still be found as usual
+            preload()
     return onnxruntime
 
 
