@@ -6,6 +6,7 @@
     python build.py --debug              # VASIPC_DEBUG checks, -g
     python build.py --only letterbox     # one module (repeatable)
     python build.py wheel                # a wheel in dist/
+    python build.py deps cpu test bench  # pip-install the dependencies (and these extras), not vasipc
 
 The in-place build drives CMake directly (the same CMakeLists.txt that scikit-build-core
 uses for `pip install .`), so a source checkout imports without installing.
@@ -63,15 +64,28 @@ def wheel(args: argparse.Namespace) -> None:
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", "dist", ROOT])
 
 
+def deps(args: argparse.Namespace) -> None:
+    """Install what the in-place checkout needs to run, without installing vasipc itself."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    reqs = list(project["dependencies"])
+    for extra in args.extras:
+        reqs += project["optional-dependencies"][extra]
+    _run([sys.executable, "-m", "pip", "install", *reqs])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["inplace", "wheel"], default="inplace")
+    p.add_argument("what", nargs="?", choices=["inplace", "wheel", "deps"], default="inplace")
+    p.add_argument("extras", nargs="*", help="with deps: the extras to install too")
     p.add_argument("--sanitize", metavar="KIND", help="address, undefined, ... (-fsanitize=KIND)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--only", action="append", metavar="MODULE")
     p.add_argument("--build-dir")
     args = p.parse_args()
-    {"inplace": inplace, "wheel": wheel}[args.what](args)
+    {"inplace": inplace, "wheel": wheel, "deps": deps}[args.what](args)
 
 
 if __name__ == "__main__":
