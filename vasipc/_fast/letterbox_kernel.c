@@ -15,6 +15,7 @@
 
 #include <math.h>
 
+#include "vas_debug.h"
 #include "vector_clones.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -104,6 +105,7 @@ void lb_plan(lb_job *job, void *scratch)
             job->col_w1[dx] = 0;
             continue;
         }
+        VAS_DEBUG_ASSERT(sx >= 0 && sx + 1 <= last_x);
         job->col_x0[dx] = sx;
         job->col_x1[dx] = sx + 1;
         weight_pair(fx, &job->col_w0[dx], &job->col_w1[dx]);
@@ -121,6 +123,8 @@ void lb_plan(lb_job *job, void *scratch)
         job->row_y0[dy] = sy < 0 ? 0 : (sy > last_y ? last_y : sy);
         job->row_y1[dy] = sy + 1 < 0 ? 0 : (sy + 1 > last_y ? last_y : sy + 1);
         weight_pair(fy, &job->row_w0[dy], &job->row_w1[dy]);
+        VAS_DEBUG_ASSERT(job->row_y0[dy] >= 0 && job->row_y1[dy] <= last_y);
+        VAS_DEBUG_ASSERT(job->row_w0[dy] + job->row_w1[dy] == WEIGHT_ONE);
     }
 }
 

@@ -9,6 +9,7 @@
 
 #include <string.h>
 
+#include "vas_debug.h"
 #include "vector_clones.h"
 
 /* Element [row, anchor] of the prediction (any strides). */
@@ -193,6 +194,7 @@ int yd_decode(const yd_prediction *pred, const yd_params *params, void *scratch,
         }
         if (suppressed)
             continue;
+        VAS_DEBUG_ASSERT(kept < capacity && cls >= 0 && cls < pred->num_classes);
         float *kb = kept_box + 4 * kept;
         kb[0] = x1;
         kb[1] = y1;
