@@ -99,6 +99,24 @@ def machine() -> str:
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}, Python {sys.version.split()[0]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def parse_cpus(text: str | None) -> set[int] | None:
+    """'0,1' or '2-15' -> a CPU set (None stays None): for pinning servers and clients."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 # --- wire --------------------------------------------------------------------------------------
 
 def encode(msg: dict) -> bytes:
@@ -132,8 +150,12 @@ class Conn:
 # --- servers ---------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def server(cmd: Sequence[str], sock: str, timeout: float = 120.0) -> Iterator[subprocess.Popen]:
-    """Run a server subprocess until it answers `health` on `sock`; SIGTERM it on exit."""
+def server(cmd: Sequence[str], sock: str, timeout: float = 120.0,
+           cpus: set[int] | None = None) -> Iterator[subprocess.Popen]:
+    """Run a server subprocess (pinned to `cpus` if given) until it answers `health` on
+    `sock`; SIGTERM it on exit."""
+    if cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -181,6 +203,7 @@ class Load:
     elapsed_s: float
     latencies_s: np.ndarray
     metadata: list[dict] = field(default_factory=list)  # server timings from infer responses
+    cpu_per_request_s: float = float("nan")  # CPU time of the server (or this process)
 
     @property
     def rps(self) -> float:
@@ -192,7 +215,9 @@ class Load:
 
 
 def _client(path: str, payloads: list[bytes], requests: int | None, duration: float | None,
-            warmup: int, barrier, results) -> None:
+            warmup: int, cpus: set[int] | None, barrier, results) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     conn = Conn(path)
     for i in range(warmup):
         conn.call(payloads[i % len(payloads)])
@@ -216,14 +241,19 @@ def _client(path: str, payloads: list[bytes], requests: int | None, duration: fl
 
 
 def drive(path: str, payloads: list[bytes], connections: int, *, requests: int | None = None,
-          duration: float | None = None, warmup: int = 100) -> Load:
-    """Closed loop: `connections` client processes, one persistent connection each, each
-    sending `payloads` in turn until it has sent `requests` or `duration` s have passed.
-    Processes (spawned, so no state leaks in) keep the client's GIL out of the figure."""
+          duration: float | None = None, warmup: int = 100, cpus: set[int] | None = None,
+          server_pid: int | None = None) -> Load:
+    """Closed loop: `connections` client processes (pinned to `cpus` if given), one
+    persistent connection each, each sending `payloads` in turn until it has sent
+    `requests` or `duration` s have passed. Processes (spawned, so no state leaks in) keep
+    the client's GIL out of the figure. With `server_pid`, also the server's CPU time per
+    request (warm-up requests counted in)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(connections, timeout=120), ctx.Queue()
     procs = [ctx.Process(target=_client, args=(path, payloads, requests, duration, warmup,
-                                               barrier, results)) for _ in range(connections)]
+                                               cpus, barrier, results))
+             for _ in range(connections)]
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     for p in procs:
         p.start()
     got: list = []
@@ -242,4 +272,8 @@ def drive(path: str, payloads: list[bytes], connections: int, *, requests: int |
                 p.kill()
     latencies = np.concatenate([g[2] for g in got])
     elapsed = max(g[1] for g in got) - min(g[0] for g in got)
-    return Load(len(latencies), elapsed, latencies, [m for g in got for m in g[3]])
+    load = Load(len(latencies), elapsed, latencies, [m for g in got for m in g[3]])
+    if server_pid:
+        served = load.requests + warmup * connections
+        load.cpu_per_request_s = (cpu_seconds(server_pid) - cpu0) / served
+    return load

@@ -50,13 +50,15 @@ def timed_loop(fn: Callable[[object], object], items: list, duration: float) -> 
     """Call fn on items in turn for `duration` seconds; per-call latencies."""
     fn(items[0])  # warm
     lat = []
-    t_start = time.perf_counter()
+    cpu0, t_start = time.process_time(), time.perf_counter()
     i = 0
     while (t := time.perf_counter()) < t_start + duration:
         fn(items[i % len(items)])
         lat.append(time.perf_counter() - t)
         i += 1
-    return Load(len(lat), time.perf_counter() - t_start, np.array(lat))
+    load = Load(len(lat), time.perf_counter() - t_start, np.array(lat))
+    load.cpu_per_request_s = (time.process_time() - cpu0) / len(lat)
+    return load
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
         payloads = [encode({"frame_reference": p, "frame_metadata": {}, "camera_id": "camera_1",
                             "model_id": "bench", "timestamp": time.time()}) for p in paths]
         frames = [np.fromfile(os.path.join(p, "frame.data"), np.uint8) for p in paths]
-        run(args, payloads, frames)
+        run(args, payloads, frames, os.path.join(shm, "e2e.sock"))
     finally:
         shutil.rmtree(shm, ignore_errors=True)
 
@@ -93,7 +95,8 @@ def what_if_session(ort, threads: int = 0, spinning: bool = True):
                                 providers=["CPUExecutionProvider"])
 
 
-def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray]) -> None:
+def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray],
+        sock: str) -> None:
     ort = import_onnxruntime()
     session = create_session(str(BENCH_MODEL), Device("cpu"), ort)  # exactly the server's
     in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
@@ -112,13 +115,13 @@ def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray
         return lambda: timed_loop(lambda x: sess.run([out_name], {in_name: x}), tensors, d)
 
     tensors = [preprocess(f, np.empty_like(slot)) for f in frames]
-    sock = os.path.join(tempfile.mkdtemp(prefix="vasipc-bench-"), "e2e.sock")
     d, conc = args.duration, args.concurrency
     configs: dict[str, Callable[[], Load]] = {
         "session.run": runs_on(session),
         "in-process pipeline": lambda: timed_loop(pipeline, frames, d),
-        "server c1": lambda: drive(sock, payloads, 1, duration=d, warmup=3),
-        f"server c{conc}": lambda: drive(sock, payloads, conc, duration=d, warmup=3),
+        "server c1": lambda: drive(sock, payloads, 1, duration=d, warmup=3, server_pid=pid),
+        f"server c{conc}": lambda: drive(sock, payloads, conc, duration=d, warmup=3,
+                                         server_pid=pid),
     }
     if args.what_if:
         configs["what-if: session.run 1 thread"] = runs_on(what_if_session(ort, threads=1))
@@ -127,26 +130,30 @@ def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray
     print(f"# e2e: {machine()}\n# model {BENCH_MODEL.name}, {WIDTH}x{HEIGHT} NV12 -> "
           f"{SIZE}x{SIZE}, ORT {ort.__version__} {session.get_providers()[0]}, "
           "default thread settings", flush=True)
-    with server(vasipc_cmd(BENCH_MODEL, sock), sock):
+    with server(vasipc_cmd(BENCH_MODEL, sock), sock) as proc:
+        pid = proc.pid
         for rnd in range(args.repeats):
             for name, measure in configs.items():
                 load = measure()
                 results[name].append(load)
                 print(f"round {rnd + 1} {name:34s} {load.rps:6.2f} req/s  p50 {load.p(50):7.1f} "
-                      f"ms  p99 {load.p(99):7.1f} ms  ({load.requests} req)", flush=True)
+                      f"ms  p99 {load.p(99):7.1f} ms  CPU {load.cpu_per_request_s * 1e3:6.1f} "
+                      f"ms/req  ({load.requests} req)", flush=True)
     report(results)
 
 
 def report(results: dict[str, list[Load]]) -> None:
     base = results["session.run"]
-    print("\n| configuration | req/s | p50 ms | p99 ms | req/s vs session.run "
-          "| p50 vs session.run |\n|---|---|---|---|---|---|")
+    print("\n| configuration | req/s | p50 ms | p99 ms | CPU ms/req | req/s vs session.run "
+          "| p50 vs session.run |\n|---|---|---|---|---|---|---|")
     for name, loads in results.items():
         rps_ratio = [a.rps / b.rps for a, b in zip(loads, base, strict=True)]
         p50_ratio = [a.p(50) / b.p(50) for a, b in zip(loads, base, strict=True)]
         print(f"| {name} | {spread([x.rps for x in loads], '.2f')} "
               f"| {spread([x.p(50) for x in loads], '.0f')} "
-              f"| {spread([x.p(99) for x in loads], '.0f')} | {spread(rps_ratio, '.2f')} "
+              f"| {spread([x.p(99) for x in loads], '.0f')} "
+              f"| {spread([x.cpu_per_request_s * 1e3 for x in loads], '.0f')} "
+              f"| {spread(rps_ratio, '.2f')} "
               f"| {spread(p50_ratio, '.2f')} |")
 
     print("\nServer-side timings (response metadata), median over all rounds, ms; "
@@ -159,7 +166,9 @@ def report(results: dict[str, list[Load]]) -> None:
         client = float(np.median(np.concatenate([x.latencies_s for x in results[name]]))) * 1e3
         print(f"| {name} | " + " | ".join(f"{med[s]:.2f}" for s in STAGES)
               + f" | {client - med['total_ms']:.2f} |")
-    print("\nmedian (min-max, ±half-range) of the rounds; ratios per round.")
+    print("\nmedian (min-max, ±half-range) of the rounds; ratios per round. CPU ms/req: "
+          "user + system time of the process that runs the model (the server, or this one "
+          "in-process; ORT's threads included) per request.")
 
 
 if __name__ == "__main__":

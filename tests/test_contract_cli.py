@@ -184,6 +184,7 @@ BAD_OPTIONS = {
     "conf-text": ["--conf", "high"],
     "iou-1.5": ["--iou", "1.5"],
     "max-batch-0": ["--max-batch", "0"],
+    "threads-0": ["--threads", "0"],
     "max-batch-float": ["--max-batch", "2.5"],
     "max-detections-negative": ["--max-detections", "-1"],
     "device-tpu": ["--device", "tpu"],
@@ -451,3 +452,15 @@ def test_labels_rename_classes(server_factory, tmp_path, astronaut_frame, monkey
     assert dets
     for d in dets:
         assert d["class_name"] == names[d["class_id"]], d
+
+
+def _thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_threads_sets_the_onnx_runtime_pool(server_factory):
+    """--threads N gives ONNX Runtime N intra-op threads (N-1 pool threads beside the
+    caller); its own default would count the machine's cores, not the usable ones."""
+    one = server_factory("--threads", "1")
+    four = server_factory("--threads", "4")
+    assert _thread_count(four.pid) - _thread_count(one.pid) == 3

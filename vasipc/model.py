@@ -33,6 +33,7 @@ class ModelSpec:
     confidence_threshold: float = 0.25
     nms_iou_threshold: float = 0.45
     max_detections: int = 300
+    intra_op_threads: int = 0  # 0: one per usable CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
         raise ModelError(f"model file {spec.path} does not exist")
     ort = import_onnxruntime()
     try:
-        session = create_session(spec.path, device, ort)
+        session = create_session(spec.path, device, ort, spec.intra_op_threads)
     except Exception as exc:
         if type(exc).__name__ == "RuntimeUnavailable":
             raise

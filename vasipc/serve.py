@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--drain-timeout", type=_ranged(float, 0), help="seconds (default 10)")
     opt("--max-frame-dim", type=_ranged(int, 1), help="default 8192")
     opt("--max-batch", type=_ranged(int, 1), help="default 1 on CPU, 16 on CUDA")
+    opt("--threads", type=_ranged(int, 1),
+        help="ONNX Runtime intra-op threads (default: the CPUs this process may use)")
     opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
     opt("--max-queue", type=_ranged(int, 1), help="default 1024")
     opt("--max-connections", type=_ranged(int, 1), help="default 1024")
@@ -169,6 +171,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             confidence_threshold=_pick(args.conf, source.confidence_threshold, 0.25),
             nms_iou_threshold=_pick(args.iou, source.nms_iou_threshold, 0.45),
             max_detections=_pick(args.max_detections, 300),
+            intra_op_threads=_pick(args.threads, 0),
         )
         model = load_model(spec, device, args.max_batch)
     except (CliError, ModelSourceError, ModelError, RuntimeUnavailable, StartupError) as exc:
