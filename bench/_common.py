@@ -277,3 +277,35 @@ def drive(path: str, payloads: list[bytes], connections: int, *, requests: int |
         served = load.requests + warmup * connections
         load.cpu_per_request_s = (cpu_seconds(server_pid) - cpu0) / served
     return load
+
+
+# --- C tools (bench/c): the floor of a framed round trip --------------------------------------
+
+C_DIR = BENCH / "c"
+OUT = BENCH / "out"
+
+
+def c_binary(name: str) -> Path:
+    """bench/c/NAME.c built with the system compiler (`cc -O2 -pthread`) into
+    bench/out/NAME, rebuilt when the source is newer."""
+    src, exe = C_DIR / f"{name}.c", OUT / name
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        OUT.mkdir(exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def rt_client(path: str, connections: int, requests: int, *, warmup: int = 100,
+              duration: float = 0.0, cpus: set[int] | None = None) -> dict[str, float]:
+    """Run bench/c/rt_client (pinned to `cpus` if given): `connections` connections x
+    `requests` `health` round trips (or `duration` s each); its figures as a dict
+    (requests, elapsed_s, rps, p50_us, p90_us, p99_us, max_us)."""
+    cmd = [str(c_binary("rt_client")), path, str(connections), str(requests), str(warmup),
+           str(duration)]
+    if cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise RuntimeError(f"{cmd} exited {out.returncode}: {out.stderr.strip()}")
+    return {k: float(v) for k, v in (kv.split("=") for kv in out.stdout.split())}
