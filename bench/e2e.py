@@ -1,6 +1,6 @@
 """End to end on the benchmark model: infer through the socket vs in-process session.run.
 
-    python bench/e2e.py [--duration 10] [--repeats 3] [--frames 8]
+    python bench/e2e.py [--duration 10] [--repeats 3] [--frames 8] [--baseline DIR]
 
 1080p NV12 frame-export directories (the astronaut photo, shifted per frame) in /dev/shm.
 Per round, each for `--duration` seconds, closed loop:
@@ -8,6 +8,9 @@ Per round, each for `--duration` seconds, closed loop:
 - `in-process pipeline`: letterbox_into + session.run + decode_yolo, no socket;
 - `server c1` / `server cN`: `python -m vasipc.serve` on the same model, infer requests
   from 1 and `--concurrency` client processes (persistent connections);
+- `baseline c1` / `baseline cN` (with `--baseline DIR`): the same, served by the vasipc
+  package in DIR (e.g. `git archive HEAD` plus its built `_fast` modules), so a change
+  is compared with its base in the same run;
 - `what-if`: session.run with one ORT setting changed (1 intra-op thread; no spinning),
   to show what the server's session options cost on this machine (`--no-what-if` skips).
 The in-process session is made as the server makes its own (vasipc.runtime.create_session:
@@ -18,6 +21,7 @@ with like; they never run at the same time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -67,6 +71,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also serve with the vasipc package found in DIR (before/after)")
+    ap.add_argument("--no-pipeline", action="store_true", help="skip the in-process pipeline row")
     ap.add_argument("--what-if", action=argparse.BooleanOptionalAction, default=True,
                     help="also time session.run with 1 intra-op thread / without spinning")
     args = ap.parse_args()
@@ -123,6 +130,13 @@ def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray
         f"server c{conc}": lambda: drive(sock, payloads, conc, duration=d, warmup=3,
                                          server_pid=pid),
     }
+    if args.no_pipeline:
+        del configs["in-process pipeline"]
+    if args.baseline:
+        configs["baseline c1"] = lambda: drive(bsock, payloads, 1, duration=d, warmup=3,
+                                               server_pid=bpid)
+        configs[f"baseline c{conc}"] = lambda: drive(bsock, payloads, conc, duration=d, warmup=3,
+                                                     server_pid=bpid)
     if args.what_if:
         configs["what-if: session.run 1 thread"] = runs_on(what_if_session(ort, threads=1))
         configs["what-if: session.run no spinning"] = runs_on(what_if_session(ort, spinning=False))
@@ -130,8 +144,15 @@ def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray
     print(f"# e2e: {machine()}\n# model {BENCH_MODEL.name}, {WIDTH}x{HEIGHT} NV12 -> "
           f"{SIZE}x{SIZE}, ORT {ort.__version__} {session.get_providers()[0]}, "
           "default thread settings", flush=True)
-    with server(vasipc_cmd(BENCH_MODEL, sock), sock) as proc:
+    bsock = sock + ".base"
+    base_cmd = vasipc_cmd(BENCH_MODEL, bsock)
+    if args.baseline:  # the baseline's package first on sys.path
+        base_cmd[1:3] = ["-c", f"import sys; sys.path.insert(0, {os.path.abspath(args.baseline)!r}); "
+                               "from vasipc.serve import main; main()"]
+    with server(vasipc_cmd(BENCH_MODEL, sock), sock) as proc, \
+            (server(base_cmd, bsock) if args.baseline else contextlib.nullcontext()) as bproc:
         pid = proc.pid
+        bpid = bproc.pid if bproc is not None else None
         for rnd in range(args.repeats):
             for name, measure in configs.items():
                 load = measure()
@@ -160,7 +181,7 @@ def report(results: dict[str, list[Load]]) -> None:
           "`wire` = client p50 latency - server total_ms p50:\n")
     print("| configuration | " + " | ".join(STAGES) + " | wire |")
     print("|---" * (len(STAGES) + 2) + "|")
-    for name in (n for n in results if n.startswith("server")):
+    for name in (n for n in results if n.startswith(("server", "baseline"))):
         meta = [m for load in results[name] for m in load.metadata]
         med = {s: float(np.median([m[s] for m in meta])) for s in STAGES}
         client = float(np.median(np.concatenate([x.latencies_s for x in results[name]]))) * 1e3

@@ -1,10 +1,31 @@
-"""The request queue and the inference worker.
+"""The request queue and the two-stage inference pipeline.
 
-Connections submit `Pending` requests; one worker takes up to `max_batch` of them at a
-time (never mixing models: it captures the current `LoadedModel` once per batch), checks
-deadlines as they leave the queue, opens and preprocesses each frame straight into its
-slot of the input tensor, runs the batch once, decodes each result and completes each
-request. On CPU max_batch is 1; the GPU path extends this same class.
+Connections submit `Pending` requests to the queue. Two threads serve it:
+
+- the *prep* thread takes requests off the queue (never mixing models: a batch captures
+  the current `LoadedModel` once, when it starts), checks each deadline as the request
+  leaves the queue, opens and letterboxes its frame straight into its slot of the
+  batch's input buffer, and hands the batch over;
+- the *infer* thread runs each handed-over batch once, decodes each result and
+  completes each request.
+
+So while batch k runs in ONNX Runtime, batch k+1 is opened and letterboxed into the
+other of two input buffers (double buffering; `letterbox_into` and ORT release the
+GIL). The hand-off holds at most one prepared batch: the prep thread takes requests off
+the queue only while fewer than two buffers are out (one running, one prepared), so
+requests wait in the real queue, where `--max-queue` counts them and their deadline is
+checked, and never pile up behind the pipeline. With max_batch > 1 the next batch keeps
+filling while the current one runs and goes as soon as the infer thread is free.
+
+Semantics (CONTRACT 3.1, 4):
+- `--max-queue` counts requests waiting in the queue; at most two batches more are
+  between the queue and their response (one prepared, one running).
+- `deadline_ms` is checked when a request leaves the queue, before its frame is opened;
+  a prepared request may then wait up to one batch's inference for its turn.
+- `queue_ms` is all the time a request waited before its batch's inference started,
+  except its own preprocessing: (inference start - arrival) - preprocess_ms. For a
+  request answered before inference (deadline, frame errors) it is the time until it
+  left the queue.
 """
 
 from __future__ import annotations
@@ -19,7 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from vasipc._fast.letterbox import FrameBusError, letterbox_geometry, letterbox_into
+from vasipc._fast.letterbox import (
+    NV12,
+    FrameBusError,
+    letterbox_geometry,
+    letterbox_into,
+)
 from vasipc._fast.yolo import decode_yolo
 from vasipc.errors import DeadlineExceeded, FrameChanged, InternalError, Overloaded, VasipcError
 from vasipc.frame_source import FrameOpener
@@ -33,6 +59,23 @@ _now = time.perf_counter
 # being ready and exits 1 so its supervisor restarts it.
 _STICKY_MARKERS = ("CUDA failure", "cudaError", "CUDNN_STATUS", "CUBLAS_STATUS",
                    "illegal memory access", "device-side assert")
+
+BUFFERS = 2  # input buffers per model: one batch running, the next one being prepared
+
+
+def _kernel_takes_threads() -> bool:
+    """Whether this build of letterbox_into has the `threads=` keyword (checked once)."""
+    out = np.empty((3, 2, 2), np.float32)
+    try:
+        letterbox_into(bytes(6), NV12, 2, 2, 2, out, 2, 2, 0, 0, threads=1)
+    except TypeError:
+        return False
+    except Exception:  # it took the keyword and refused something else
+        return True
+    return True
+
+
+KERNEL_THREADS = _kernel_takes_threads()
 
 
 class Pending:
@@ -67,27 +110,53 @@ class Pending:
         return False
 
 
+class _Batch:
+    """Requests taken off the queue together, preprocessed into one input buffer."""
+
+    __slots__ = ("current", "eager", "items", "model", "x")
+
+    def __init__(self, model: LoadedModel, x: np.ndarray) -> None:
+        self.model = model  # captured once: the whole batch runs on it
+        self.x: np.ndarray | None = x  # None once given back
+        # (request, geometry, frame_id, preprocess_ms) of each prepared slot, in order
+        self.items: list[tuple[Pending, tuple, int | None, float]] = []
+        self.current: Pending | None = None  # taken off the queue, not yet in items
+        self.eager = False  # its first request found the infer thread idle
+
+
 class Batcher:
     def __init__(self, model: LoadedModel, opener: FrameOpener, *, max_queue: int,
                  batch_timeout_s: float,
                  respond: Callable[[Pending, dict | VasipcError, dict, LoadedModel], None],
-                 on_fatal: Callable[[str], None]) -> None:
+                 on_fatal: Callable[[str], None], preprocess_threads: int = 1) -> None:
         self.model = model  # replaced whole on reload; each batch reads it once
         self.opener = opener
         self.max_queue = max_queue
         self.batch_timeout_s = batch_timeout_s
+        self._letterbox_kw = {"threads": preprocess_threads} if KERNEL_THREADS else {}
         self._respond = respond
         self._on_fatal = on_fatal
-        self._queue: deque[Pending] = deque()
+        # One lock guards the queue, the hand-off and the buffers; both threads and the
+        # connections wait on it, so every state change notifies all.
         self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[Pending] = deque()
         self._stopped = False
-        self._inputs: dict[int, np.ndarray] = {}  # per input shape, reused across batches
-        self._thread = threading.Thread(target=self._run, name="vasipc-infer", daemon=True)
+        self._ready: _Batch | None = None  # the hand-off: at most one prepared batch
+        self._infer_idle = False  # the infer thread waits for a batch
+        self._prep_done = False
+        self._out = 0  # buffers handed over and not yet given back (prepared + running)
+        self._pool_model: LoadedModel | None = None
+        self._free: list[np.ndarray] = []  # spare input buffers of _pool_model
+        self._threads = [threading.Thread(target=self._prep_loop, name="vasipc-prep", daemon=True),
+                         threading.Thread(target=self._infer_loop, name="vasipc-infer",
+                                          daemon=True)]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
+        """Finish what is queued, then end both threads."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
@@ -100,79 +169,148 @@ class Batcher:
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"queue full ({self.max_queue} requests waiting); retry later")
             self._queue.append(p)
-            self._cond.notify()
+            self._cond.notify_all()
 
-    def _take(self, max_batch: int) -> list[Pending]:
+    # ---- prep thread -----------------------------------------------------------------
+    def _prep_loop(self) -> None:
+        try:
+            while self._prepare_batch():
+                pass
+        finally:
+            with self._cond:
+                self._prep_done = True
+                self._cond.notify_all()
+
+    def _prepare_batch(self) -> bool:
+        """Fill one batch and hand it over; False once stopped with the queue empty."""
         with self._cond:
-            while not self._queue:
-                if self._stopped:
-                    return []
+            while self._out >= BUFFERS or not (self._queue or self._stopped):
                 self._cond.wait()
-            batch = [self._queue.popleft()]
-            # A request that waited for the busy device may wait a little longer for
-            # company; one that found the device idle is taken at once.
-            waited = _now() - batch[0].arrival
-            deadline = batch[0].arrival + self.batch_timeout_s
-            while len(batch) < max_batch:
-                if not self._queue:
-                    remaining = deadline - _now()
-                    if remaining <= 0 or waited < 1e-4 or self._stopped:
-                        break
-                    self._cond.wait(remaining)
-                    continue
-                batch.append(self._queue.popleft())
-            return batch
-
-    def _run(self) -> None:
-        while True:
+            if not self._queue:
+                return False
             model = self.model
-            batch = self._take(model.max_batch)
-            if not batch:
-                return
+            if model is not self._pool_model:  # a new model: drop the old one's spares
+                self._pool_model, self._free = model, []
+            batch = _Batch(model, self._free.pop() if self._free else model.new_input(model.max_batch))
+        try:
+            while True:
+                with self._cond:
+                    p = self._next_request(batch)
+                    if p is None:
+                        if not batch.items:
+                            self._give_back(batch)
+                            return not self._stopped or bool(self._queue)
+                        while self._ready is not None:
+                            self._cond.wait()
+                        self._ready = batch
+                        self._out += 1
+                        self._cond.notify_all()
+                        return True
+                    batch.current = p
+                self._admit(batch, p)
+                batch.current = None
+        except Exception as exc:  # never lose a request: anything taken gets `internal`
+            log.exception("preprocessing worker error")
+            held = [it[0] for it in batch.items] + ([batch.current] if batch.current else [])
+            for q in held:
+                if not q.done():
+                    self._respond(q, InternalError(f"internal error: {exc}"), {}, model)
+            with self._cond:
+                self._give_back(batch)
+            return True
+
+    def _next_request(self, batch: _Batch) -> Pending | None:
+        """Under the lock: the next request for `batch`, or None when the batch should go
+        to the infer thread now (or, empty, be dropped)."""
+        while True:
+            n = len(batch.items)
+            if n >= batch.model.max_batch:
+                return None
+            if self._queue:
+                if n == 0:
+                    batch.eager = self._infer_idle and self._ready is None
+                return self._queue.popleft()
+            if n == 0:
+                if self._stopped:
+                    return None
+                self._cond.wait()
+                continue
+            if self._infer_idle and self._ready is None:
+                # The infer thread is free: go now, unless the batch timeout lets a request
+                # that waited for the busy device wait a little longer for company.
+                remaining = batch.items[0][0].arrival + self.batch_timeout_s - _now()
+                if batch.eager or remaining <= 0 or self._stopped:
+                    return None
+                self._cond.wait(remaining)
+            else:
+                self._cond.wait()  # the infer thread is busy: keep filling the batch
+
+    def _admit(self, batch: _Batch, p: Pending) -> None:
+        """Check the deadline, then open and letterbox the frame into the next slot; a
+        request that fails here is answered at once."""
+        t0 = _now()
+        req, model = p.request, batch.model
+        queue_ms = (t0 - p.arrival) * 1e3
+        stage = {"queue_ms": queue_ms}
+        if req.deadline_ms is not None and queue_ms > req.deadline_ms:
+            self._respond(p, DeadlineExceeded(
+                f"waited {queue_ms:.1f} ms in the queue, deadline_ms {req.deadline_ms:g}"), stage, model)
+            return
+        try:
+            geom, frame_id = self._preprocess(model, req, batch.x[len(batch.items)])
+        except VasipcError as err:
+            self._respond(p, err, stage, model)
+            return
+        except Exception as exc:
+            log.exception("preprocessing failed")
+            self._respond(p, InternalError(f"preprocessing failed: {exc}"), stage, model)
+            return
+        batch.items.append((p, geom, frame_id, (_now() - t0) * 1e3))
+
+    def _give_back(self, batch: _Batch) -> None:
+        """Under the lock: return the batch's buffer (once) and wake the prep thread."""
+        if batch.x is None:
+            return
+        if batch.model is self._pool_model:
+            self._free.append(batch.x)
+        batch.x = None
+        self._cond.notify_all()
+
+    # ---- infer thread ----------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._infer_idle = True
+                self._cond.notify_all()
+                while self._ready is None:
+                    if self._prep_done:
+                        return
+                    self._cond.wait()
+                batch, self._ready = self._ready, None
+                self._infer_idle = False
+                self._cond.notify_all()  # the hand-off is free again
             try:
-                self._process(model, batch)
+                self._run_batch(batch)
             except Exception as exc:  # never lose a request: anything left gets `internal`
                 log.exception("inference worker error")
-                for p in batch:
+                for p, *_ in batch.items:
                     if not p.done():
-                        self._respond(p, InternalError(f"internal error: {exc}"), {}, model)
+                        self._respond(p, InternalError(f"internal error: {exc}"), {}, batch.model)
+            finally:
+                self._release(batch)
 
-    def _input_for(self, model: LoadedModel, n: int) -> np.ndarray:
-        key = id(model)
-        x = self._inputs.get(key)
-        if x is None or x.shape[0] < n:
-            self._inputs = {key: model.new_input(model.max_batch)}  # drop a replaced model's
-            x = self._inputs[key]
-        return x[:n]
+    def _release(self, batch: _Batch) -> None:
+        """The infer thread is done with the batch's buffer: it goes back (once)."""
+        with self._cond:
+            if batch.x is not None:
+                self._out -= 1
+                self._give_back(batch)
 
-    def _process(self, model: LoadedModel, batch: list[Pending]) -> None:
-        t_start = _now()
-        x = self._input_for(model, len(batch))
-        live: list[tuple[Pending, tuple, int | None, float]] = []
-        for p in batch:
-            req = p.request
-            queue_ms = (t_start - p.arrival) * 1e3
-            stage = {"queue_ms": queue_ms}
-            if req.deadline_ms is not None and queue_ms > req.deadline_ms:
-                self._respond(p, DeadlineExceeded(
-                    f"waited {queue_ms:.1f} ms in the queue, deadline_ms {req.deadline_ms:g}"), stage, model)
-                continue
-            t0 = _now()
-            try:
-                geom, frame_id = self._preprocess(model, req, x[len(live)])
-            except VasipcError as err:
-                self._respond(p, err, stage, model)
-                continue
-            except Exception as exc:
-                log.exception("preprocessing failed")
-                self._respond(p, InternalError(f"preprocessing failed: {exc}"), stage, model)
-                continue
-            live.append((p, geom, frame_id, (_now() - t0) * 1e3))
-        if not live:
-            return
-        t0 = _now()
+    def _run_batch(self, batch: _Batch) -> None:
+        model, live = batch.model, batch.items
+        t_run = _now()
         try:
-            out = model.run(x[:len(live)])
+            out = model.run(batch.x[:len(live)])
         except Exception as exc:
             text = str(exc)
             for p, _, frame_id, _ in live:
@@ -181,12 +319,13 @@ class Batcher:
             if any(m in text for m in _STICKY_MARKERS):
                 self._on_fatal(text)
             return
-        inference_ms = (_now() - t0) * 1e3
+        inference_ms = (_now() - t_run) * 1e3
+        self._release(batch)  # the output is a copy: the prep thread may refill the buffer
         for i, (p, geom, frame_id, pre_ms) in enumerate(live):
             t0 = _now()
             detections = self._postprocess(model, p.request, out[i], geom)
             self._respond(p, {"frame_id": frame_id, "detections": detections}, {
-                "queue_ms": (t_start - p.arrival) * 1e3, "preprocess_ms": pre_ms,
+                "queue_ms": max(0.0, (t_run - p.arrival) * 1e3 - pre_ms), "preprocess_ms": pre_ms,
                 "inference_ms": inference_ms, "postprocess_ms": (_now() - t0) * 1e3,
                 "batch_size": len(live)}, model)
 
@@ -198,7 +337,7 @@ class Batcher:
             _, new_w, new_h, left, top = geom
             try:
                 letterbox_into(frame.view, frame.pixel_format, frame.width, frame.height,
-                               frame.stride, slot, new_w, new_h, left, top)
+                               frame.stride, slot, new_w, new_h, left, top, **self._letterbox_kw)
             except FrameBusError:
                 raise FrameChanged("the frame file was truncated while it was read",
                                    frame_id=frame.frame_id) from None

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-batch", type=_ranged(int, 1), help="default 1 on CPU, 16 on CUDA")
     opt("--threads", type=_ranged(int, 1),
         help="ONNX Runtime intra-op threads (default: the CPUs this process may use)")
+    opt("--preprocess-threads", type=_ranged(int, 1),
+        help="threads letterboxing one frame (default 1; used where the kernel supports it)")
     opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
     opt("--max-queue", type=_ranged(int, 1), help="default 1024")
     opt("--max-connections", type=_ranged(int, 1), help="default 1024")
@@ -194,6 +196,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         batch_timeout_us=_pick(args.batch_timeout_us, 0),
         max_queue=_pick(args.max_queue, 1024),
         max_connections=_pick(args.max_connections, 1024),
+        preprocess_threads=_pick(args.preprocess_threads, 1),
     )
     server = Server(model, config)
     try:

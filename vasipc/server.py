@@ -65,6 +65,7 @@ class ServerConfig:
     batch_timeout_us: int = 0
     max_queue: int = 1024
     max_connections: int = 1024
+    preprocess_threads: int = 1  # letterbox_into threads per frame, where the kernel has them
 
 
 class Server:
@@ -81,7 +82,8 @@ class Server:
         opener = FrameOpener(FrameRoots(list(config.frame_roots)), config.max_frame_dim)
         self.batcher = Batcher(model, opener, max_queue=config.max_queue,
                                batch_timeout_s=config.batch_timeout_us / 1e6,
-                               respond=self._respond, on_fatal=self._on_fatal)
+                               respond=self._respond, on_fatal=self._on_fatal,
+                               preprocess_threads=config.preprocess_threads)
         self.listener: Listener | None = None
         self._accept_thread: threading.Thread | None = None
 
