@@ -4,6 +4,8 @@
 
 One group per source resolution, so each comparison prints side by side:
 - `vasipc`: `letterbox_into` writing straight into the (preallocated) input slot;
+- `vasipc_threads2`: the same with `threads=2` (the output rows split between the calling
+  thread and one started for the call; not single-threaded, listed for the ratio);
 - `opencv`: the reference pipeline of CONTRACT 6 as a Python server would write it:
   cvtColor NV12->RGB, resize INTER_LINEAR, copyMakeBorder 114, astype(float32)/255,
   transpose to CHW (contiguous);
@@ -16,11 +18,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from _common import RESOLUTIONS, nv12_photo
+from _common import RESOLUTIONS as _RESOLUTIONS
+from _common import nv12_photo
 
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
 
 SIZE = 640
+# 1440p: 4:1, the general two-tap path with no source row shared between output rows
+RESOLUTIONS = {**_RESOLUTIONS, "1440p": (2560, 1440)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,9 +42,9 @@ def frame(request):
     return request.param, nv12_photo(w, h), w, h, letterbox_geometry(w, h, SIZE, SIZE)
 
 
-def vasipc_letterbox(nv12, w, h, geom, out):
+def vasipc_letterbox(nv12, w, h, geom, out, threads=1):
     _, nw, nh, left, top = geom
-    letterbox_into(nv12, NV12, w, h, w, out, nw, nh, left, top)
+    letterbox_into(nv12, NV12, w, h, w, out, nw, nh, left, top, threads=threads)
     return out
 
 
@@ -71,6 +76,14 @@ def test_vasipc(benchmark, frame):
     got = benchmark(vasipc_letterbox, nv12, w, h, geom, out)
     # same work as the reference (CONTRACT 6 tolerance), so the timings compare like with like
     assert np.abs(got - opencv_letterbox(nv12, w, h, geom)).mean() < 2 / 255
+
+
+def test_vasipc_threads2(benchmark, frame):
+    name, nv12, w, h, geom = frame
+    _group(benchmark, name)
+    out = np.empty((3, SIZE, SIZE), np.float32)
+    got = benchmark(vasipc_letterbox, nv12, w, h, geom, out, 2)
+    assert np.array_equal(got, vasipc_letterbox(nv12, w, h, geom, np.empty_like(out)))
 
 
 def test_opencv(benchmark, frame):

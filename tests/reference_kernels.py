@@ -126,7 +126,9 @@ def _pixels(data: np.ndarray, fmt: int, height: int, stride: int,
 
 
 def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
-                   new_w: int, new_h: int, left: int, top: int) -> None:
+                   new_w: int, new_h: int, left: int, top: int, *, threads: int = 1) -> None:
+    if not 1 <= threads <= 64:
+        raise ValueError(f"threads must be in 1..64, got {threads}")
     needed = frame_nbytes(fmt, width, height, stride)
     data = np.frombuffer(src, dtype=np.uint8)
     if data.size < needed:

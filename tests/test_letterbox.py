@@ -156,6 +156,8 @@ CASES = [
     ("tall-320x256", (256, 512), "tall", (320, 256), 2, 3),
     ("1080p-640", (1920, 1080), "full", (640, 640), 14, 0),   # exact 3x: one tap per row
     ("720p-320x256", (1280, 720), "full", (320, 256), 0, 0),
+    ("720p-640", (1280, 720), "full", (640, 640), 14, 3),     # exact 2:1: contiguous pairs
+    ("rows-3:1-cols-2tap", (1922, 1080), "full", (641, 360), 2, 0),  # one row, two columns
     ("4k-640", (3840, 2160), "full", (640, 640), 14, 7),
     ("same-size", (640, 640), "full", (640, 640), 0, 0),
     ("tiny-2x2", (2, 2), "full", (640, 640), 14, 5),
@@ -175,14 +177,15 @@ def _case_frame(fmt: int, case: tuple) -> tuple[Frame, np.ndarray]:
     return frame, expected
 
 
-def _run_case(kernel: types.ModuleType, fmt: int, case: tuple, out: np.ndarray | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _run_case(kernel: types.ModuleType, fmt: int, case: tuple, out: np.ndarray | None = None,
+              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     _, (w, h), _, (dst_w, dst_h), _, _ = case
     frame, expected = _case_frame(fmt, case)
     _, new_w, new_h, left, top = reference_kernels.letterbox_geometry(w, h, dst_w, dst_h)
     if out is None:
         out = np.full((3, dst_h, dst_w), np.nan, np.float32)
-    kernel.letterbox_into(frame.src, fmt, w, h, frame.stride, out, new_w, new_h, left, top)
+    kernel.letterbox_into(frame.src, fmt, w, h, frame.stride, out, new_w, new_h, left, top,
+                          threads=threads)
     return out, expected
 
 
@@ -331,6 +334,33 @@ def test_compiled_equals_reference_bit_for_bit(fmt_name: str, case: tuple) -> No
         assert np.array_equal(compiled, expected)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "4k-640"], ids=lambda c: c[0])
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_threads_split_rows_bit_for_bit(fmt_name: str, case: tuple) -> None:
+    """Any thread count gives the single-threaded tensor exactly: each thread's row range
+    (upscales: a source row cached across a range boundary is recomputed), borders, and
+    counts above the number of resized rows (capped)."""
+    one, _ = _run_case(letterbox, FORMATS[fmt_name], case)
+    for threads in (2, 3, 7, 64):
+        many, _ = _run_case(letterbox, FORMATS[fmt_name], case, threads=threads)
+        assert np.array_equal(many, one), threads
+
+
+def test_threads_one_resized_row_and_bad_counts() -> None:
+    frame = make_frame(photo(700, 2), FORMATS["RGB24"])
+    _, new_w, new_h, left, top = letterbox.letterbox_geometry(700, 2, 320, 256)
+    assert new_h == 1
+    outs = [np.empty((3, 256, 320), np.float32) for _ in range(2)]
+    for out, threads in zip(outs, (1, 64), strict=True):
+        letterbox.letterbox_into(frame.src, 3, 700, 2, frame.stride, out, new_w, new_h, left,
+                                 top, threads=threads)
+    assert np.array_equal(outs[0], outs[1])
+    for bad in (0, -1, 65):
+        with pytest.raises(ValueError, match="threads"):
+            letterbox.letterbox_into(frame.src, 3, 700, 2, frame.stride, outs[0], new_w,
+                                     new_h, left, top, threads=bad)
+
+
 def test_any_buffer_is_a_source(tmp_path: Path) -> None:
     frame = make_frame(photo(64, 48), FORMATS["NV12"])
     raw = np.asarray(frame.src)[:frame.stride * 72].tobytes()
@@ -418,6 +448,29 @@ SIGBUS_PROBE = textwrap.dedent("""
                 caught.append(True)
         t = threading.Thread(target=worker); t.start(); t.join()
         print(kind, "thread", "FrameBusError" if caught else "no error")
+        try:
+            lb.letterbox_into(src, *args, threads=4)
+            print(kind, "threads=4 no error")
+        except lb.FrameBusError:
+            print(kind, "threads=4 FrameBusError")
+
+    # Only the second of two threads faults (the frame's bottom half is gone): the call
+    # raises all the same, and the thread it started is joined.
+    N3 = W * 3 * H
+    fd, path = tempfile.mkstemp(dir="/dev/shm")
+    os.write(fd, np.full(N3, 100, np.uint8).tobytes())
+    src = mmap.mmap(fd, N3, access=mmap.ACCESS_READ)
+    rgb_args = (lb.RGB24, W, H, 3 * W, out, 320, 180, 0, 70)
+    lb.letterbox_into(src, *rgb_args, threads=2)
+    os.ftruncate(fd, (N3 * 3 // 4) & ~0xffff)
+    top_rows = out[:, :150].copy()
+    try:
+        lb.letterbox_into(src, *rgb_args, threads=2)
+        print("worker no error")
+    except lb.FrameBusError:
+        print("worker FrameBusError", threading.active_count())
+    assert np.array_equal(out[:, :150], top_rows)  # the first thread's rows were done
+    os.close(fd); os.unlink(path)
     assert signal.SIGBUS not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     lb.letterbox_into(bytes(N), *args)
     print("alive")
@@ -437,8 +490,9 @@ def test_sigbus_in_a_subprocess() -> None:
     proc = _sigbus_probe()
     assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout.split("\n") == [
-        "mmap FrameBusError", "mmap thread FrameBusError",
-        "frameview FrameBusError", "frameview thread FrameBusError", "alive", ""]
+        "mmap FrameBusError", "mmap thread FrameBusError", "mmap threads=4 FrameBusError",
+        "frameview FrameBusError", "frameview thread FrameBusError",
+        "frameview threads=4 FrameBusError", "worker FrameBusError 1", "alive", ""]
 
 
 def test_sigbus_in_process(shm_file: str) -> None:

@@ -25,9 +25,12 @@ cdef extern from "letterbox_kernel.h" nogil:
         int top
 
     size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride)
-    size_t lb_scratch_nbytes(const lb_job *job)
-    void lb_plan(lb_job *job, void *scratch)
-    void lb_run(void *job)
+    enum:
+        LB_MAX_THREADS
+
+    size_t lb_scratch_nbytes(const lb_job *job, int threads)
+    void lb_plan(lb_job *job, void *scratch, int threads)
+    int lb_run(lb_job *job, int *install_errno)
 
 
 cdef extern from "sigbus_guard.h" nogil:

@@ -28,4 +28,6 @@ def letterbox_into(
     new_h: int,
     left: int,
     top: int,
+    *,
+    threads: int = 1,
 ) -> None: ...

@@ -14,7 +14,6 @@ min_stride() the frame's size rules, shared with the server's frame checks.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.errno cimport errno
 from libc.stdlib cimport free, malloc
 
 from operator import index as _index
@@ -100,16 +99,23 @@ def letterbox_geometry(src_w, src_h, dst_w, dst_h):
 
 def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride,
                    float[:, :, ::1] out not None, Py_ssize_t new_w, Py_ssize_t new_h,
-                   Py_ssize_t left, Py_ssize_t top):
+                   Py_ssize_t left, Py_ssize_t top, *, int threads=1):
     """Letterbox the frame in src into out, a C-contiguous float32 (3, H, W) buffer (a
     batch slot), RGB in [0, 1]; the resized image fills [top:top+new_h, left:left+new_w],
     the rest is 114/255.
 
     src: any object exporting a contiguous readable buffer (FrameView, bytes, mmap, numpy
     uint8 array) whose first byte is the frame's first byte, holding frame_nbytes() bytes.
-    ValueError for an invalid frame geometry, a short buffer, a wrong out or placement.
-    FrameBusError if the frame's memory vanishes while read (the GIL is released).
+    threads: split the output rows among this many threads (the calling one and
+    threads - 1 started for the call; at most one per resized row is used). Every thread
+    reads under the SIGBUS guard; the result is the same for any count.
+    ValueError for an invalid frame geometry, a short buffer, a wrong out or placement,
+    threads < 1 or > 64.
+    FrameBusError if the frame's memory vanishes while read, in any thread (the GIL is
+    released).
     """
+    if threads < 1 or threads > LB_MAX_THREADS:
+        raise ValueError(f"threads must be in 1..{LB_MAX_THREADS}, got {threads}")
     cdef Py_ssize_t needed = _frame_nbytes(fmt, width, height, stride)
     if out.shape[0] != 3:
         raise ValueError("out must have shape (3, H, W), got "
@@ -121,6 +127,8 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
             or left + new_w > out_w or top + new_h > out_h):
         raise ValueError(f"resized image {new_w}x{new_h} at ({left}, {top}) does not fit "
                          f"in out ({out_w}x{out_h})")
+    if threads > new_h:
+        threads = <int>new_h
 
     cdef Py_buffer view
     cdef lb_job job
@@ -145,13 +153,11 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
         job.left = <int>left
         job.top = <int>top
         with nogil:
-            # Allocated outside the guard: a SIGBUS abandons lb_run midway, never a malloc.
-            scratch = malloc(lb_scratch_nbytes(&job))
+            # Allocated outside the guards: a SIGBUS abandons a worker midway, never a malloc.
+            scratch = malloc(lb_scratch_nbytes(&job, threads))
             if scratch != NULL:
-                lb_plan(&job, scratch)
-                rc = vas_sigbus_guard_run(lb_run, &job)
-                if rc == VAS_GUARD_INSTALL_FAILED:
-                    install_errno = errno
+                lb_plan(&job, scratch, threads)
+                rc = lb_run(&job, &install_errno)
                 free(scratch)
     finally:
         PyBuffer_Release(&view)

@@ -2,18 +2,32 @@
  *
  * Per output row: the horizontal pass of its two source rows (kept in two row buffers,
  * so an upscale computes each source row once; skipped when the second row's weight is
- * 0), then the vertical blend straight into the three float planes. The horizontal pass
- * gathers the tap bytes with scalar loads, then converts and weighs them in a loop over
- * contiguous arrays that vectorises (AVX2 where the CPU has it: vector_clones.h).
+ * 0), then the vertical blend straight into the three float planes.
+ *
+ * The horizontal pass gathers each column's taps with as few scalar loads as the layout
+ * allows (two-tap columns always read the adjacent pair x, x + 1: one 16-bit luma load),
+ * then converts and weighs them in loops over contiguous arrays that vectorise (AVX2
+ * where the CPU has it: vector_clones.h). For NV12/I420, when output rows blend two
+ * source rows, the chroma half of the conversion (gather + three multiplies per tap) is
+ * done once per chroma row and kept: the two rows usually share it (720p, 4K -> 640),
+ * and the luma half is one multiply per tap. An exact 2:1 column ratio turns the gathers
+ * into contiguous copies. The integers are OpenCV's, so the result is unchanged.
+ *
+ * Threads (lb_run): the output rows are split into ranges, one per worker, each with its
+ * own row buffers and its own SIGBUS guard.
  *
  * One body serves the four pixel formats: the per-format parts (where a row's planes
  * start, which bytes a tap reads, whether it needs YUV -> RGB) are always-inline
- * functions of a `format` argument, and lb_run() calls the row loop with a constant, so
+ * functions of a `format` argument, and the row loop is called with a constant, so
  * the compiler emits a specialised loop for each with no per-pixel branch on the format.
  */
 #include "letterbox_kernel.h"
 
+#include <errno.h>
 #include <math.h>
+#include <pthread.h>
+
+#include "sigbus_guard.h"
 
 #include "vas_debug.h"
 #include "vector_clones.h"
@@ -48,10 +62,17 @@ size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride)
 /* Plan: the tap tables, computed as OpenCV's resize computes them (float positions from  */
 /* a double scale, weights rounded half-to-even), so every weight is the same integer.   */
 
-size_t lb_scratch_nbytes(const lb_job *job)
+/* Per worker: two horizontal-pass rows (3 x new_w int32 each), the tap words (2 x
+ * new_w) and one chroma row's colour terms (6 x new_w). */
+static size_t worker_words(const lb_job *job)
+{
+    return (2 * 3 + 2 + 6) * (size_t)job->new_w;
+}
+
+size_t lb_scratch_nbytes(const lb_job *job, int threads)
 {
     size_t cols = (size_t)job->new_w, rows = (size_t)job->new_h;
-    return sizeof(int32_t) * (4 * cols + 4 * rows + 2 * 3 * cols + 6 * cols);
+    return sizeof(int32_t) * (4 * cols + 4 * rows + (size_t)threads * worker_words(job));
 }
 
 /* Source position of destination index d: OpenCV's (d + 0.5) * scale - 0.5, as a float,
@@ -70,7 +91,7 @@ static void weight_pair(float fraction, int32_t *w0, int32_t *w1)
     *w1 = (int32_t)lrintf(fraction * WEIGHT_ONE);
 }
 
-void lb_plan(lb_job *job, void *scratch)
+void lb_plan(lb_job *job, void *scratch, int threads)
 {
     int32_t *p = (int32_t *)scratch;
     const int nw = job->new_w, nh = job->new_h;
@@ -82,9 +103,8 @@ void lb_plan(lb_job *job, void *scratch)
     job->row_y1 = p; p += nh;
     job->row_w0 = p; p += nh;
     job->row_w1 = p; p += nh;
-    job->hrow[0] = p; p += 3 * nw;
-    job->hrow[1] = p; p += 3 * nw;
-    job->taps = p;
+    job->workers = p;
+    job->threads = threads;
 
     /* Columns: a position left of pixel 0 or right of the last one takes that pixel
      * alone (weight 2048, 0), as OpenCV clamps x. */
@@ -112,6 +132,34 @@ void lb_plan(lb_job *job, void *scratch)
         one_tap &= job->col_w1[dx] == 0;
     }
     job->one_col_tap = one_tap;
+    /* Two-tap columns always read the adjacent pair (x0, x0 + 1), so a tap pair is one
+     * short load: a column clamped to the last pixel becomes (last - 1, last) weighted
+     * (0, 2048), the same value. (width 1 clamps every column: one tap.) */
+    if (!one_tap)
+        for (int dx = 0; dx < nw; dx++)
+            if (job->col_x0[dx] == last_x) {
+                VAS_DEBUG_ASSERT(last_x >= 1 && job->col_w0[dx] == WEIGHT_ONE);
+                job->col_x0[dx] = last_x - 1;
+                job->col_w0[dx] = 0;
+                job->col_w1[dx] = WEIGHT_ONE;
+            }
+
+    /* The leading columns whose chroma word is one load inside the row (gather_chroma):
+     * x0 is nondecreasing, so they are a prefix. */
+    int wide = 0;
+    if (job->format == VAS_NV12)
+        while (wide < nw && (size_t)(job->col_x0[wide] & ~1) + 4 <= job->stride)
+            wide++;
+    else if (job->format == VAS_I420)
+        while (wide < nw && (size_t)(job->col_x0[wide] >> 1) + 2 <= job->stride / 2)
+            wide++;
+    job->chroma_wide = wide;
+    /* An exact 2:1 column ratio (1280 -> 640) reads every pixel pair once, from an even
+     * column: the gathers become contiguous copies. */
+    int pairs = !one_tap && (job->col_x0[0] & 1) == 0;
+    for (int dx = 1; pairs && dx < nw; dx++)
+        pairs = job->col_x0[dx] == job->col_x0[0] + 2 * dx;
+    job->col_pairs = pairs;
 
     /* Rows: OpenCV keeps the fraction and clamps the row indices instead. */
     const double scale_y = 1.0 / ((double)nh / job->height);
@@ -126,6 +174,15 @@ void lb_plan(lb_job *job, void *scratch)
         VAS_DEBUG_ASSERT(job->row_y0[dy] >= 0 && job->row_y1[dy] <= last_y);
         VAS_DEBUG_ASSERT(job->row_w0[dy] + job->row_w1[dy] == WEIGHT_ONE);
     }
+
+    /* The chroma half is kept per chroma row (horizontal_pass) when most output rows
+     * blend two source rows: they often share a chroma row (720p, 4K -> 640), and even
+     * when not (1440p: rows 4k+1, 4k+2) the split passes vectorise better. Output rows of
+     * one source row each (1080p -> 640: exact 3:1) convert each tap whole, in one pass. */
+    int two_rows = 0;
+    for (int dy = 0; dy < nh; dy++)
+        two_rows += job->row_w1[dy] != 0;
+    job->chroma_cache = 2 * two_rows >= nh;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -174,46 +231,88 @@ static ALWAYS_INLINE void yuv_to_rgb(int luma, int u, int v, int *red, int *gree
     *blue = clamp_u8((y + YUV_HALF + YUV_CUB * u) >> YUV_SHIFT);
 }
 
-/* The three bytes of source pixel x in row r: Y, U, V (nearest chroma: one U,V per 2x2
- * block, NV12 interleaves them) or R, G, B (a channel swap for BGR24). */
-static ALWAYS_INLINE void tap_bytes(int format, source_row r, int x, int32_t *c0, int32_t *c1,
-                                    int32_t *c2)
+/* Little-endian composition of adjacent bytes: the compiler merges these into one load. */
+static ALWAYS_INLINE uint32_t bytes2(const uint8_t *p)
 {
-    if (format == VAS_NV12 || format == VAS_I420) {
-        const int c = format == VAS_NV12 ? (x & ~1) : (x >> 1);
-        *c0 = r.luma[x];
-        *c1 = r.u[c];
-        *c2 = r.v[c];
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+}
+
+static ALWAYS_INLINE uint32_t bytes3(const uint8_t *p)
+{
+    return bytes2(p) | (uint32_t)p[2] << 16;
+}
+
+static ALWAYS_INLINE uint32_t bytes4(const uint8_t *p)
+{
+    return bytes3(p) | (uint32_t)p[3] << 24;
+}
+
+/* The tap bytes of source column x (and x + 1 with two_taps) in row r, packed in two
+ * words, with as few loads as the layout allows (every byte read is inside the row):
+ *   NV12/I420  a = Y[x] | Y[x+1] << 8 | U(x) << 16 | V(x) << 24,  b = U(x+1) | V(x+1) << 8
+ *   packed     a = pixel x's three bytes (bits 0-23),  b = pixel x+1's (bits 8-31)
+ * (one tap: Y[x+1] and b are not read). Chroma is the nearest sample of the 2x2 block. */
+static ALWAYS_INLINE void tap_words(int format, int two_taps, source_row r, int x,
+                                    uint32_t *a, uint32_t *b)
+{
+    if (format == VAS_NV12) {
+        const uint32_t luma = two_taps ? bytes2(r.luma + x) : r.luma[x];
+        *a = luma | bytes2(r.u + (x & ~1)) << 16;
+        if (two_taps)
+            *b = bytes2(r.u + ((x + 1) & ~1));
+    } else if (format == VAS_I420) {
+        const uint32_t luma = two_taps ? bytes2(r.luma + x) : r.luma[x];
+        *a = luma | (uint32_t)r.u[x >> 1] << 16 | (uint32_t)r.v[x >> 1] << 24;
+        if (two_taps)
+            *b = (uint32_t)r.u[(x + 1) >> 1] | (uint32_t)r.v[(x + 1) >> 1] << 8;
     } else {
         const uint8_t *px = r.luma + 3 * (size_t)x;
-        const int swap = format == VAS_BGR24;
-        *c0 = px[swap ? 2 : 0];
-        *c1 = px[1];
-        *c2 = px[swap ? 0 : 2];
+        if (two_taps) {
+            *a = bytes4(px);      /* byte 3 is pixel x + 1's first: in the row */
+            *b = bytes4(px + 2);  /* byte 0 is pixel x's last */
+        } else {
+            *a = bytes3(px);
+        }
     }
 }
 
 /* ------------------------------------------------------------------------------------ */
 /* The pass.                                                                              */
 
-/* Colour conversion (YUV formats) and weighting of one row's gathered taps: taps holds
- * six planes of n (tap 0's Y,U,V or R,G,B, then tap 1's), out three (R, G, B). A
- * function of its own so that `restrict` tells the compiler the planes do not overlap:
- * it vectorises this loop. */
+/* The RGB bytes of the taps in words a, b (see tap_words), with colour conversion. */
+static ALWAYS_INLINE void unpack_tap(int format, int second, uint32_t a, uint32_t b, int *red,
+                                     int *green, int *blue)
+{
+    if (format == VAS_NV12 || format == VAS_I420) {
+        const int luma = (int)((second ? a >> 8 : a) & 0xff);
+        const int u = (int)((second ? b : a >> 16) & 0xff);
+        const int v = (int)((second ? b >> 8 : a >> 24) & 0xff);
+        yuv_to_rgb(luma, u, v, red, green, blue);
+    } else {
+        const uint32_t w = second ? b >> 8 : a;
+        const int c0 = (int)(w & 0xff), c1 = (int)((w >> 8) & 0xff), c2 = (int)((w >> 16) & 0xff);
+        const int swap = format == VAS_BGR24;
+        *red = swap ? c2 : c0;
+        *green = c1;
+        *blue = swap ? c0 : c2;
+    }
+}
+
+/* Colour conversion and weighting of one row's tap words: out gets three planes (R, G,
+ * B) of n. A function of its own so that `restrict` tells the compiler the arrays do not
+ * overlap: it vectorises this loop. */
 static ALWAYS_INLINE void weigh_taps(int format, int two_taps, int n,
-                                     const int32_t *restrict taps,
+                                     const uint32_t *restrict ta,
+                                     const uint32_t *restrict tb,
                                      const int32_t *restrict w0,
                                      const int32_t *restrict w1, int32_t *restrict out)
 {
-    const int yuv = format == VAS_NV12 || format == VAS_I420;
     for (int i = 0; i < n; i++) {
-        int r0 = taps[i], g0 = taps[n + i], b0 = taps[2 * n + i];
-        if (yuv)
-            yuv_to_rgb(taps[i], taps[n + i], taps[2 * n + i], &r0, &g0, &b0);
+        int r0, g0, b0;
+        unpack_tap(format, 0, ta[i], 0, &r0, &g0, &b0);
         if (two_taps) {
-            int r1 = taps[3 * n + i], g1 = taps[4 * n + i], b1 = taps[5 * n + i];
-            if (yuv)
-                yuv_to_rgb(taps[3 * n + i], taps[4 * n + i], taps[5 * n + i], &r1, &g1, &b1);
+            int r1, g1, b1;
+            unpack_tap(format, 1, ta[i], tb[i], &r1, &g1, &b1);
             out[i] = r0 * w0[i] + r1 * w1[i];
             out[n + i] = g0 * w0[i] + g1 * w1[i];
             out[2 * n + i] = b0 * w0[i] + b1 * w1[i];
@@ -226,28 +325,182 @@ static ALWAYS_INLINE void weigh_taps(int format, int two_taps, int n,
     }
 }
 
-/* The tap bytes of one source row: taps gets six planes of n (tap 0's Y,U,V or R,G,B,
- * then tap 1's). Scalar loads; `restrict` lets the loop keep its pointers in registers. */
+/* The tap words of one source row. Scalar loads; `restrict` keeps the pointers in
+ * registers. */
 static ALWAYS_INLINE void gather_taps(int format, int two_taps, source_row r, int n,
-                                      const int32_t *restrict x0,
-                                      const int32_t *restrict x1, int32_t *restrict taps)
+                                      const int32_t *restrict x0, uint32_t *restrict ta,
+                                      uint32_t *restrict tb)
+{
+    for (int i = 0; i < n; i++)
+        tap_words(format, two_taps, r, x0[i], &ta[i], &tb[i]);
+}
+
+/* One worker's share of the output rows and its own buffers. */
+typedef struct {
+    const lb_job *job;
+    int32_t *hrow[2];   /* two source rows after the horizontal pass: R, G, B x new_w */
+    uint32_t *ta, *tb;  /* one source row's tap words */
+    int32_t *chroma;    /* YUV: the chroma terms of row chroma_row (chroma_terms) */
+    int chroma_row;     /* -1: none yet */
+    int begin, end;     /* output rows [begin, end) */
+} lb_worker;
+
+/* YUV formats: the chroma half of the conversion, once per chroma row (two luma rows
+ * share it: 1280x720 -> 640x360 reads rows 2k and 2k + 1 for output row k). Per tap t
+ * and column i, out[3t + c][i] is channel c's chroma term plus the rounding half, so a
+ * pixel is clamp((luma term + out) >> 20): the same integers as yuv_to_rgb(). The tap
+ * words of the chroma row are gathered into ta (tap 0) and tb (tap 1). */
+/* One chroma word per column (gather_chroma) holds the chroma of both taps:
+ *   NV12  U(c) V(c) U(c+2) V(c+2) bytes, c = x & ~1: tap 1's pair is at bit (x & 1) * 16
+ *   I420  U(c) U(c+1) V(c) V(c+1) bytes, c = x >> 1: tap 1's U, V at bits (x & 1) * 8, +16
+ * (tap 1 is column x + 1: the same sample when x is even, the next one when odd). */
+static ALWAYS_INLINE void chroma_uv(int format, int second, uint32_t word, int x, int *u, int *v)
+{
+    if (format == VAS_NV12) {
+        const uint32_t w = second ? word >> ((x & 1) * 16) : word;
+        *u = (int)(w & 0xff);
+        *v = (int)((w >> 8) & 0xff);
+    } else {
+        const uint32_t w = second ? word >> ((x & 1) * 8) : word;
+        *u = (int)(w & 0xff);
+        *v = (int)((w >> 16) & 0xff);
+    }
+}
+
+static ALWAYS_INLINE void chroma_tap_terms(int format, int second, int n,
+                                           const uint32_t *restrict words,
+                                           const int32_t *restrict x0, int32_t *restrict red,
+                                           int32_t *restrict green, int32_t *restrict blue)
 {
     for (int i = 0; i < n; i++) {
-        tap_bytes(format, r, x0[i], &taps[i], &taps[n + i], &taps[2 * n + i]);
-        if (two_taps)
-            tap_bytes(format, r, x1[i], &taps[3 * n + i], &taps[4 * n + i], &taps[5 * n + i]);
+        int u, v;
+        chroma_uv(format, second, words[i], x0[i], &u, &v);
+        u -= 128;
+        v -= 128;
+        red[i] = YUV_HALF + YUV_CVR * v;
+        green[i] = YUV_HALF + YUV_CVG * v + YUV_CUG * u;
+        blue[i] = YUV_HALF + YUV_CUB * u;
+    }
+}
+
+static ALWAYS_INLINE void chroma_terms(int format, int two_taps, int n, const uint32_t *words,
+                                       const int32_t *x0, int32_t *out)
+{
+    chroma_tap_terms(format, 0, n, words, x0, out, out + n, out + 2 * n);
+    if (two_taps)
+        chroma_tap_terms(format, 1, n, words, x0, out + 3 * n, out + 4 * n, out + 5 * n);
+}
+
+/* The chroma words of one row. Two-tap columns before job->chroma_wide read their word
+ * in one load (it stays inside the row's stride); the others byte by byte, reading the
+ * next sample only when tap 1 needs it. */
+static ALWAYS_INLINE void gather_chroma(const lb_job *job, int format, int two_taps,
+                                        source_row r, int n, const int32_t *restrict x0,
+                                        uint32_t *restrict words)
+{
+    if (two_taps && job->col_pairs) {
+        /* x = x0[0] + 2i, x0[0] even: tap 1 shares tap 0's sample, read contiguously */
+        const int c = format == VAS_NV12 ? x0[0] : x0[0] >> 1;
+        const uint8_t *restrict u = r.u + c, *restrict v = r.v + c;
+        for (int i = 0; i < n; i++)
+            words[i] = format == VAS_NV12 ? bytes2(u + 2 * i)
+                                          : (uint32_t)u[i] | (uint32_t)v[i] << 16;
+        return;
+    }
+    const int wide = two_taps ? job->chroma_wide : 0;
+#pragma GCC unroll 4
+    for (int i = 0; i < wide; i++) {
+        const int x = x0[i];
+        if (format == VAS_NV12)
+            words[i] = bytes4(r.u + (x & ~1));
+        else
+            words[i] = bytes2(r.u + (x >> 1)) | bytes2(r.v + (x >> 1)) << 16;
+    }
+    for (int i = wide; i < n; i++) {
+        const int x = x0[i], odd = two_taps && (x & 1);
+        if (format == VAS_NV12) {
+            const int c = x & ~1;
+            words[i] = bytes2(r.u + c) | (odd ? bytes2(r.u + c + 2) << 16 : 0);
+        } else {
+            const int c = x >> 1;
+            words[i] = (uint32_t)r.u[c] | (uint32_t)r.v[c] << 16
+                       | (odd ? (uint32_t)r.u[c + 1] << 8 | (uint32_t)r.v[c + 1] << 24 : 0);
+        }
+    }
+}
+
+static ALWAYS_INLINE void gather_luma(int two_taps, const uint8_t *restrict luma, int n,
+                                      const int32_t *restrict x0, uint32_t *restrict ta)
+{
+#pragma GCC unroll 4
+    for (int i = 0; i < n; i++)
+        ta[i] = two_taps ? bytes2(luma + x0[i]) : luma[x0[i]];
+}
+
+/* gather_luma() when x0[i] = x0[0] + 2i (col_pairs): a contiguous run of byte pairs. */
+static ALWAYS_INLINE void copy_luma_pairs(const uint8_t *restrict luma, int n,
+                                          uint32_t *restrict ta)
+{
+    for (int i = 0; i < n; i++)
+        ta[i] = bytes2(luma + 2 * i);
+}
+
+static ALWAYS_INLINE int luma_term(int luma)
+{
+    return (luma > 16 ? luma - 16 : 0) * YUV_CY;
+}
+
+/* YUV: the luma half and the weighting. ta holds the row's luma words (Y[x] | Y[x+1] << 8). */
+static ALWAYS_INLINE void weigh_yuv(int two_taps, int n, const uint32_t *restrict ta,
+                                    const int32_t *restrict chroma,
+                                    const int32_t *restrict w0,
+                                    const int32_t *restrict w1, int32_t *restrict out)
+{
+    for (int i = 0; i < n; i++) {
+        const int y0 = luma_term((int)(ta[i] & 0xff));
+        const int r0 = clamp_u8((y0 + chroma[i]) >> YUV_SHIFT);
+        const int g0 = clamp_u8((y0 + chroma[n + i]) >> YUV_SHIFT);
+        const int b0 = clamp_u8((y0 + chroma[2 * n + i]) >> YUV_SHIFT);
+        if (two_taps) {
+            const int y1 = luma_term((int)((ta[i] >> 8) & 0xff));
+            const int r1 = clamp_u8((y1 + chroma[3 * n + i]) >> YUV_SHIFT);
+            const int g1 = clamp_u8((y1 + chroma[4 * n + i]) >> YUV_SHIFT);
+            const int b1 = clamp_u8((y1 + chroma[5 * n + i]) >> YUV_SHIFT);
+            out[i] = r0 * w0[i] + r1 * w1[i];
+            out[n + i] = g0 * w0[i] + g1 * w1[i];
+            out[2 * n + i] = b0 * w0[i] + b1 * w1[i];
+        } else {
+            out[i] = r0 * WEIGHT_ONE;
+            out[n + i] = g0 * WEIGHT_ONE;
+            out[2 * n + i] = b0 * WEIGHT_ONE;
+        }
     }
 }
 
 /* Horizontal pass over source row y: per output column and channel, tap0*w0 + tap1*w1,
  * into out as three planes (R, G, B) of new_w. First the gather (scalar loads), then the
  * arithmetic on contiguous arrays, which vectorises. */
-static ALWAYS_INLINE void horizontal_pass(const lb_job *job, int format, int two_taps, int y,
-                                          int32_t *out)
+static ALWAYS_INLINE void horizontal_pass(lb_worker *wk, int format, int two_taps,
+                                          int y, int32_t *out)
 {
-    gather_taps(format, two_taps, row_planes(job, format, y), job->new_w, job->col_x0,
-                job->col_x1, job->taps);
-    weigh_taps(format, two_taps, job->new_w, job->taps, job->col_w0, job->col_w1, out);
+    const lb_job *job = wk->job;
+    const source_row r = row_planes(job, format, y);
+    if ((format == VAS_NV12 || format == VAS_I420) && job->chroma_cache) {
+        if (wk->chroma_row != y >> 1) {
+            gather_chroma(job, format, two_taps, r, job->new_w, job->col_x0, wk->ta);
+            chroma_terms(format, two_taps, job->new_w, wk->ta, job->col_x0, wk->chroma);
+            wk->chroma_row = y >> 1;
+        }
+        if (two_taps && job->col_pairs)
+            copy_luma_pairs(r.luma + job->col_x0[0], job->new_w, wk->ta);
+        else
+            gather_luma(two_taps, r.luma, job->new_w, job->col_x0, wk->ta);
+        weigh_yuv(two_taps, job->new_w, wk->ta, wk->chroma, job->col_w0, job->col_w1, out);
+        return;
+    }
+    gather_taps(format, two_taps, row_planes(job, format, y), job->new_w, job->col_x0, wk->ta,
+                wk->tb);
+    weigh_taps(format, two_taps, job->new_w, wk->ta, wk->tb, job->col_w0, job->col_w1, out);
 }
 
 /* Vertical blend of two horizontal-pass rows into one output row, then /255. The
@@ -278,27 +531,28 @@ typedef struct {
     int row[2];
 } hrow_cache;
 
-static ALWAYS_INLINE const int32_t *source_hrow(const lb_job *job, int format, int two_taps,
+static ALWAYS_INLINE const int32_t *source_hrow(lb_worker *wk, int format, int two_taps,
                                                 hrow_cache *cache, int y, int keep)
 {
     if (cache->row[0] == y)
-        return job->hrow[0];
+        return wk->hrow[0];
     if (cache->row[1] == y)
-        return job->hrow[1];
+        return wk->hrow[1];
     const int slot = cache->row[0] == keep ? 1 : 0;
-    horizontal_pass(job, format, two_taps, y, job->hrow[slot]);
+    horizontal_pass(wk, format, two_taps, y, wk->hrow[slot]);
     cache->row[slot] = y;
-    return job->hrow[slot];
+    return wk->hrow[slot];
 }
 
-static ALWAYS_INLINE void run_rows(const lb_job *job, int format, int two_taps)
+static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
 {
+    const lb_job *job = wk->job;
     const float pad = 114.0f / 255.0f;  /* copyMakeBorder(114), then /255 */
     const size_t out_w = (size_t)job->out_w, plane = out_w * (size_t)job->out_h;
     const int nw = job->new_w, left = job->left, right = job->out_w - job->left - job->new_w;
     hrow_cache cache = {{-1, -1}};
 
-    for (int oy = 0; oy < job->out_h; oy++) {
+    for (int oy = wk->begin; oy < wk->end; oy++) {
         float *dst[3];
         for (int c = 0; c < 3; c++)
             dst[c] = job->out + c * plane + (size_t)oy * out_w;
@@ -315,11 +569,11 @@ static ALWAYS_INLINE void run_rows(const lb_job *job, int format, int two_taps)
 
         const int y0 = job->row_y0[dy], y1 = job->row_y1[dy];
         const int w0 = job->row_w0[dy], w1 = job->row_w1[dy];
-        const int32_t *h0 = source_hrow(job, format, two_taps, &cache, y0, y1);
+        const int32_t *h0 = source_hrow(wk, format, two_taps, &cache, y0, y1);
         /* With w1 == 0 the second row does not count: skip its horizontal pass. */
         const int32_t *h1 = (w1 == 0 || y1 == y0)
                                 ? h0
-                                : source_hrow(job, format, two_taps, &cache, y1, y0);
+                                : source_hrow(wk, format, two_taps, &cache, y1, y0);
         for (int c = 0; c < 3; c++)
             vertical_pass(h0 + c * nw, h1 + c * nw, w0, w1, dst[c] + left, nw);
     }
@@ -327,39 +581,117 @@ static ALWAYS_INLINE void run_rows(const lb_job *job, int format, int two_taps)
 
 /* The row loop specialised for one format (a constant) and tap count, compiled for AVX2
  * too (vector_clones.h). */
-static VAS_VECTOR_CLONES void run_nv12(const lb_job *job)
+static VAS_VECTOR_CLONES void run_nv12(lb_worker *wk)
 {
-    if (job->one_col_tap)
-        run_rows(job, VAS_NV12, 0);
+    if (wk->job->one_col_tap)
+        run_rows(wk, VAS_NV12, 0);
     else
-        run_rows(job, VAS_NV12, 1);
+        run_rows(wk, VAS_NV12, 1);
 }
 
-static VAS_VECTOR_CLONES void run_i420(const lb_job *job)
+static VAS_VECTOR_CLONES void run_i420(lb_worker *wk)
 {
-    if (job->one_col_tap)
-        run_rows(job, VAS_I420, 0);
+    if (wk->job->one_col_tap)
+        run_rows(wk, VAS_I420, 0);
     else
-        run_rows(job, VAS_I420, 1);
+        run_rows(wk, VAS_I420, 1);
 }
 
-static VAS_VECTOR_CLONES void run_packed(const lb_job *job)
+static VAS_VECTOR_CLONES void run_bgr(lb_worker *wk)
 {
-    const int format = job->format == VAS_BGR24 ? VAS_BGR24 : VAS_RGB24;
-    if (job->one_col_tap)
-        run_rows(job, format, 0);
+    if (wk->job->one_col_tap)
+        run_rows(wk, VAS_BGR24, 0);
     else
-        run_rows(job, format, 1);
+        run_rows(wk, VAS_BGR24, 1);
 }
 
-void lb_run(void *arg)
+static VAS_VECTOR_CLONES void run_rgb(lb_worker *wk)
 {
-    const lb_job *job = (const lb_job *)arg;
-    switch (job->format) {
-    case VAS_NV12: run_nv12(job); break;
-    case VAS_I420: run_i420(job); break;
-    case VAS_BGR24:
-    case VAS_RGB24: run_packed(job); break;
+    if (wk->job->one_col_tap)
+        run_rows(wk, VAS_RGB24, 0);
+    else
+        run_rows(wk, VAS_RGB24, 1);
+}
+
+/* One worker's rows (an lb_worker *, typed void * to be a vas_guarded_fn). */
+static void run_worker(void *arg)
+{
+    lb_worker *wk = (lb_worker *)arg;
+    switch (wk->job->format) {
+    case VAS_NV12: run_nv12(wk); break;
+    case VAS_I420: run_i420(wk); break;
+    case VAS_BGR24: run_bgr(wk); break;
+    case VAS_RGB24: run_rgb(wk); break;
     default: break;
     }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Threads: worker k > 0 runs on a thread of its own, under a guard of its own (the     */
+/* guard is per thread), and reports its result through its slot.                       */
+
+typedef struct {
+    lb_worker worker;
+    int rc, err;
+} guarded_worker;
+
+static void *worker_thread(void *arg)
+{
+    guarded_worker *g = (guarded_worker *)arg;
+    g->rc = vas_sigbus_guard_run(run_worker, &g->worker);
+    g->err = g->rc == VAS_GUARD_INSTALL_FAILED ? errno : 0;
+    return NULL;
+}
+
+int lb_run(lb_job *job, int *install_errno)
+{
+    enum { MAX_THREADS = LB_MAX_THREADS };
+    guarded_worker slots[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    const int threads = job->threads;
+    const size_t words = worker_words(job);
+    int32_t *base = job->workers;
+    VAS_DEBUG_ASSERT(threads >= 1 && threads <= MAX_THREADS && threads <= job->new_h);
+
+    /* Worker k takes the resized rows [top + new_h*k/T, top + new_h*(k+1)/T); the first
+     * also takes the top border, the last the bottom one. */
+    for (int k = 0; k < threads; k++) {
+        lb_worker *wk = &slots[k].worker;
+        int32_t *p = base + (size_t)k * words;
+        wk->job = job;
+        wk->hrow[0] = p; p += 3 * job->new_w;
+        wk->hrow[1] = p; p += 3 * job->new_w;
+        wk->ta = (uint32_t *)p; p += job->new_w;
+        wk->tb = (uint32_t *)p; p += job->new_w;
+        wk->chroma = p;
+        wk->chroma_row = -1;
+        wk->begin = k == 0 ? 0 : job->top + (int)((int64_t)job->new_h * k / threads);
+        wk->end = k == threads - 1 ? job->out_h
+                                   : job->top + (int)((int64_t)job->new_h * (k + 1) / threads);
+        slots[k].rc = VAS_GUARD_OK;
+        slots[k].err = 0;
+        started[k] = 0;
+    }
+    for (int k = 1; k < threads; k++)
+        started[k] = pthread_create(&tids[k], NULL, worker_thread, &slots[k]) == 0;
+    worker_thread(&slots[0]);
+    /* A worker that could not start runs here, after the caller's share. */
+    for (int k = 1; k < threads; k++) {
+        if (started[k])
+            pthread_join(tids[k], NULL);
+        else
+            worker_thread(&slots[k]);
+    }
+    int rc = VAS_GUARD_OK;
+    *install_errno = 0;
+    for (int k = 0; k < threads; k++) {
+        if (slots[k].rc == VAS_GUARD_INSTALL_FAILED) {
+            *install_errno = slots[k].err;
+            return VAS_GUARD_INSTALL_FAILED;
+        }
+        if (slots[k].rc == VAS_GUARD_SIGBUS)
+            rc = VAS_GUARD_SIGBUS;
+    }
+    return rc;
 }

@@ -10,7 +10,8 @@
  *
  * Use: fill the frame and output fields of an lb_job, lb_plan() it into
  * lb_scratch_nbytes() bytes of scratch, then lb_run() it (the only step that reads the
- * frame: run it inside vas_sigbus_guard_run() when the frame is a file mapping).
+ * frame; it runs every worker thread under vas_sigbus_guard_run(), so a frame file
+ * truncated under its mapping is a return code).
  * Arguments are validated by the caller (letterbox.pyx); nothing here checks them.
  */
 #ifndef VASIPC_LETTERBOX_KERNEL_H
@@ -43,22 +44,34 @@ typedef struct lb_job {
      * the two taps and their weights (sum 2048); per output row: same for source rows. */
     int32_t *col_x0, *col_x1, *col_w0, *col_w1;
     int32_t *row_y0, *row_y1, *row_w0, *row_w1;
-    int32_t *hrow[2];       /* two source rows after the horizontal pass: R, G, B x new_w */
-    int32_t *taps;          /* one source row's tap bytes, gathered: 6 x new_w */
+    int32_t *workers;       /* per worker thread: its row buffers */
+    int threads;            /* workers, 1..LB_MAX_THREADS and <= new_h */
     int one_col_tap;        /* every col_w1 is 0 (e.g. an exact 3x downscale): skip tap 2 */
+    int chroma_wide;        /* NV12/I420: columns [0, chroma_wide) read chroma in one load */
+    int chroma_cache;       /* NV12/I420: convert chroma once per chroma row (lb_plan) */
+    int col_pairs;          /* two taps, col_x0[i] = col_x0[0] + 2i, col_x0[0] even */
 } lb_job;
 
 /* Bytes a frame occupies from its first byte; 0 for an unknown format. */
 size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride);
 
-/* Scratch lb_plan() needs for this job's new_w x new_h (int32-aligned, e.g. malloc). */
-size_t lb_scratch_nbytes(const lb_job *job);
+/* Most worker threads one job may use. */
+#define LB_MAX_THREADS 64
 
-/* Computes the tap tables into scratch. Reads no pixels. */
-void lb_plan(lb_job *job, void *scratch);
+/* Scratch lb_plan() needs for this job's new_w x new_h and `threads` workers
+ * (int32-aligned, e.g. malloc). */
+size_t lb_scratch_nbytes(const lb_job *job, int threads);
 
-/* Runs the planned job (an lb_job *, typed void * to be a vas_guarded_fn). */
-void lb_run(void *job);
+/* Computes the tap tables into scratch. Reads no pixels. threads: 1..LB_MAX_THREADS and
+ * at most new_h. */
+void lb_plan(lb_job *job, void *scratch, int threads);
+
+/* Runs the planned job: the output rows split in `threads` ranges, one per thread (the
+ * caller's thread takes the first), each read under a SIGBUS guard of its own
+ * (sigbus_guard.h). Returns VAS_GUARD_OK, VAS_GUARD_SIGBUS when any worker faulted, or
+ * VAS_GUARD_INSTALL_FAILED with the errno in *install_errno. Allocates nothing inside
+ * the guards; pthread_create failing runs that share on the caller's thread. */
+int lb_run(lb_job *job, int *install_errno);
 
 #ifdef __cplusplus
 }
