@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 
 from vasipc._fast.letterbox import (
-    NV12,
     FrameBusError,
     letterbox_geometry,
     letterbox_into,
@@ -63,19 +62,6 @@ _STICKY_MARKERS = ("CUDA failure", "cudaError", "CUDNN_STATUS", "CUBLAS_STATUS",
 BUFFERS = 2  # input buffers per model: one batch running, the next one being prepared
 
 
-def _kernel_takes_threads() -> bool:
-    """Whether this build of letterbox_into has the `threads=` keyword (checked once)."""
-    out = np.empty((3, 2, 2), np.float32)
-    try:
-        letterbox_into(bytes(6), NV12, 2, 2, 2, out, 2, 2, 0, 0, threads=1)
-    except TypeError:
-        return False
-    except Exception:  # it took the keyword and refused something else
-        return True
-    return True
-
-
-KERNEL_THREADS = _kernel_takes_threads()
 
 
 class Pending:
@@ -133,7 +119,7 @@ class Batcher:
         self.opener = opener
         self.max_queue = max_queue
         self.batch_timeout_s = batch_timeout_s
-        self._letterbox_kw = {"threads": preprocess_threads} if KERNEL_THREADS else {}
+        self.preprocess_threads = preprocess_threads
         self._respond = respond
         self._on_fatal = on_fatal
         # One lock guards the queue, the hand-off and the buffers; both threads and the
@@ -337,7 +323,7 @@ class Batcher:
             _, new_w, new_h, left, top = geom
             try:
                 letterbox_into(frame.view, frame.pixel_format, frame.width, frame.height,
-                               frame.stride, slot, new_w, new_h, left, top, **self._letterbox_kw)
+                               frame.stride, slot, new_w, new_h, left, top, threads=self.preprocess_threads)
             except FrameBusError:
                 raise FrameChanged("the frame file was truncated while it was read",
                                    frame_id=frame.frame_id) from None
