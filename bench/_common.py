@@ -29,6 +29,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:  # the kernels' reference data (reference_kernels)
+    sys.path.append(str(REPO / "tests"))
 
 PYTHON = sys.executable
 BENCH_MODEL = Path(os.environ.get("VASIPC_BENCH_MODEL")

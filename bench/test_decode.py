@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pytest
 from _common import BENCH_MODEL, nudenet_model
+from reference_kernels import stress_prediction
 
 from vasipc._fast.letterbox import RGB24, letterbox_geometry, letterbox_into
 from vasipc._fast.yolo import decode_yolo
@@ -77,20 +78,6 @@ def _model_output(model: str, size: int):
     session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x})
     return np.ascontiguousarray(out[0]), (r, left, top, w, h)
-
-
-def stress_prediction(n: int = 8400, nc: int = 80, seed: int = 7) -> np.ndarray:
-    """Thousands of candidates in tight clusters (heavy overlap), many classes, close scores."""
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform(40, 600, (60, 2))
-    which = rng.integers(0, len(centres), n)
-    pred = np.empty((4 + nc, n), np.float32)
-    pred[0:2] = (centres[which] + rng.normal(0, 6, (n, 2))).T
-    pred[2:4] = rng.uniform(20, 160, (2, n))
-    pred[4:] = rng.uniform(0, 0.2, (nc, n))
-    hot = rng.integers(0, nc // 4, n)  # a few classes dominate, so clusters share classes
-    pred[4 + hot, np.arange(n)] = rng.uniform(0.05, 1.0, n)
-    return pred
 
 
 CASES = ["nudenet-320", "yolov8n-random-640", "stress-8400x80"]

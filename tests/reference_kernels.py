@@ -225,3 +225,19 @@ def decode_yolo(pred, conf_threshold: float, iou_threshold: float, max_detection
     boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_top) / scale / src_h
     boxes = np.clip(boxes.astype(np.float32), 0, 1)
     return boxes, best[k].astype(np.float32), best_class[k].astype(np.int32)
+
+
+# --- test data shared with bench/test_decode.py ---------------------------------------------
+
+def stress_prediction(n: int = 8400, nc: int = 80, seed: int = 7) -> np.ndarray:
+    """Thousands of candidates in tight clusters (heavy overlap), many classes, close scores."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(40, 600, (60, 2))
+    which = rng.integers(0, len(centres), n)
+    pred = np.empty((4 + nc, n), np.float32)
+    pred[0:2] = (centres[which] + rng.normal(0, 6, (n, 2))).T
+    pred[2:4] = rng.uniform(20, 160, (2, n))
+    pred[4:] = rng.uniform(0, 0.2, (nc, n))
+    hot = rng.integers(0, nc // 4, n)  # a few classes dominate, so clusters share classes
+    pred[4 + hot, np.arange(n)] = rng.uniform(0.05, 1.0, n)
+    return pred

@@ -84,20 +84,6 @@ def nudenet_output(nudenet_model: str, astronaut_rgb: np.ndarray):
     return out[0], (r, left, top, w, h), names
 
 
-def stress_prediction(n: int = 8400, nc: int = 80, seed: int = 7) -> np.ndarray:
-    """Thousands of candidates in tight clusters (heavy overlap), many classes, close scores."""
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform(40, 600, (60, 2))
-    which = rng.integers(0, len(centres), n)
-    pred = np.empty((4 + nc, n), np.float32)
-    pred[0:2] = (centres[which] + rng.normal(0, 6, (n, 2))).T
-    pred[2:4] = rng.uniform(20, 160, (2, n))
-    pred[4:] = rng.uniform(0, 0.2, (nc, n))
-    hot = rng.integers(0, nc // 4, n)  # a few classes dominate, so clusters share classes
-    pred[4 + hot, np.arange(n)] = rng.uniform(0.05, 1.0, n)
-    return pred
-
-
 GEOM = (0.5, 0.0, 140.0, 1280, 720)  # scale, pad_left, pad_top, src_w, src_h (720p -> 640)
 
 
@@ -129,7 +115,7 @@ class _DecodeBehaviour:
     @pytest.mark.parametrize(("conf", "iou", "max_det"), [
         (0.05, 0.45, 300), (0.0, 0.7, 10000), (0.3, 0.1, 50)])
     def test_stress_matches_opencv(self, conf: float, iou: float, max_det: int) -> None:
-        pred = stress_prediction()
+        pred = reference_kernels.stress_prediction()
         candidates = int((pred[4:].max(axis=0) >= conf).sum())
         assert candidates > 1000
         got = self.run(pred, conf=conf, iou=iou, max_det=max_det)
@@ -137,7 +123,7 @@ class _DecodeBehaviour:
         assert 0 < len(got[1]) <= max_det
 
     def test_stress_with_classes(self) -> None:
-        pred = stress_prediction(seed=8)
+        pred = reference_kernels.stress_prediction(seed=8)
         classes = np.array([0, 3, 5, 11, 79], np.int32)
         got = self.run(pred, conf=0.05, classes=classes)
         assert set(got[2].tolist()) <= set(classes.tolist())
@@ -145,18 +131,19 @@ class _DecodeBehaviour:
 
     # edges
     def test_no_candidates(self) -> None:
-        boxes, scores, class_ids = self.run(stress_prediction(), conf=1.5)
+        boxes, scores, class_ids = self.run(reference_kernels.stress_prediction(), conf=1.5)
         assert boxes.shape == (0, 4) and scores.shape == (0,) and class_ids.shape == (0,)
         assert boxes.dtype == np.float32 and class_ids.dtype == np.int32
 
     def test_zero_anchors_and_zero_max_detections(self) -> None:
         assert self.run(np.zeros((6, 0), np.float32))[0].shape == (0, 4)
-        assert len(self.run(stress_prediction(), max_det=0)[1]) == 0
+        assert len(self.run(reference_kernels.stress_prediction(), max_det=0)[1]) == 0
 
     def test_empty_classes_keeps_nothing(self) -> None:
-        assert len(self.run(stress_prediction(), conf=0.0, classes=[])[1]) == 0
-        assert len(self.run(stress_prediction(), conf=0.0, classes=np.array([], int))[1]) == 0
-        assert len(self.run(stress_prediction(), conf=0.0, classes=[-1, 1000])[1]) == 0
+        assert len(self.run(reference_kernels.stress_prediction(), conf=0.0, classes=[])[1]) == 0
+        empty = np.array([], int)
+        assert len(self.run(reference_kernels.stress_prediction(), conf=0.0, classes=empty)[1]) == 0
+        assert len(self.run(reference_kernels.stress_prediction(), conf=0.0, classes=[-1, 1000])[1]) == 0
 
     def test_class_filter_uses_best_class_before_nms(self) -> None:
         # Anchor 0: best class 1 (0.9), class 0 at 0.8. Anchor 1: class 0 at 0.5, elsewhere.
@@ -212,7 +199,7 @@ class _DecodeBehaviour:
         assert self.run(pred)[2].tolist() == [0, 1]
 
     def test_max_detections_keeps_the_best(self) -> None:
-        pred = stress_prediction()
+        pred = reference_kernels.stress_prediction()
         full = self.run(pred, conf=0.05, max_det=10000)
         top = self.run(pred, conf=0.05, max_det=17)
         assert len(top[1]) == 17
@@ -243,7 +230,7 @@ class _DecodeBehaviour:
         np.testing.assert_array_equal(got, np.sort(scores)[::-1][:30000])
 
     def test_any_strides(self) -> None:
-        pred = stress_prediction(n=3000, nc=20)
+        pred = reference_kernels.stress_prediction(n=3000, nc=20)
         expected = self.run(pred, conf=0.05)
         fortran = np.asfortranarray(pred)
         wide = np.zeros((pred.shape[0], 2 * pred.shape[1]), np.float32)
@@ -286,7 +273,7 @@ class TestReferenceDecode(_DecodeBehaviour):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_compiled_equals_reference_exactly(seed: int) -> None:
-    pred = stress_prediction(n=5000, nc=30, seed=100 + seed)
+    pred = reference_kernels.stress_prediction(n=5000, nc=30, seed=100 + seed)
     for conf, iou, max_det in [(0.05, 0.45, 300), (0.0, 0.3, 5000), (0.5, 0.9, 20)]:
         got = yolo.decode_yolo(pred, conf, iou, max_det, None, *GEOM)
         expected = reference_kernels.decode_yolo(pred, conf, iou, max_det, None, *GEOM)

@@ -581,37 +581,19 @@ static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
 
 /* The row loop specialised for one format (a constant) and tap count, compiled for AVX2
  * too (vector_clones.h). */
-static VAS_VECTOR_CLONES void run_nv12(lb_worker *wk)
-{
-    if (wk->job->one_col_tap)
-        run_rows(wk, VAS_NV12, 0);
-    else
-        run_rows(wk, VAS_NV12, 1);
-}
+#define DEFINE_RUN(name, format)                                                   \
+    static VAS_VECTOR_CLONES void name(lb_worker *wk)                              \
+    {                                                                              \
+        if (wk->job->one_col_tap)                                                  \
+            run_rows(wk, format, 0);                                               \
+        else                                                                       \
+            run_rows(wk, format, 1);                                               \
+    }
 
-static VAS_VECTOR_CLONES void run_i420(lb_worker *wk)
-{
-    if (wk->job->one_col_tap)
-        run_rows(wk, VAS_I420, 0);
-    else
-        run_rows(wk, VAS_I420, 1);
-}
-
-static VAS_VECTOR_CLONES void run_bgr(lb_worker *wk)
-{
-    if (wk->job->one_col_tap)
-        run_rows(wk, VAS_BGR24, 0);
-    else
-        run_rows(wk, VAS_BGR24, 1);
-}
-
-static VAS_VECTOR_CLONES void run_rgb(lb_worker *wk)
-{
-    if (wk->job->one_col_tap)
-        run_rows(wk, VAS_RGB24, 0);
-    else
-        run_rows(wk, VAS_RGB24, 1);
-}
+DEFINE_RUN(run_nv12, VAS_NV12)
+DEFINE_RUN(run_i420, VAS_I420)
+DEFINE_RUN(run_bgr, VAS_BGR24)
+DEFINE_RUN(run_rgb, VAS_RGB24)
 
 /* One worker's rows (an lb_worker *, typed void * to be a vas_guarded_fn). */
 static void run_worker(void *arg)
