@@ -62,8 +62,6 @@ _STICKY_MARKERS = ("CUDA failure", "cudaError", "CUDNN_STATUS", "CUBLAS_STATUS",
 BUFFERS = 2  # input buffers per model: one batch running, the next one being prepared
 
 
-
-
 class Pending:
     """One `infer` request between its last byte read and its response."""
 
