@@ -21,31 +21,7 @@ import tempfile
 import threading
 import time
 
-import numpy as np
-from _common import Conn, encode, machine, server, vasipc_cmd, write_frames
-
-
-def tiny_model(path: str) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array((rng.standard_normal((3 * 64 * 64, 6 * 16)) * 0.01)
-                                .astype(np.float32), "w")
-    flat = numpy_helper.from_array(np.array([1, 3 * 64 * 64], np.int64), "flat")
-    shape = numpy_helper.from_array(np.array([1, 6, 16], np.int64), "shape")
-    nodes = [helper.make_node("Reshape", ["images", "flat"], ["f"]),
-             helper.make_node("MatMul", ["f", "w"], ["m"]),
-             helper.make_node("Reshape", ["m", "shape"], ["r"]),
-             helper.make_node("Sigmoid", ["r"], ["output0"])]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, 16])],
-        [w, flat, shape])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+from _common import Conn, encode, machine, server, tiny_model, vasipc_cmd, write_frames
 
 
 def sample(pid: int, shm: str) -> tuple[float, int, int]:
