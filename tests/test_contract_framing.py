@@ -67,17 +67,6 @@ def no_response(sock: socket.socket, timeout: float) -> bool:
         return True
 
 
-def closed_without_response(sock: socket.socket, timeout: float) -> bool:
-    """True when the peer closes within `timeout` without sending a single byte."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-
-
 def recv_within(sock: socket.socket, seconds: float) -> dict:
     sock.settimeout(seconds)
     return wire.recv(sock)
@@ -186,7 +175,7 @@ def test_half_closed_client_gets_all_answers(nudenet_server, astronaut_frame):
         s.shutdown(socket.SHUT_WR)
         assert wire.recv(s)["request_id"] == 1
         assert_health(wire.recv(s), 2)
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
 
 
 def test_message_split_across_many_writes(nudenet_server):
@@ -205,7 +194,7 @@ def test_zero_length_is_invalid_message_and_closes(nudenet_server):
         # a valid request follows the empty message: it must not be read or answered
         s.sendall(struct.pack(">I", 0) + wire.encode(health_msg("next")))
         assert_error(recv_within(s, 5), "invalid_message")
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
 
 
 @pytest.mark.parametrize("length", [DEFAULT_MAX + 1, 0xFFFFFFFF])
@@ -215,14 +204,14 @@ def test_too_large_answered_at_once_without_body(nudenet_server, length):
         s.sendall(struct.pack(">I", length))  # no body follows
         assert_error(recv_within(s, 3), "message_too_large")
         assert time.monotonic() - t0 < 3
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
 
 
 def test_too_large_with_partial_body_closes_without_reading_it(small):
     with wire.connect(small.socket) as s:
         s.sendall(struct.pack(">I", SMALL_MAX + 1) + padded(SMALL_MAX + 1)[:200])
         assert_error(recv_within(s, 3), "message_too_large")
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
 
 
 @pytest.mark.parametrize("prefix", [0, DEFAULT_MAX + 1], ids=["zero", "too-large"])
@@ -241,7 +230,7 @@ def test_requests_before_a_bad_prefix_are_answered_first(nudenet_server, astrona
         assert third["request_id"] == 3 and third["error_code"] is None, third
         assert_error(recv_within(s, 5),
                      "invalid_message" if prefix == 0 else "message_too_large")
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
 
 
 def test_exactly_max_message_bytes_is_accepted(nudenet_server, small):
@@ -250,7 +239,7 @@ def test_exactly_max_message_bytes_is_accepted(nudenet_server, small):
         assert_health(recv_within(s, 5))
         s.sendall(wire.frame(padded(SMALL_MAX + 1)))
         assert_error(recv_within(s, 5), "message_too_large")
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
     with wire.connect(nudenet_server.socket, timeout=30) as s:
         s.sendall(wire.frame(padded(DEFAULT_MAX)))
         assert_health(wire.recv(s))
@@ -366,7 +355,7 @@ def test_message_stalled_mid_body_is_dropped_others_served(small):
                 wire.send(other, health_msg(i))
                 assert_health(recv_within(other, 0.8), i)
                 assert time.monotonic() - t < 0.8  # not held up until the 1 s read timeout
-        assert closed_without_response(stalled, 5)
+        assert wire.is_closed(stalled, 5)
         elapsed = time.monotonic() - t0
         assert 0.8 < elapsed < 3.0, elapsed
 
@@ -376,7 +365,7 @@ def test_message_stalled_in_prefix_is_dropped(small, sent):
     with wire.connect(small.socket) as s:
         t0 = time.monotonic()
         s.sendall(wire.encode(health_msg())[:sent])
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
         assert 0.8 < time.monotonic() - t0 < 3.0
 
 
@@ -394,7 +383,7 @@ def test_read_timeout_runs_from_the_first_byte(small):
                 closed_at = time.monotonic()
                 break
             time.sleep(0.1)
-        assert closed_without_response(s, 3)
+        assert wire.is_closed(s, 3)
         closed_at = closed_at or time.monotonic()
         assert closed_at - t0 < 2.5, "the read timeout restarted with each byte"
 
@@ -406,7 +395,7 @@ def test_idle_connection_closed_after_idle_timeout(small):
             wire.send(busy, health_msg(i))
             assert_health(recv_within(busy, 2), i)
             time.sleep(0.4)
-        assert closed_without_response(idle, 0.1)
+        assert wire.is_closed(idle, 0.1)
         assert time.monotonic() - t0 > 2.0
         wire.send(busy, health_msg("still"))
         assert_health(recv_within(busy, 2), "still")
@@ -417,7 +406,7 @@ def test_idle_timeout_after_a_response(small):
         wire.send(s, health_msg(1))
         assert_health(recv_within(s, 2), 1)
         t0 = time.monotonic()
-        assert closed_without_response(s, 5)
+        assert wire.is_closed(s, 5)
         assert 0.8 < time.monotonic() - t0 < 3.0
 
 
@@ -487,7 +476,7 @@ def test_max_connections(server_factory):
     try:
         with wire.connect(server.socket) as extra:
             t0 = time.monotonic()
-            assert closed_without_response(extra, 5)
+            assert wire.is_closed(extra, 5)
             assert time.monotonic() - t0 < 1.0
         for i, s in enumerate(first):  # the first three are unaffected
             wire.send(s, health_msg(i))

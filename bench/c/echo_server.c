@@ -18,41 +18,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "uds_io.h"
+
 #define MAX_BODY (1u << 20)
 
 static const char BODY[] =
     "{\"op\":\"health\",\"status\":\"ok\",\"ready\":true,\"model_id\":\"bench\","
     "\"uptime_s\":1.0,\"in_flight\":0,\"requests_total\":0}";
-
-static int read_full(int fd, char *buf, size_t n) {
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
-        if (r > 0) {
-            got += (size_t)r;
-        } else if (r < 0 && errno == EINTR) {
-            continue;
-        } else {
-            return -1; /* EOF or error */
-        }
-    }
-    return 0;
-}
-
-static int write_full(int fd, const char *buf, size_t n) {
-    size_t put = 0;
-    while (put < n) {
-        ssize_t w = write(fd, buf + put, n - put);
-        if (w > 0) {
-            put += (size_t)w;
-        } else if (w < 0 && errno == EINTR) {
-            continue;
-        } else {
-            return -1;
-        }
-    }
-    return 0;
-}
 
 static void *serve(void *arg) {
     int fd = (int)(intptr_t)arg;

@@ -20,6 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "uds_io.h"
+
 static const char REQ[] = "{\"op\":\"health\"}";
 static const char *g_path;
 static long g_requests, g_warmup;
@@ -39,23 +41,8 @@ static double now_ns(void) {
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
-static int read_full(int fd, char *buf, size_t n) {
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
-        if (r > 0) {
-            got += (size_t)r;
-        } else if (r < 0 && errno == EINTR) {
-            continue;
-        } else {
-            return -1;
-        }
-    }
-    return 0;
-}
-
 static int round_trip(int fd, const char *msg, size_t msg_len, char *buf, size_t cap) {
-    if (write(fd, msg, msg_len) != (ssize_t)msg_len) {
+    if (write_full(fd, msg, msg_len) != 0) {
         return -1;
     }
     unsigned char head[4];
