@@ -28,14 +28,6 @@ SIZE = 640
 RESOLUTIONS = {**_RESOLUTIONS, "1440p": (2560, 1440)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    yield
-    cv2.setNumThreads(before)
-
-
 @pytest.fixture(scope="module", params=list(RESOLUTIONS), ids=list(RESOLUTIONS))
 def frame(request):
     w, h = RESOLUTIONS[request.param]

@@ -241,3 +241,32 @@ def stress_prediction(n: int = 8400, nc: int = 80, seed: int = 7) -> np.ndarray:
     hot = rng.integers(0, nc // 4, n)  # a few classes dominate, so clusters share classes
     pred[4 + hot, np.arange(n)] = rng.uniform(0.05, 1.0, n)
     return pred
+
+
+def opencv_decode(pred: np.ndarray, conf: float, iou: float, max_det: int, classes,
+                  scale: float, pad_left: float, pad_top: float, src_w: int, src_h: int):
+    """The same rules built from numpy and OpenCV's batched (per-class) NMS: the baseline
+    decode_yolo is tested and benchmarked against (cv2 is imported here, on use)."""
+    import cv2
+
+    scores = pred[4:].max(axis=0)
+    cls = pred[4:].argmax(axis=0)
+    keep = scores >= np.float32(conf)
+    if classes is not None:
+        keep &= np.isin(cls, np.asarray(classes, dtype=np.int64))
+    idx = np.flatnonzero(keep)
+    idx = idx[np.lexsort((idx, -scores[idx]))][:30000]
+    cx, cy, w, h = (pred[k, idx].astype(np.float64) for k in range(4))
+    x1, y1 = cx - w / 2, cy - h / 2
+    rects = np.stack([x1, y1, w, h], axis=1)
+    kept = cv2.dnn.NMSBoxesBatched(rects, scores[idx], cls[idx].astype(np.int32),
+                                   -1.0, iou) if idx.size else []
+    kept = np.asarray(kept, dtype=np.int64).ravel()[:max_det]
+    sel = idx[kept]
+    cx, cy, w, h = (pred[k, sel].astype(np.float64) for k in range(4))
+    boxes = np.stack([(cx - w / 2 - pad_left) / scale / src_w,
+                      (cy - h / 2 - pad_top) / scale / src_h,
+                      (cx + w / 2 - pad_left) / scale / src_w,
+                      (cy + h / 2 - pad_top) / scale / src_h], axis=1)
+    return (np.clip(boxes, 0, 1).astype(np.float32).reshape(-1, 4),
+            scores[sel].astype(np.float32), cls[sel].astype(np.int32))

@@ -24,32 +24,6 @@ cv2 = pytest.importorskip("cv2")
 FACE_FEMALE = 1
 
 
-def opencv_decode(pred: np.ndarray, conf: float, iou: float, max_det: int, classes,
-                  scale: float, pad_left: float, pad_top: float, src_w: int, src_h: int):
-    """The same rules built from numpy and OpenCV's batched (per-class) NMS."""
-    scores = pred[4:].max(axis=0)
-    cls = pred[4:].argmax(axis=0)
-    keep = scores >= np.float32(conf)
-    if classes is not None:
-        keep &= np.isin(cls, np.asarray(classes, dtype=np.int64))
-    idx = np.flatnonzero(keep)
-    idx = idx[np.lexsort((idx, -scores[idx]))][:30000]
-    cx, cy, w, h = (pred[k, idx].astype(np.float64) for k in range(4))
-    x1, y1 = cx - w / 2, cy - h / 2
-    rects = np.stack([x1, y1, w, h], axis=1)
-    kept = cv2.dnn.NMSBoxesBatched(rects, scores[idx], cls[idx].astype(np.int32),
-                                   -1.0, iou) if idx.size else []
-    kept = np.asarray(kept, dtype=np.int64).ravel()[:max_det]
-    sel = idx[kept]
-    cx, cy, w, h = (pred[k, sel].astype(np.float64) for k in range(4))
-    boxes = np.stack([(cx - w / 2 - pad_left) / scale / src_w,
-                      (cy - h / 2 - pad_top) / scale / src_h,
-                      (cx + w / 2 - pad_left) / scale / src_w,
-                      (cy + h / 2 - pad_top) / scale / src_h], axis=1)
-    return (np.clip(boxes, 0, 1).astype(np.float32).reshape(-1, 4),
-            scores[sel].astype(np.float32), cls[sel].astype(np.int32))
-
-
 def assert_same_detections(got, expected, atol: float = 1e-5) -> None:
     boxes, scores, class_ids = got
     assert boxes.dtype == np.float32 and scores.dtype == np.float32
@@ -98,7 +72,7 @@ class _DecodeBehaviour:
     def test_nudenet_matches_opencv(self, nudenet_output, conf: float) -> None:
         pred, geom, names = nudenet_output
         got = self.run(pred, conf=conf, geom=geom)
-        assert_same_detections(got, opencv_decode(pred, conf, 0.45, 300, None, *geom))
+        assert_same_detections(got, reference_kernels.opencv_decode(pred, conf, 0.45, 300, None, *geom))
         assert FACE_FEMALE in got[2].tolist() and names[FACE_FEMALE] == "FACE_FEMALE"
         if conf == 0.25:
             face = got[0][got[2].tolist().index(FACE_FEMALE)]
@@ -109,7 +83,7 @@ class _DecodeBehaviour:
         pred, geom, _ = nudenet_output
         got = self.run(pred, conf=0.05, classes=[FACE_FEMALE, 12], geom=geom)
         assert set(got[2].tolist()) <= {FACE_FEMALE, 12} and FACE_FEMALE in got[2]
-        assert_same_detections(got, opencv_decode(pred, 0.05, 0.45, 300, [1, 12], *geom))
+        assert_same_detections(got, reference_kernels.opencv_decode(pred, 0.05, 0.45, 300, [1, 12], *geom))
 
     # stress
     @pytest.mark.parametrize(("conf", "iou", "max_det"), [
@@ -119,7 +93,7 @@ class _DecodeBehaviour:
         candidates = int((pred[4:].max(axis=0) >= conf).sum())
         assert candidates > 1000
         got = self.run(pred, conf=conf, iou=iou, max_det=max_det)
-        assert_same_detections(got, opencv_decode(pred, conf, iou, max_det, None, *GEOM))
+        assert_same_detections(got, reference_kernels.opencv_decode(pred, conf, iou, max_det, None, *GEOM))
         assert 0 < len(got[1]) <= max_det
 
     def test_stress_with_classes(self) -> None:
@@ -127,7 +101,7 @@ class _DecodeBehaviour:
         classes = np.array([0, 3, 5, 11, 79], np.int32)
         got = self.run(pred, conf=0.05, classes=classes)
         assert set(got[2].tolist()) <= set(classes.tolist())
-        assert_same_detections(got, opencv_decode(pred, 0.05, 0.45, 300, classes, *GEOM))
+        assert_same_detections(got, reference_kernels.opencv_decode(pred, 0.05, 0.45, 300, classes, *GEOM))
 
     # edges
     def test_no_candidates(self) -> None:
