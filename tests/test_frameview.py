@@ -225,3 +225,22 @@ def test_offset_overflow_refused(frame_file):
     path, _ = frame_file
     with pytest.raises(OverflowError):
         map_frame(path, 2**63 - 5, 10)
+
+
+def test_init_twice_and_no_arguments_are_refused(frame_file):
+    path, data = frame_file
+    view = map_frame(path, 0, 10)
+    fd = open_frame(path)
+    try:
+        with pytest.raises(ValueError, match="already mapped"):
+            view.__init__(fd, 0, 10)
+    finally:
+        os.close(fd)
+    assert bytes(memoryview(view)) == data[:10]  # the first mapping is untouched
+    view.close()
+    with pytest.raises(TypeError):
+        FrameView()
+    empty = FrameView.__new__(FrameView)  # never mapped: closed, and dealloc is harmless
+    assert empty.closed
+    with pytest.raises(ValueError):
+        memoryview(empty)

@@ -5,6 +5,14 @@ that is not a regular file / directory, checks every size before a pixel is touc
 returns an `OpenFrame` whose `view` is a read-only mmap (no copy). The caller closes it
 as soon as the kernel has read the pixels. Checks follow the contract's precedence:
 frame_forbidden, frame_not_found, unsupported_format, frame_invalid, frame_changed.
+
+Two paths lead to an OpenFrame. The fast path (`FrameOpener._open_fast`) serves the
+common, successful case in a few syscalls (frameview.open_fast / map_member, one GIL
+release each); it never produces an error. Whenever any of its steps meets anything
+but success, it closes what it opened and the slow path (`_open_slow`, the original
+resolve-check-open sequence) runs from the start and decides the exact error code, so
+codes and their precedence are the slow path's alone. Why a fast success is a slow
+success with the same file: see `FrameRoots.names_inside`.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from vasipc._fast.frameview import FrameView
+from vasipc._fast.frameview import FrameView, map_member, open_fast, probe_type, stat_identity
 from vasipc._fast.letterbox import frame_nbytes, min_stride
 from vasipc.errors import (
     FrameChanged,
@@ -23,13 +31,17 @@ from vasipc.errors import (
     FrameNotFound,
     InvalidRequest,
     UnsupportedFormat,
+    VasipcError,
 )
-from vasipc.frames import HEADER_SIZE, PIXEL_FORMATS, FrameHeader, parse_format
+from vasipc.frames import HEADER_SIZE, HEADER_STRUCT, PIXEL_FORMATS, parse_format
 from vasipc.schema import FrameMetadata
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FORMAT_NAMES = {code: name for name, code in PIXEL_FORMATS.items()}
 _CHROMA_FORMATS = (PIXEL_FORMATS["NV12"], PIXEL_FORMATS["I420"])
+_META, _DATA = "frame.meta", "frame.data"
+_META_B, _DATA_B = os.fsencode(_META), os.fsencode(_DATA)
+_OFF_T_MAX = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -50,12 +62,13 @@ class OpenFrame:
         if self.dir_fd < 0:
             return
         try:
-            # followed: a frame.meta symlink (allowed inside the roots) was fstat'ed via its target
-            st = os.stat("frame.meta", dir_fd=self.dir_fd)
+            # followed: a frame.meta symlink (allowed inside the roots) was fstat'ed via its
+            # target. stat_identity is os.stat(_META, dir_fd=...)'s (dev, ino, mtime_ns).
+            identity = stat_identity(self.dir_fd, _META_B)
         except FileNotFoundError:
             raise FrameChanged("frame.meta vanished while the frame was read",
                                frame_id=self.frame_id) from None
-        if (st.st_dev, st.st_ino, st.st_mtime_ns) != self.meta_identity:
+        if identity != self.meta_identity:
             raise FrameChanged("frame.meta was replaced while the frame was read",
                                frame_id=self.frame_id)
 
@@ -71,9 +84,38 @@ class FrameRoots:
 
     def __init__(self, roots: list[str]) -> None:
         self.roots = tuple(os.path.realpath(r) for r in roots)
+        self._prefixes = tuple(r.rstrip("/") + "/" for r in self.roots)
 
     def contains(self, real_path: str) -> bool:
         return any(real_path == r or real_path.startswith(r.rstrip("/") + "/") for r in self.roots)
+
+    def names_inside(self, path: str) -> bool:
+        """Whether `path`, read as a plain name, lies inside the roots: it is a root or
+        starts with one followed by "/", and no component is "." or "..".
+
+        This is what makes the fast path's success imply the slow path's. The fast path
+        opens such a path only with openat2(RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+        O_NOFOLLOW), which fails unless no component, the last and the roots' own
+        included, is a symlink. A path with no symlink and no dot component resolves to
+        the name itself, less empty components and a trailing "/": realpath(path) is
+        that name (the roots are stored as realpaths), so contains(realpath(path)) holds
+        by the same rule, and the file opened is the one the slow path would lstat and
+        open at realpath(path) (the same inode, reached by the same names; opening it
+        worked, so the slow path's open of that name works: no symlink for O_NOFOLLOW to
+        refuse, the same permission checks). The fast path also requires, as the slow
+        path does, a regular file or directory (O_DIRECTORY, or an lstat before the
+        open, so a FIFO or device is never opened; fstat after it), and it opens frame.meta and
+        frame.data exactly as the slow path's _open_member does. Nothing outside the
+        roots is ever opened, not even for a moment: the name is checked before the open
+        and the kernel refuses every symlink that could lead elsewhere. Any other case
+        (a symlink anywhere, "..", a root named through a symlink, openat2 missing)
+        is refused and goes to the slow path, which resolves and decides.
+        """
+        if not (path.startswith(self._prefixes) or path in self.roots):
+            return False
+        if "/." in path:  # rare: only then split (".hidden" names pass)
+            return not any(part in (".", "..") for part in path.split("/"))
+        return True
 
     def _confined(self, path: str) -> str:
         real = os.path.realpath(path)
@@ -165,6 +207,40 @@ def _check_geometry(fmt: int, width: int, height: int, stride: int | None, max_d
         raise bad(f"stride {stride} is too large") from None
 
 
+def _check_header(raw: bytes, md: FrameMetadata, ref: str,
+                  max_dim: int) -> tuple[int, int, int, int, int, int]:
+    """Validate frame.meta's bytes against frame_metadata, in the contract's order:
+    (pixel_format, width, height, stride, frame_id, the frame's byte count), or the
+    contract error. Shared by both paths. (FrameHeader's fields, without building one.)"""
+    if len(raw) < HEADER_SIZE:
+        raise FrameInvalid(f"{ref}/frame.meta is {len(raw)} bytes, expected {HEADER_SIZE}")
+    (version, _, fid, _, width, height, fmt, stride,
+     data_size) = HEADER_STRUCT.unpack_from(raw)
+    if version < 1:
+        raise FrameInvalid(f"frame.meta version {version} is not supported", frame_id=fid)
+    if fmt not in _FORMAT_NAMES:
+        raise UnsupportedFormat(f"frame.meta pixel_format {fmt} is not supported",
+                                frame_id=fid)
+    # The header is authoritative: a frame_metadata.format it does not match, even one
+    # this server cannot read, is a mismatch (frame_invalid), not the frame's format.
+    if md.format is not None and _metadata_format(md.format) != fmt:
+        raise FrameInvalid(f"frame_metadata.format {md.format!r} differs from the header's "
+                           f"{_FORMAT_NAMES[fmt]}", frame_id=fid)
+    for key, value in (("width", width), ("height", height), ("stride", stride)):
+        given = getattr(md, key)
+        if given is not None and given != value:
+            raise FrameInvalid(f"frame_metadata.{key} {given} differs from the header's "
+                               f"{value}", frame_id=fid)
+    _, nbytes = _check_geometry(fmt, width, height, stride, max_dim, fid)
+    if data_size < nbytes:
+        raise FrameInvalid(f"header data_size {data_size} is smaller than the frame "
+                           f"({nbytes} bytes)", frame_id=fid)
+    if md.frame_id is not None and md.frame_id != fid:
+        raise FrameChanged(f"frame_metadata.frame_id {md.frame_id} differs from the header's "
+                           f"{fid}", frame_id=fid)
+    return fmt, width, height, stride, fid, nbytes
+
+
 def _map(fd: int, offset: int, nbytes: int, frame_id: int | None) -> FrameView:
     try:
         return FrameView(fd, offset, nbytes)
@@ -185,12 +261,80 @@ class FrameOpener:
         Outside the roots the answer is False, so that a probe learns nothing there and
         gets frame_forbidden later.
         """
+        if self.roots.names_inside(ref):
+            # Not a regular file (os.stat's answer, as below): False. A regular file at a
+            # name inside the roots with no symlink in it (see names_inside): True.
+            try:
+                mode = probe_type(os.fsencode(ref))
+            except (UnicodeError, ValueError):
+                mode = -1
+            if mode >= 0:
+                return mode == stat.S_IFREG
         try:
             return stat.S_ISREG(os.stat(ref).st_mode) and self.roots.contains(os.path.realpath(ref))
         except (OSError, ValueError):
             return False
 
     def open(self, ref: str, md: FrameMetadata) -> OpenFrame:
+        frame = self._open_fast(ref, md)
+        if frame is not None:
+            return frame
+        return self._open_slow(ref, md)
+
+    def _open_fast(self, ref: str, md: FrameMetadata) -> OpenFrame | None:
+        """The common case in two C calls; None whenever it is not a success, with nothing
+        left open (the slow path then decides). Never raises a contract error."""
+        if not self.roots.names_inside(ref):
+            return None
+        try:
+            path = os.fsencode(ref)
+        except UnicodeError:
+            return None
+        # A raw file's mapping, when frame_metadata describes a valid one; an export dir
+        # ignores it. Anything short of that leaves a raw file to the slow path's errors.
+        fmt = stride = None
+        raw_offset = raw_nbytes = 0
+        if md.width is not None and md.height is not None and md.format is not None:
+            fmt = _metadata_format(md.format)
+            if fmt is not None:
+                try:
+                    stride, nbytes = _check_geometry(fmt, md.width, md.height, md.stride,
+                                                     self.max_frame_dim, md.frame_id)
+                except FrameInvalid:
+                    pass
+                else:
+                    offset = md.offset or 0
+                    if 0 <= offset <= _OFF_T_MAX - nbytes:
+                        raw_offset, raw_nbytes = offset, nbytes
+        got = open_fast(path, _META_B, raw_offset, raw_nbytes)
+        if got is None:
+            return None
+        view, dfd, raw, meta_identity = got
+        if view is not None:  # a raw file, mapped as _open_raw would have
+            return OpenFrame(view, fmt, md.width, md.height, stride, md.frame_id)
+        try:
+            try:
+                fmt, width, height, stride, fid, nbytes = _check_header(
+                    raw, md, ref, self.max_frame_dim)
+            except VasipcError:
+                os.close(dfd)
+                return None
+            mapped = map_member(dfd, _DATA_B, nbytes, _META_B)
+            if mapped is None:
+                os.close(dfd)
+                return None
+            view, identity = mapped
+            if identity != meta_identity:  # replaced meanwhile: the slow path reads anew
+                view.close()
+                os.close(dfd)
+                return None
+        except BaseException:
+            os.close(dfd)
+            raise
+        # dfd is the frame's own now, for check_unchanged (no dup: nothing else holds it).
+        return OpenFrame(view, fmt, width, height, stride, fid, meta_identity, dfd)
+
+    def _open_slow(self, ref: str, md: FrameMetadata) -> OpenFrame:
         fd, st = self.roots.open_confined(ref)
         try:
             if stat.S_ISDIR(st.st_mode):
@@ -214,41 +358,16 @@ class FrameOpener:
         return OpenFrame(view, fmt, md.width, md.height, stride, md.frame_id)
 
     def _open_export_dir(self, dfd: int, ref: str, md: FrameMetadata) -> OpenFrame:
-        meta_fd, meta_st = self._open_member(dfd, ref, "frame.meta")
+        meta_fd, meta_st = self._open_member(dfd, ref, _META)
         try:
             if not stat.S_ISREG(meta_st.st_mode):
                 raise FrameForbidden(f"{ref}/frame.meta is not a regular file")
             raw = os.pread(meta_fd, HEADER_SIZE, 0)
         finally:
             os.close(meta_fd)
-        if len(raw) < HEADER_SIZE:
-            raise FrameInvalid(f"{ref}/frame.meta is {len(raw)} bytes, expected {HEADER_SIZE}")
-        hdr = FrameHeader.unpack(raw)
-        fid = hdr.frame_id
-        if hdr.version < 1:
-            raise FrameInvalid(f"frame.meta version {hdr.version} is not supported", frame_id=fid)
-        if hdr.pixel_format not in _FORMAT_NAMES:
-            raise UnsupportedFormat(f"frame.meta pixel_format {hdr.pixel_format} is not supported",
-                                    frame_id=fid)
-        # The header is authoritative: a frame_metadata.format it does not match, even one
-        # this server cannot read, is a mismatch (frame_invalid), not the frame's format.
-        if md.format is not None and _metadata_format(md.format) != hdr.pixel_format:
-            raise FrameInvalid(f"frame_metadata.format {md.format!r} differs from the header's "
-                               f"{_FORMAT_NAMES[hdr.pixel_format]}", frame_id=fid)
-        for key in ("width", "height", "stride"):
-            given = getattr(md, key)
-            if given is not None and given != getattr(hdr, key):
-                raise FrameInvalid(f"frame_metadata.{key} {given} differs from the header's "
-                                   f"{getattr(hdr, key)}", frame_id=fid)
-        _, nbytes = _check_geometry(hdr.pixel_format, hdr.width, hdr.height, hdr.stride,
-                                    self.max_frame_dim, fid)
-        if hdr.data_size < nbytes:
-            raise FrameInvalid(f"header data_size {hdr.data_size} is smaller than the frame "
-                               f"({nbytes} bytes)", frame_id=fid)
-        if md.frame_id is not None and md.frame_id != fid:
-            raise FrameChanged(f"frame_metadata.frame_id {md.frame_id} differs from the header's "
-                               f"{fid}", frame_id=fid)
-        data_fd, data_st = self._open_member(dfd, ref, "frame.data", fid)
+        fmt, width, height, stride, fid, nbytes = _check_header(raw, md, ref,
+                                                                self.max_frame_dim)
+        data_fd, data_st = self._open_member(dfd, ref, _DATA, fid)
         try:
             if not stat.S_ISREG(data_st.st_mode):
                 raise FrameForbidden(f"{ref}/frame.data is not a regular file", frame_id=fid)
@@ -258,7 +377,7 @@ class FrameOpener:
             view = _map(data_fd, 0, nbytes, fid)
         finally:
             os.close(data_fd)
-        frame = OpenFrame(view, hdr.pixel_format, hdr.width, hdr.height, hdr.stride, fid,
+        frame = OpenFrame(view, fmt, width, height, stride, fid,
                           (meta_st.st_dev, meta_st.st_ino, meta_st.st_mtime_ns), os.dup(dfd))
         try:
             frame.check_unchanged()  # right after mapping (CONTRACT 5.1)

@@ -20,8 +20,8 @@ import numpy as np
 HEADER_SIZE = 64
 # version, padding, frame_id, timestamp_ns, width, height, pixel_format, stride, data_size,
 # 16 reserved bytes: the table of CONTRACT 5.1, little-endian.
-_HEADER_STRUCT = struct.Struct("<IIQQIIIIQ16x")
-assert _HEADER_STRUCT.size == HEADER_SIZE
+HEADER_STRUCT = struct.Struct("<IIQQIIIIQ16x")
+assert HEADER_STRUCT.size == HEADER_SIZE
 
 NV12, I420, BGR24, RGB24 = 0, 1, 2, 3
 PIXEL_FORMATS: dict[str, int] = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
@@ -73,7 +73,7 @@ class FrameHeader:
     data_size: int
 
     def pack(self) -> bytes:
-        return _HEADER_STRUCT.pack(
+        return HEADER_STRUCT.pack(
             self.version, 0, self.frame_id, self.timestamp_ns, self.width, self.height,
             self.pixel_format, self.stride, self.data_size,
         )
@@ -85,7 +85,7 @@ class FrameHeader:
         if len(view) < HEADER_SIZE:
             raise ValueError(f"frame header needs {HEADER_SIZE} bytes, got {len(view)}")
         (version, _padding, frame_id, timestamp_ns, width, height, pixel_format, stride,
-         data_size) = _HEADER_STRUCT.unpack_from(view)
+         data_size) = HEADER_STRUCT.unpack_from(view)
         return cls(version, frame_id, timestamp_ns, width, height, pixel_format, stride,
                    data_size)
 

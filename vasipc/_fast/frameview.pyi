@@ -1,4 +1,5 @@
-"""A read-only, zero-copy mmap of one frame's bytes. See frameview.pyx."""
+"""A read-only, zero-copy mmap of one frame's bytes, and the syscall sequences of
+frame_source's fast path. See frameview.pyx."""
 
 from types import TracebackType
 
@@ -19,3 +20,15 @@ class FrameView:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+Identity = tuple[int, int, int]  # (st_dev, st_ino, st_mtime_ns)
+
+def openat2_available() -> bool: ...
+def open_fast(
+    path: bytes, meta_name: bytes, raw_offset: int, raw_length: int
+) -> tuple[FrameView, int, None, None] | tuple[None, int, bytes, Identity] | None: ...
+def map_member(
+    dir_fd: int, name: bytes, length: int, recheck_name: bytes
+) -> tuple[FrameView, Identity] | None: ...
+def probe_type(path: bytes) -> int: ...
+def stat_identity(dir_fd: int, name: bytes) -> Identity: ...
