@@ -310,6 +310,9 @@ VALID = {
     "max_detections 10**6": _set_in("config", "max_detections", 10**6),
     "max_detections 2**62": _set_in("config", "max_detections", 2**62),
     "classes unknown ids": _set_in("config", "classes", [1, 17, 18, 1000, 2**40]),
+    # JSON integers have no size limit: beyond 64 bits they are still integers
+    "max_detections 10**20": _set_in("config", "max_detections", 10**20),
+    "classes beyond 64 bits": _set_in("config", "classes", [0, 1, 2, 3, 10**20]),
     "deadline_ms float": _set("deadline_ms", 60000.5),
     "deadline_ms huge": _set("deadline_ms", 1e300),
     "metadata extra keys": _set("frame_metadata", {"offset": 0, "timestamp": 1.5, "x": [1]}),

@@ -1,13 +1,16 @@
-"""The batcher's two-stage pipeline (prep thread + infer thread, double-buffered input).
+"""The batcher's workers (leader/follower: each batch is filled, run and answered by one
+worker thread, two workers with one input buffer each).
 
 In-process: a real `Batcher` on the nudenet model, its session wrapped to gate, slow down
-or fail runs, so hand-off, queue accounting, model capture, stop and sticky errors can be
+or fail runs, so roles, queue accounting, model capture, stop and sticky errors can be
 checked deterministically; and a real in-process `Server` under concurrent mixed load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import socket
 import tempfile
@@ -22,7 +25,8 @@ import wire
 
 from vasipc import frames
 from vasipc._fast.frameview import FrameView
-from vasipc.batcher import BUFFERS, Batcher, Pending
+from vasipc._fast.yolo import decode_yolo
+from vasipc.batcher import BUFFERS, Batcher, Pending, _round6
 from vasipc.errors import Overloaded
 from vasipc.frame_source import FrameOpener, FrameRoots
 from vasipc.model import ModelSpec, load_model
@@ -57,18 +61,25 @@ def frame_dirs(astronaut_rgb):
 
 
 class GatedSession:
-    """Wraps an ORT session: each run waits for the gate (if closed) and may fail."""
+    """Wraps an ORT session: each run waits for the gate (if closed) and may fail. With
+    `permits` set, each run also takes one permit (so runs can be let through one by one).
+    Records the batch size and the thread of each run."""
 
     def __init__(self, inner, fail: str | None = None) -> None:
         self.inner, self.fail = inner, fail
         self.gate = threading.Event()
         self.gate.set()
+        self.permits: threading.Semaphore | None = None
         self.started = threading.Semaphore(0)
         self.runs: list[int] = []
+        self.threads: list[int] = []
 
     def run(self, names, feeds, options=None):
+        self.threads.append(threading.get_ident())
         self.started.release()
         assert self.gate.wait(30)
+        if self.permits is not None:
+            assert self.permits.acquire(timeout=30)
         self.runs.append(next(iter(feeds.values())).shape[0])
         if self.fail:
             raise RuntimeError(self.fail)
@@ -87,6 +98,7 @@ def make_batcher(model, root, **kw):
     fatal: list[str] = []
 
     def respond(p, result, stage, m):
+        p.thread = threading.get_ident()  # a TPending
         assert p.complete((result, stage, m)), "answered twice"
 
     b = Batcher(model, FrameOpener(FrameRoots([str(root)]), 8192), max_queue=kw.pop("max_queue", 64),
@@ -95,9 +107,15 @@ def make_batcher(model, root, **kw):
     return b, fatal
 
 
+class TPending(Pending):
+    """A Pending that also records the thread that answered it."""
+
+    __slots__ = ("thread",)
+
+
 def pending(ref, **extra) -> Pending:
     msg = wire.infer_request(ref, MODEL_ID, **extra)
-    return Pending(msg, parse_infer(msg, MODEL_ID), time.perf_counter())
+    return TPending(msg, parse_infer(msg, MODEL_ID), time.perf_counter())
 
 
 def wait_for(cond, timeout=10.0):
@@ -108,9 +126,9 @@ def wait_for(cond, timeout=10.0):
 
 
 def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_dirs):
-    """With runs blocked: one batch runs, one is prepared (off the queue), the rest wait in
-    the queue where --max-queue counts them; then all are answered, in submission order of
-    runs, each once."""
+    """With runs blocked: one worker runs a batch, the other holds the next one prepared
+    (off the queue), the rest wait in the queue where --max-queue counts them; then all are
+    answered, each once."""
     root, paths = frame_dirs
     model, sess = gated(models[1])
     sess.gate.clear()
@@ -119,7 +137,7 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     for p in ps[:2]:
         b.submit(p)
     assert sess.started.acquire(timeout=10)   # ps[0] runs
-    wait_for(lambda: b.queued() == 0)        # ps[1] left the queue: prepared
+    wait_for(lambda: b.queued() == 0 and b._ahead == 2)  # ps[1] left the queue: prepared
     time.sleep(0.05)
     for p in ps[2:]:
         b.submit(p)
@@ -127,7 +145,7 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     assert b.queued() == 3                   # the pipeline holds at most one prepared batch
     with pytest.raises(Overloaded):
         b.submit(pending(paths[0]))
-    assert b._out == BUFFERS and len(b._free) == 0
+    assert b._ahead == BUFFERS and b._running and not b._filling  # both workers hold a batch
     sess.gate.set()
     for p in ps:
         assert p.wait(30)
@@ -137,7 +155,9 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     b.stop()
     # queue_ms counts the wait while prepared: ps[1] waited for ps[0]'s whole run
     assert ps[1].response[1]["queue_ms"] >= 40
-    assert len(b._free) <= BUFFERS
+    for t in b._threads:
+        t.join(30)
+    assert b._ahead == 0 and not b._running and not b._filling
 
 
 def test_a_batch_keeps_the_model_it_captured(models, frame_dirs):
@@ -149,7 +169,7 @@ def test_a_batch_keeps_the_model_it_captured(models, frame_dirs):
     b.submit(p1)
     assert sess.started.acquire(timeout=10)
     b.submit(p2)
-    wait_for(lambda: b.queued() == 0 and b._ready is not None)  # p2 prepared on model a
+    wait_for(lambda: b.queued() == 0 and b._ahead == 2)  # p2 prepared on model a
     new = dataclasses.replace(models[1])
     b.model = new  # a hot reload swaps the reference
     b.submit(p3)
@@ -187,6 +207,21 @@ def test_stop_finishes_queued_requests_then_ends(models, frame_dirs):
     assert all(p.done() and isinstance(p.response[0], dict) for p in ps)
 
 
+def test_no_input_buffer_answers_internal_and_the_queue_moves(models, frame_dirs):
+    root, paths = frame_dirs
+    b, _ = make_batcher(dataclasses.replace(models[1], input_height=-1), root)  # np.empty fails
+    ps = [pending(paths[i]) for i in range(3)]
+    for p in ps:
+        b.submit(p)
+    for p in ps:
+        assert p.wait(30) and p.response[0].code == "internal"
+    b.model = models[1]
+    p = pending(paths[0])
+    b.submit(p)
+    assert p.wait(30) and isinstance(p.response[0], dict)
+    b.stop()
+
+
 def test_batches_fill_while_the_device_is_busy(models, frame_dirs):
     """max_batch 4: requests arriving during a run form the next batch (up to 4)."""
     root, paths = frame_dirs
@@ -206,6 +241,189 @@ def test_batches_fill_while_the_device_is_busy(models, frame_dirs):
     assert sess.runs[0] == 1 and sess.runs[1] == 4, sess.runs
     assert sorted(p.response[1]["batch_size"] for p in rest)[-1] == 4
     b.stop()
+
+
+def test_at_concurrency_one_a_request_stays_on_one_thread(models, frame_dirs):
+    """One request at a time: it is prepared, run and answered by the same worker thread
+    (handed over once, by submit), never the submitting thread."""
+    root, paths = frame_dirs
+    model, sess = gated(models[1])
+    b, _ = make_batcher(model, root)
+    prep_threads: list[int] = []
+    preprocess = b._preprocess
+
+    def recording_preprocess(*args):
+        prep_threads.append(threading.get_ident())
+        return preprocess(*args)
+
+    b._preprocess = recording_preprocess
+    for i in range(6):
+        p = pending(paths[i])
+        b.submit(p)
+        assert p.wait(30)
+        assert isinstance(p.response[0], dict), p.response
+        assert prep_threads[-1] == sess.threads[-1] == p.thread != threading.get_ident()
+    assert {t.ident for t in b._threads} >= set(prep_threads)
+    b.stop()
+
+
+def test_a_batch_is_answered_while_the_next_one_runs(models, frame_dirs):
+    """The worker that ran batch k answers it after freeing the device, without waiting for
+    batch k+1, which the other worker runs meanwhile."""
+    root, paths = frame_dirs
+    model, sess = gated(models[1])
+    sess.permits = threading.Semaphore(0)
+    b, _ = make_batcher(model, root)
+    p1, p2 = pending(paths[0]), pending(paths[1])
+    b.submit(p1)
+    assert sess.started.acquire(timeout=10)
+    b.submit(p2)
+    wait_for(lambda: b._ahead == 2)         # p2 prepared by the other worker
+    sess.permits.release()                  # let p1's run through, not p2's
+    assert sess.started.acquire(timeout=10)  # p2's run started (and is held)
+    assert p1.wait(30) and not p2.done()
+    assert p1.thread == sess.threads[0] != sess.threads[1]
+    sess.permits.release()
+    assert p2.wait(30) and p2.thread == sess.threads[1]
+    b.stop()
+
+
+def test_on_complete_is_called_once_by_the_completing_thread(models, frame_dirs):
+    """The hook runs once, in the thread whose complete() won, after the response is set
+    and the waiters are released; an exception in it is logged and the workers go on."""
+    root, paths = frame_dirs
+    b, _ = make_batcher(models[1], root)
+    calls: list[tuple[Pending, int, bool]] = []
+
+    def hook(p):
+        calls.append((p, threading.get_ident(), p.done() and p.wait(5)))
+        if len(calls) <= BUFFERS + 1:
+            raise RuntimeError("hook failed")
+
+    ps = [pending(paths[i % 6]) for i in range(8)]
+    for p in ps:
+        p.on_complete = hook
+    for p in ps[:BUFFERS + 1]:  # the hook raises for these
+        b.submit(p)
+        assert p.wait(30)
+    wait_for(lambda: len(calls) == BUFFERS + 1)
+    assert all(t.is_alive() for t in b._threads)
+    for p in ps[BUFFERS + 1:]:
+        b.submit(p)
+    for p in ps:
+        assert p.wait(30) and isinstance(p.response[0], dict)
+    wait_for(lambda: len(calls) == len(ps))
+    assert len({id(c[0]) for c in calls}) == len(ps)  # each request's hook once
+    for p, tid, released in calls:
+        assert tid == p.thread and released
+    assert not ps[0].complete(({}, {}, None))  # a late complete loses: no second call
+    assert len(calls) == len(ps)
+    b.stop()
+    for t in b._threads:
+        t.join(30)
+        assert not t.is_alive()
+
+
+def test_pending_on_complete_hook_alone():
+    seen = []
+    p = Pending({}, None, 0.0, on_complete=seen.append)
+    assert p.complete({"a": 1}) and not p.complete({"a": 2})
+    assert seen == [p] and p.response == {"a": 1} and p.wait(0)
+    q = Pending({}, None, 0.0)
+    q.on_complete = lambda _: 1 / 0
+    assert q.complete({}) and q.done()  # the hook's exception is logged, not raised
+
+
+# --- postprocess -----------------------------------------------------------------------------
+
+def _postprocess_reference(model, req, pred, geom):
+    """The numpy formulation of the detection list (np.round to 6 decimals)."""
+    (r, _, _, left, top), src_w, src_h = geom
+    cfg, spec = req.config, model.spec
+    max_det = spec.max_detections if cfg.max_detections is None else cfg.max_detections
+    classes = None if cfg.classes is None else np.asarray(
+        [c for c in cfg.classes if c < model.num_classes], dtype=np.int32)
+    boxes, scores, class_ids = decode_yolo(
+        pred,
+        spec.confidence_threshold if cfg.confidence_threshold is None else cfg.confidence_threshold,
+        spec.nms_iou_threshold if cfg.nms_iou_threshold is None else cfg.nms_iou_threshold,
+        min(max_det, pred.shape[1]), classes, r, left, top, src_w, src_h)
+    return [
+        {"class_id": c, "class_name": model.class_names[c], "confidence": s, "bbox": b,
+         "track_id": None}
+        for c, s, b in zip(class_ids.tolist(), np.round(scores.astype(np.float64), 6).tolist(),
+                           np.round(boxes.astype(np.float64), 6).tolist(), strict=True)
+    ]
+
+
+def test_round6_is_numpy_round():
+    rng = np.random.default_rng(7)
+    xs = [0.0, -0.0, 5e-7, -5e-7, 4e-7, -4e-7, 1.5e-6, 2.5e-6, 0.1234565, 1.0, 0.9999995]
+    for scale in (1e-7, 1e-6, 1e-3, 1.0, 1e3):
+        xs += (rng.standard_normal(2000).astype(np.float32) * scale).tolist()
+    want = np.round(np.asarray(xs, np.float64), 6).tolist()
+    got = [_round6(x * 1e6) for x in xs]
+    assert json.dumps(got) == json.dumps(want)  # equal, signs of zero included
+    for bad in (math.nan, math.inf):
+        with pytest.raises((ValueError, OverflowError)):
+            _round6(bad)
+
+
+@pytest.mark.parametrize("config", [{}, {"confidence_threshold": 0.0, "max_detections": 50},
+                                    {"confidence_threshold": 0.01, "classes": [0, 2, 5, 10**6]},
+                                    {"confidence_threshold": 0.99}])
+def test_postprocess_output_is_unchanged(models, frame_dirs, config):
+    """The detection lists (keys, order, 6-decimal floats, signs of zero) are exactly those of
+    the numpy formulation, on real outputs and on boxes clipped at the frame's edges."""
+    root, paths = frame_dirs
+    model = models[1]
+    b = Batcher(model, FrameOpener(FrameRoots([str(root)]), 8192), max_queue=1,
+                batch_timeout_s=0, respond=lambda *a: None, on_fatal=lambda t: None)
+    rng = np.random.default_rng(3)
+    for ref in paths[:3]:
+        req = parse_infer(wire.infer_request(ref, MODEL_ID, config=config), MODEL_ID)
+        x = model.new_input(1)
+        geom, _ = b._preprocess(model, req, x[0])
+        pred = model.run(x)[0]
+        edge = pred.copy()  # boxes spilling over every edge: clipped to 0 and 1
+        edge[:4] += rng.standard_normal(edge[:4].shape).astype(np.float32) * 400
+        for p in (pred, edge):
+            got = b._postprocess(model, req, p, geom)
+            assert json.dumps(got) == json.dumps(_postprocess_reference(model, req, p, geom))
+            assert all(list(d) == ["class_id", "class_name", "confidence", "bbox", "track_id"]
+                       for d in got)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 20])
+def test_postprocess_rounds_as_numpy_for_any_count(models, monkeypatch, k):
+    """Few or many detections, zeros of either sign, NaN and inf: the floats are those of
+    np.round(x.astype(float64), 6)."""
+    import vasipc.batcher as batcher_mod
+
+    rng = np.random.default_rng(k)
+    model = models[1]
+    boxes = rng.random((k, 4), dtype=np.float32)
+    scores = rng.random(k, dtype=np.float32)
+    class_ids = rng.integers(0, model.num_classes, k).astype(np.int32)
+    boxes[0, :2] = [-0.0, -4e-7]
+    req = parse_infer(wire.infer_request("/dev/shm/x", MODEL_ID), MODEL_ID)
+    geom = ((1.0, 320, 320, 0, 0), 320, 320)
+
+    def fake_decode(*_):
+        return boxes, scores, class_ids
+
+    monkeypatch.setattr(batcher_mod, "decode_yolo", fake_decode)
+    b = Batcher(model, None, max_queue=1, batch_timeout_s=0, respond=lambda *a: None,
+                on_fatal=lambda t: None)
+    for special in (None, math.nan, math.inf):
+        if special is not None:
+            boxes[-1, 2] = special
+        got = b._postprocess(model, req, model.new_input(1)[0], geom)
+        want = [{"class_id": c, "class_name": model.class_names[c], "confidence": s, "bbox": bb,
+                 "track_id": None}
+                for c, s, bb in zip(class_ids.tolist(), np.round(scores.astype(np.float64), 6).tolist(),
+                                    np.round(boxes.astype(np.float64), 6).tolist(), strict=True)]
+        assert json.dumps(got) == json.dumps(want)
 
 
 # --- a real server in-process -------------------------------------------------------------------

@@ -1,21 +1,31 @@
-"""The request queue and the two-stage inference pipeline.
+"""The request queue and the inference workers (leader/follower: a batch never changes thread).
 
-Connections submit `Pending` requests to the queue. Two threads serve it:
+Connections submit `Pending` requests to the queue. `BUFFERS` (2) identical worker threads
+serve it, each owning one input buffer of the current model (re-allocated when `model` was
+replaced). A worker loops:
 
-- the *prep* thread takes requests off the queue (never mixing models: a batch captures
-  the current `LoadedModel` once, when it starts), checks each deadline as the request
-  leaves the queue, opens and letterboxes its frame straight into its slot of the
-  batch's input buffer, and hands the batch over;
-- the *infer* thread runs each handed-over batch once, decodes each result and
-  completes each request.
+1. it waits for the *fill role* (no other worker filling) and a queued request;
+2. filling, it takes requests off the queue (never mixing models: a batch captures the
+   current `LoadedModel` once, when it starts), checks each deadline as the request leaves
+   the queue and opens and letterboxes its frame straight into its slot of the worker's
+   buffer. It keeps filling while the device is busy (up to max_batch) and goes at once
+   when the device is idle, unless `batch_timeout_s` lets a first request that waited for
+   the busy device wait a little longer for company;
+3. it gives up the fill role (the other worker may start filling the next batch), waits
+   for the device, runs the batch, frees the device, then decodes and answers each request
+   of its batch itself, while the other worker's batch runs.
 
-So while batch k runs in ONNX Runtime, batch k+1 is opened and letterboxed into the
-other of two input buffers (double buffering; `letterbox_into` and ORT release the
-GIL). The hand-off holds at most one prepared batch: the prep thread takes requests off
-the queue only while fewer than two buffers are out (one running, one prepared), so
-requests wait in the real queue, where `--max-queue` counts them and their deadline is
-checked, and never pile up behind the pipeline. With max_batch > 1 the next batch keeps
-filling while the current one runs and goes as soon as the infer thread is free.
+So at concurrency 1 a request is handed over once (submitting thread -> a worker) and is
+prepared, run and answered on that worker's thread; under load, batch k+1 is opened and
+letterboxed while batch k runs (`letterbox_into` and ORT release the GIL). At most two
+batches are out of the queue (one running, one prepared or filling); the rest wait in
+the real queue, where `--max-queue` counts them and their deadline is checked. Requests
+complete in no set order (an early error, or batch k+1 answered before the end of batch
+k's decode): the server keeps each connection's responses in order. Conditions
+over one lock wake only a thread that can act: each idle worker's own (the fill role is
+free and a request is queued; the most recently idle worker is woken first, so at low load
+one warm thread does the work), `_fill` (the filler: a request came, or the device went
+idle) and `_device` (a prepared batch: the device is free).
 
 Semantics (CONTRACT 3.1, 4):
 - `--max-queue` counts requests waiting in the queue; at most two batches more are
@@ -25,7 +35,8 @@ Semantics (CONTRACT 3.1, 4):
 - `queue_ms` is all the time a request waited before its batch's inference started,
   except its own preprocessing: (inference start - arrival) - preprocess_ms. For a
   request answered before inference (deadline, frame errors) it is the time until it
-  left the queue.
+  left the queue. `preprocess_ms` is its own open + letterbox, `inference_ms` its batch's
+  `model.run`, `postprocess_ms` its own decode, `batch_size` the requests in its batch.
 """
 
 from __future__ import annotations
@@ -59,19 +70,25 @@ _now = time.perf_counter
 _STICKY_MARKERS = ("CUDA failure", "cudaError", "CUDNN_STATUS", "CUBLAS_STATUS",
                    "illegal memory access", "device-side assert")
 
-BUFFERS = 2  # input buffers per model: one batch running, the next one being prepared
+BUFFERS = 2  # workers, each with one input buffer: one batch running, the next one prepared
 
 
 class Pending:
-    """One `infer` request between its last byte read and its response."""
+    """One `infer` request between its last byte read and its response.
 
-    __slots__ = ("_claim", "_done", "arrival", "msg", "request", "response")
+    `on_complete`, when set, is called with the request by the `complete` call that set
+    the response, in its thread, after the waiters were released; its exceptions are
+    logged, never raised."""
 
-    def __init__(self, msg: dict, request: InferRequest | None, arrival: float) -> None:
+    __slots__ = ("_claim", "_done", "arrival", "msg", "on_complete", "request", "response")
+
+    def __init__(self, msg: dict, request: InferRequest | None, arrival: float, *,
+                 on_complete: Callable[[Pending], None] | None = None) -> None:
         self.msg = msg
         self.request = request
         self.arrival = arrival
         self.response: dict | None = None
+        self.on_complete = on_complete
         self._done = threading.Lock()
         self._done.acquire()
         self._claim = itertools.count().__next__  # atomic under the GIL: first caller gets 0
@@ -82,6 +99,12 @@ class Pending:
             return False
         self.response = response
         self._done.release()
+        hook = self.on_complete
+        if hook is not None:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("on_complete hook failed")
         return True
 
     def done(self) -> bool:
@@ -95,17 +118,24 @@ class Pending:
 
 
 class _Batch:
-    """Requests taken off the queue together, preprocessed into one input buffer."""
+    """Requests taken off the queue together, preprocessed into one worker's input buffer."""
 
     __slots__ = ("current", "eager", "items", "model", "x")
 
     def __init__(self, model: LoadedModel, x: np.ndarray) -> None:
         self.model = model  # captured once: the whole batch runs on it
-        self.x: np.ndarray | None = x  # None once given back
+        self.x = x
         # (request, geometry, frame_id, preprocess_ms) of each prepared slot, in order
         self.items: list[tuple[Pending, tuple, int | None, float]] = []
         self.current: Pending | None = None  # taken off the queue, not yet in items
-        self.eager = False  # its first request found the infer thread idle
+        self.eager = False  # its first request found the device idle
+
+
+def _round6(y: float) -> float:
+    """`np.round(x, 6)` of a float64 x, given y = x * 1e6: rint(y) / 1e6, the sign of a zero
+    kept. Raises ValueError / OverflowError for NaN / inf."""
+    r = round(y)  # round half to even, as rint
+    return r / 1e6 if r else y * 0.0
 
 
 class Batcher:
@@ -120,114 +150,143 @@ class Batcher:
         self.preprocess_threads = preprocess_threads
         self._respond = respond
         self._on_fatal = on_fatal
-        # One lock guards the queue, the hand-off and the buffers; both threads and the
-        # connections wait on it, so every state change notifies all.
-        self._cond = threading.Condition(threading.Lock())
+        # One lock guards the queue and the roles; each Condition has only the waiters
+        # that can act on its event, so a notify wakes at most one thread that has work.
+        self._lock = threading.Lock()
+        # idle workers, each waiting on its own Condition for "fill role free + queued"; the
+        # most recently idle is woken first (its caches and core are still warm)
+        self._idle: list[threading.Condition] = []
+        self._fill = threading.Condition(self._lock)    # the filler: a request, or device idle
+        self._device = threading.Condition(self._lock)  # a prepared batch: the device is free
         self._queue: deque[Pending] = deque()
         self._stopped = False
-        self._ready: _Batch | None = None  # the hand-off: at most one prepared batch
-        self._infer_idle = False  # the infer thread waits for a batch
-        self._prep_done = False
-        self._out = 0  # buffers handed over and not yet given back (prepared + running)
-        self._pool_model: LoadedModel | None = None
-        self._free: list[np.ndarray] = []  # spare input buffers of _pool_model
-        self._threads = [threading.Thread(target=self._prep_loop, name="vasipc-prep", daemon=True),
-                         threading.Thread(target=self._infer_loop, name="vasipc-infer",
-                                          daemon=True)]
+        self._filling = False  # a worker holds the fill role
+        self._ahead = 0  # prepared batches not yet run (waiting for the device or running)
+        self._running = False  # a worker holds the device
+        self._threads = [threading.Thread(target=self._worker, name=f"vasipc-worker-{i}",
+                                          daemon=True) for i in range(BUFFERS)]
 
     def start(self) -> None:
         for t in self._threads:
             t.start()
 
     def stop(self) -> None:
-        """Finish what is queued, then end both threads."""
-        with self._cond:
+        """Finish what is queued, then end the workers."""
+        with self._lock:
             self._stopped = True
-            self._cond.notify_all()
+            while self._idle:
+                self._idle.pop().notify()
+            self._fill.notify_all()
 
     def queued(self) -> int:
         return len(self._queue)
 
     def submit(self, p: Pending) -> None:
-        with self._cond:
+        with self._lock:
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"queue full ({self.max_queue} requests waiting); retry later")
             self._queue.append(p)
-            self._cond.notify_all()
+            # the filler takes it; else one idle worker (if any: a busy one looks when done)
+            if self._filling:
+                self._fill.notify()
+            elif self._idle:
+                self._idle.pop().notify()
 
-    # ---- prep thread -----------------------------------------------------------------
-    def _prep_loop(self) -> None:
-        try:
-            while self._prepare_batch():
-                pass
-        finally:
-            with self._cond:
-                self._prep_done = True
-                self._cond.notify_all()
+    # ---- workers ---------------------------------------------------------------------
+    def _worker(self) -> None:
+        model: LoadedModel | None = None  # the model this worker's buffer was made for
+        x: np.ndarray | None = None
+        idle = threading.Condition(self._lock)
+        while True:
+            with self._lock:
+                while self._filling or not self._queue:
+                    if self._stopped and not self._queue:
+                        return
+                    self._idle.append(idle)
+                    idle.wait()  # whoever notifies it has taken it off `_idle`
+                self._filling = True
+                if self.model is not model:  # a new model: a new buffer
+                    model, x = self.model, None
+            batch = self._fill_batch(model, x)
+            if batch is None:
+                continue
+            x = batch.x
+            if not batch.items:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # never lose a request: anything left gets `internal`
+                log.exception("inference worker error")
+                for p, *_ in batch.items:
+                    if not p.done():
+                        self._respond(p, InternalError(f"internal error: {exc}"), {}, model)
 
-    def _prepare_batch(self) -> bool:
-        """Fill one batch and hand it over; False once stopped with the queue empty."""
-        with self._cond:
-            while self._out >= BUFFERS or not (self._queue or self._stopped):
-                self._cond.wait()
-            if not self._queue:
-                return False
-            model = self.model
-            if model is not self._pool_model:  # a new model: drop the old one's spares
-                self._pool_model, self._free = model, []
-            batch = _Batch(model, self._free.pop() if self._free else model.new_input(model.max_batch))
+    def _fill_batch(self, model: LoadedModel, x: np.ndarray | None) -> _Batch | None:
+        """Holding the fill role: fill a batch on `model` (into `x`, or a new buffer), give
+        the role up and return the batch: counted in `_ahead` when it has requests to run,
+        empty when not (None when no buffer could be made)."""
+        batch = None
+        filling = True
         try:
+            batch = _Batch(model, model.new_input(model.max_batch) if x is None else x)
             while True:
-                with self._cond:
+                with self._lock:
                     p = self._next_request(batch)
                     if p is None:
-                        if not batch.items:
-                            self._give_back(batch)
-                            return not self._stopped or bool(self._queue)
-                        while self._ready is not None:
-                            self._cond.wait()
-                        self._ready = batch
-                        self._out += 1
-                        self._cond.notify_all()
-                        return True
+                        filling = False
+                        self._end_fill()
+                        if batch.items:
+                            self._ahead += 1
+                        return batch
                     batch.current = p
                 self._admit(batch, p)
                 batch.current = None
         except Exception as exc:  # never lose a request: anything taken gets `internal`
             log.exception("preprocessing worker error")
-            held = [it[0] for it in batch.items] + ([batch.current] if batch.current else [])
+            if batch is None:  # no buffer: answer one queued request, so the queue still moves
+                with self._lock:
+                    held = [self._queue.popleft()] if self._queue else []
+            else:
+                held = [it[0] for it in batch.items] + ([batch.current] if batch.current else [])
             for q in held:
                 if not q.done():
                     self._respond(q, InternalError(f"internal error: {exc}"), {}, model)
-            with self._cond:
-                self._give_back(batch)
-            return True
+            if filling:
+                with self._lock:
+                    self._end_fill()
+            if batch is not None:
+                batch.items.clear()  # all answered: nothing to run
+            return batch
+
+    def _end_fill(self) -> None:
+        """Under the lock: give up the fill role; wake an idle worker if it has work (or,
+        stopping, so it can end)."""
+        self._filling = False
+        if (self._queue or self._stopped) and self._idle:
+            self._idle.pop().notify()
 
     def _next_request(self, batch: _Batch) -> Pending | None:
-        """Under the lock: the next request for `batch`, or None when the batch should go
-        to the infer thread now (or, empty, be dropped)."""
+        """Under the lock, holding the fill role: the next request for `batch`, or None when
+        the batch should go now (or, empty, be dropped)."""
         while True:
             n = len(batch.items)
             if n >= batch.model.max_batch:
                 return None
             if self._queue:
                 if n == 0:
-                    batch.eager = self._infer_idle and self._ready is None
+                    batch.eager = not self._ahead
                 return self._queue.popleft()
             if n == 0:
-                if self._stopped:
-                    return None
-                self._cond.wait()
-                continue
-            if self._infer_idle and self._ready is None:
-                # The infer thread is free: go now, unless the batch timeout lets a request
-                # that waited for the busy device wait a little longer for company.
+                return None  # what it took was answered already; the role goes back
+            if not self._ahead:
+                # The device is idle: go now, unless the batch timeout lets a request that
+                # waited for the busy device wait a little longer for company.
                 remaining = batch.items[0][0].arrival + self.batch_timeout_s - _now()
                 if batch.eager or remaining <= 0 or self._stopped:
                     return None
-                self._cond.wait(remaining)
+                self._fill.wait(remaining)
             else:
-                self._cond.wait()  # the infer thread is busy: keep filling the batch
+                self._fill.wait()  # the device is busy: keep filling the batch
 
     def _admit(self, batch: _Batch, p: Pending) -> None:
         """Check the deadline, then open and letterbox the frame into the next slot; a
@@ -251,67 +310,45 @@ class Batcher:
             return
         batch.items.append((p, geom, frame_id, (_now() - t0) * 1e3))
 
-    def _give_back(self, batch: _Batch) -> None:
-        """Under the lock: return the batch's buffer (once) and wake the prep thread."""
-        if batch.x is None:
-            return
-        if batch.model is self._pool_model:
-            self._free.append(batch.x)
-        batch.x = None
-        self._cond.notify_all()
-
-    # ---- infer thread ----------------------------------------------------------------
-    def _infer_loop(self) -> None:
-        while True:
-            with self._cond:
-                self._infer_idle = True
-                self._cond.notify_all()
-                while self._ready is None:
-                    if self._prep_done:
-                        return
-                    self._cond.wait()
-                batch, self._ready = self._ready, None
-                self._infer_idle = False
-                self._cond.notify_all()  # the hand-off is free again
-            try:
-                self._run_batch(batch)
-            except Exception as exc:  # never lose a request: anything left gets `internal`
-                log.exception("inference worker error")
-                for p, *_ in batch.items:
-                    if not p.done():
-                        self._respond(p, InternalError(f"internal error: {exc}"), {}, batch.model)
-            finally:
-                self._release(batch)
-
-    def _release(self, batch: _Batch) -> None:
-        """The infer thread is done with the batch's buffer: it goes back (once)."""
-        with self._cond:
-            if batch.x is not None:
-                self._out -= 1
-                self._give_back(batch)
-
     def _run_batch(self, batch: _Batch) -> None:
+        """A prepared batch (counted in `_ahead`): wait for the device, run, free the device,
+        then decode and answer each request on this thread."""
         model, live = batch.model, batch.items
-        t_run = _now()
+        failure: Exception | None = None
+        with self._lock:
+            while self._running:
+                self._device.wait()
+            self._running = True
         try:
+            t_run = _now()
             out = model.run(batch.x[:len(live)])
+            inference_ms = (_now() - t_run) * 1e3
         except Exception as exc:
-            text = str(exc)
+            failure = exc
+        finally:
+            with self._lock:
+                self._running = False
+                self._ahead -= 1
+                if self._ahead:
+                    self._device.notify()  # the prepared batch runs next
+                else:
+                    self._fill.notify()  # the device is idle: a filling batch may go
+        if failure is not None:
+            text = str(failure)
+            why = f"inference failed: {text.splitlines()[0] if text else failure!r}"
             for p, _, frame_id, _ in live:
-                self._respond(p, InternalError(f"inference failed: {text.splitlines()[0] if text else exc!r}",
-                                               frame_id=frame_id), {}, model)
+                self._respond(p, InternalError(why, frame_id=frame_id), {}, model)
             if any(m in text for m in _STICKY_MARKERS):
                 self._on_fatal(text)
             return
-        inference_ms = (_now() - t_run) * 1e3
-        self._release(batch)  # the output is a copy: the prep thread may refill the buffer
+        n = len(live)
         for i, (p, geom, frame_id, pre_ms) in enumerate(live):
             t0 = _now()
             detections = self._postprocess(model, p.request, out[i], geom)
             self._respond(p, {"frame_id": frame_id, "detections": detections}, {
                 "queue_ms": max(0.0, (t_run - p.arrival) * 1e3 - pre_ms), "preprocess_ms": pre_ms,
                 "inference_ms": inference_ms, "postprocess_ms": (_now() - t0) * 1e3,
-                "batch_size": len(live)}, model)
+                "batch_size": n}, model)
 
     def _preprocess(self, model: LoadedModel, req: InferRequest,
                     slot: np.ndarray) -> tuple[tuple, int | None]:
@@ -337,16 +374,38 @@ class Batcher:
         max_det = spec.max_detections if cfg.max_detections is None else cfg.max_detections
         # Any int >= 0 and any class id is valid on the wire: cap to what the kernel takes
         # (no more detections than anchors; ids beyond the model's classes match nothing).
-        classes = None if cfg.classes is None else np.asarray(
-            [c for c in cfg.classes if c < model.num_classes], dtype=np.int32)
+        classes = cfg.classes
+        if classes is not None:
+            nc = model.num_classes
+            classes = np.asarray([c for c in classes if c < nc], dtype=np.int32)
         boxes, scores, class_ids = decode_yolo(
             pred,
             spec.confidence_threshold if cfg.confidence_threshold is None else cfg.confidence_threshold,
             spec.nms_iou_threshold if cfg.nms_iou_threshold is None else cfg.nms_iou_threshold,
             min(max_det, pred.shape[1]), classes, r, left, top, src_w, src_h)
+        k = len(scores)
+        if not k:
+            return []
         names = model.class_names
+        ids = class_ids.tolist()
+        if k <= 3:  # a few: np.round(x, 6) of each float in plain Python is cheaper
+            try:
+                return [
+                    {"class_id": c, "class_name": names[c], "confidence": _round6(s * 1e6),
+                     "bbox": [_round6(x0 * 1e6), _round6(y0 * 1e6), _round6(x1 * 1e6),
+                              _round6(y1 * 1e6)], "track_id": None}
+                    for c, s, (x0, y0, x1, y1) in zip(ids, scores.tolist(), boxes.tolist(), strict=True)
+                ]
+            except (ValueError, OverflowError):  # NaN or inf: rounded as numpy does, below
+                pass
+        rounded = np.empty((k, 5))  # [score, x_min, y_min, x_max, y_max] as float64
+        rounded[:, 0] = scores
+        rounded[:, 1:] = boxes
+        rounded *= 1e6  # np.round(x, 6) is exactly this: x * 1e6, rint, / 1e6
+        np.rint(rounded, out=rounded)
+        rounded /= 1e6
         return [
-            {"class_id": c, "class_name": names[c], "confidence": s, "bbox": b, "track_id": None}
-            for c, s, b in zip(class_ids.tolist(), np.round(scores.astype(np.float64), 6).tolist(),
-                               np.round(boxes.astype(np.float64), 6).tolist(), strict=True)
+            {"class_id": c, "class_name": names[c], "confidence": row[0], "bbox": row[1:],
+             "track_id": None}
+            for c, row in zip(ids, rounded.tolist(), strict=True)
         ]

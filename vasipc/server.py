@@ -1,32 +1,24 @@
-"""The server: connections, request dispatch, drain (CONTRACT 2, 3, 7).
+"""The server: request dispatch, responses, drain (CONTRACT 2, 3, 7).
 
-One thread per connection reads length-prefixed messages with the GIL released
-(`_fast.framing`), answers `health` / `info` / invalid requests at once, and hands
-`infer` requests to the batcher. Responses leave in request order; a connection reads
-ahead while earlier requests are in the queue, so pipelined requests batch together.
+One I/O thread runs `_fast.connloop.ConnectionLoop` (epoll: accept, read, frame, write
+for every connection) and calls `_on_message` once per complete message. `health`,
+`info` and bad requests are answered right there; `infer` requests go to the batcher,
+and whichever worker thread completes one writes its response through the connection
+(`Connection.send_response`), so a request crosses threads once on its way in and not
+at all on its way out. The loop writes each connection's responses in request order
+and reads ahead up to PIPELINE_DEPTH requests, so pipelined requests batch together.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import socket
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from vasipc import __version__, wirejson
-from vasipc._fast.framing import (
-    ConnectionClosed,
-    FramingError,
-    MessageReader,
-    TooLarge,
-    ZeroLength,
-    json_depth_exceeds,
-    send_message,
-)
+from vasipc._fast.connloop import Connection, ConnectionLoop
+from vasipc._fast.framing import json_depth_exceeds
 from vasipc.batcher import Batcher, Pending
 from vasipc.errors import (
     InternalError,
@@ -38,18 +30,21 @@ from vasipc.errors import (
 from vasipc.frame_source import FrameOpener, FrameRoots
 from vasipc.listener import Listener
 from vasipc.model import LoadedModel
-from vasipc.schema import error_response, parse_infer, parse_op, request_id_of
+from vasipc.schema import (
+    error_response,
+    has_inexact_ints,
+    parse_infer,
+    parse_op,
+    request_id_of,
+)
 
 log = logging.getLogger("vasipc")
 _now = time.perf_counter
 
 MAX_JSON_DEPTH = 64
-# accept() failures that pass (a connection reset while queued, fds or memory short for a
-# moment): wait a little and accept again instead of giving up on the listener
-_ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EINTR, errno.EMFILE, errno.ENFILE,
-                     errno.ENOBUFS, errno.ENOMEM, errno.EPROTO, errno.EPERM}
-PIPELINE_DEPTH = 64      # requests one connection may have queued before we stop reading ahead
+PIPELINE_DEPTH = 64      # requests one connection may have unanswered before we stop reading ahead
 WRITE_TIMEOUT_S = 30.0   # a client that never reads its responses is dropped after this
+FLUSH_TIMEOUT_S = 2.0    # at exit: how long answered responses may take to reach their clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +73,14 @@ class Server:
         self.requests_total = 0
         self._lock = threading.Lock()
         self._unanswered: set[Pending] = set()  # infer requests accepted, response not yet written
-        self._connections: set[socket.socket] = set()
         opener = FrameOpener(FrameRoots(list(config.frame_roots)), config.max_frame_dim)
         self.batcher = Batcher(model, opener, max_queue=config.max_queue,
                                batch_timeout_s=config.batch_timeout_us / 1e6,
                                respond=self._respond, on_fatal=self._on_fatal,
                                preprocess_threads=config.preprocess_threads)
         self.listener: Listener | None = None
-        self._accept_thread: threading.Thread | None = None
+        self._loop: ConnectionLoop | None = None
+        self._io_thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
     @property
@@ -94,13 +89,20 @@ class Server:
 
     def start(self) -> None:
         """Bind the socket (the model is already loaded and warm) and start serving."""
-        self.listener = Listener(self.config.socket_path, self.config.socket_mode)
+        cfg = self.config
+        self.listener = Listener(cfg.socket_path, cfg.socket_mode)
         self.batcher.start()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="vasipc-accept",
-                                               daemon=True)
-        self._accept_thread.start()
+        self._loop = ConnectionLoop(
+            self.listener.sock.fileno(), self._on_message, self._on_bad_length,
+            max_message_bytes=cfg.max_message_bytes, read_timeout=cfg.read_timeout,
+            idle_timeout=cfg.idle_timeout, write_timeout=WRITE_TIMEOUT_S,
+            max_connections=cfg.max_connections, pipeline_depth=PIPELINE_DEPTH)
+        self._io_thread = threading.Thread(target=self._loop.run, name="vasipc-io", daemon=True)
+        self._io_thread.start()
 
     def stop_listening(self) -> None:
+        if self._loop is not None:
+            self._loop.stop_accepting()  # the loop lets go of the fd before it is closed
         if self.listener is not None:
             self.listener.close()
 
@@ -131,18 +133,12 @@ class Server:
     def _fail_unanswered(self, err: VasipcError) -> None:
         with self._lock:
             held = list(self._unanswered)
-        for p in held:
+        for p in held:  # a request a worker completes meanwhile keeps the worker's answer
             self._respond(p, err, {}, self.model)
-        deadline = time.monotonic() + 2.0  # let connection threads write them
-        while self.in_flight() and time.monotonic() < deadline:
-            time.sleep(0.005)
 
     def _close_connections(self) -> None:
-        with self._lock:
-            conns = list(self._connections)
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
+        if self._loop is not None:
+            self._loop.close_all(FLUSH_TIMEOUT_S)  # answered responses are written first
 
     def _on_fatal(self, text: str) -> None:
         log.error("model session unusable: %s", text.splitlines()[0] if text else "?")
@@ -151,141 +147,79 @@ class Server:
     def in_flight(self) -> int:
         return len(self._unanswered)
 
-    # ---- connections -----------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        assert self.listener is not None
-        failing = False
-        while True:
-            try:
-                conn = self.listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_TRANSIENT and not self.draining:
-                    if not failing:
-                        log.warning("accept failed (%s); retrying", exc.strerror)
-                    failing = True
-                    time.sleep(0.05)
-                    continue
-                return  # listener closed
-            failing = False
-            with self._lock:
-                full = len(self._connections) >= self.config.max_connections
-                if not full:
-                    self._connections.add(conn)
-            if full:
-                conn.close()
-                continue
-            try:
-                threading.Thread(target=self._serve_connection, args=(conn,),
-                                 name="vasipc-conn", daemon=True).start()
-            except RuntimeError:  # no thread for it: close it, as over the cap
-                with self._lock:
-                    self._connections.discard(conn)
-                conn.close()
+    # ---- the connection loop's callbacks (I/O thread) ---------------------------------
+    def _on_bad_length(self, conn: Connection, slot: int, length: int) -> bytes:
+        if length == 0:
+            err: VasipcError = InvalidMessage("length prefix is 0")
+        else:
+            err = MessageTooLarge(f"message of {length} bytes exceeds max_message_bytes "
+                                  f"{self.config.max_message_bytes}")
+        return self._encode(error_response(err, None, self.model_id, self._metadata(self.model, {})))
 
-    def _serve_connection(self, conn: socket.socket) -> None:
-        cfg = self.config
-        fd = conn.fileno()
-        reader = MessageReader(fd, cfg.max_message_bytes)
-        pending: deque[Pending] = deque()
-        reading = True  # false after EOF, a framing error, or a message that closes the connection
-        try:
-            while reading or pending:
-                while pending and pending[0].done():
-                    if not self._send(fd, pending.popleft()):
-                        return
-                if reading and (not pending or (len(pending) < PIPELINE_DEPTH
-                                                and reader.readable_now())):
-                    p, reading = self._read_one(reader)
-                    if p is not None:
-                        pending.append(p)
-                elif pending:
-                    pending[0].wait()
-        finally:
-            for p in pending:  # connection lost with answers owed: nobody to write them to
-                self._forget(p)
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
-
-    def _read_one(self, reader: MessageReader) -> tuple[Pending | None, bool]:
-        """Read and dispatch one message: (its Pending or None, whether to keep reading)."""
-        cfg = self.config
-        try:
-            body = reader.read_message(cfg.idle_timeout, cfg.read_timeout)
-        except ZeroLength:
-            return self._immediate(InvalidMessage("length prefix is 0"), None), False
-        except TooLarge as exc:
-            return self._immediate(MessageTooLarge(
-                f"message of {exc.length} bytes exceeds max_message_bytes "
-                f"{cfg.max_message_bytes}"), None), False
-        except (FramingError, ConnectionClosed, OSError):
-            return None, False  # stalled, idle, or gone: closed without a response
-        if body is None:
-            return None, False
-        return self._dispatch(body, _now()), True
-
-    def _send(self, fd: int, p: Pending) -> bool:
-        resp = p.response
-        assert resp is not None
-        md = resp.get("metadata")
-        if md is not None:
-            md["total_ms"] = (_now() - p.arrival) * 1e3
-        try:
-            send_message(fd, wirejson.dumps(resp), WRITE_TIMEOUT_S)
-            return True
-        except (FramingError, OSError, TimeoutError):
-            return False
-        finally:
-            self._forget(p)
-
-    def _forget(self, p: Pending) -> None:
-        if p.request is not None:
-            with self._lock:
-                self._unanswered.discard(p)
-
-    # ---- requests --------------------------------------------------------------------
-    def _immediate(self, result: dict | VasipcError, msg: dict | None,
-                   arrival: float | None = None) -> Pending:
-        p = Pending(msg if msg is not None else {}, None, arrival or _now())
-        if isinstance(result, VasipcError):
-            result = error_response(result, msg, self.model_id, self._metadata(self.model, {}))
-        elif msg is not None and "request_id" in msg:
-            result["request_id"] = request_id_of(msg)
-        p.complete(result)
-        return p
-
-    def _dispatch(self, body: memoryview, arrival: float) -> Pending:
+    def _on_message(self, conn: Connection, slot: int, body: bytes) -> bytes | None:
+        arrival = _now()
         if json_depth_exceeds(body, MAX_JSON_DEPTH):
-            return self._immediate(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"),
-                                   None, arrival)
+            return self._error(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"), None)
         try:
-            msg = wirejson.loads(body)
+            msg = wirejson.loads_fast(body)
         except wirejson.JSONDecodeError as exc:
-            return self._immediate(InvalidMessage(f"body is not valid UTF-8 JSON: {exc}"), None,
-                                   arrival)
+            return self._error(InvalidMessage(f"body is not valid UTF-8 JSON: {exc}"), None)
         if type(msg) is not dict:
-            return self._immediate(InvalidMessage("the JSON body must be an object"), None, arrival)
+            return self._error(InvalidMessage("the JSON body must be an object"), None)
+        if has_inexact_ints(msg):
+            msg = wirejson.loads_exact(body)
         try:
             op = parse_op(msg)
             if op == "health":
-                return self._immediate(self._health(), msg, arrival)
+                return self._encode(self._with_request_id(self._health(), msg))
             if op == "info":
-                return self._immediate(self._info(), msg, arrival)
+                return self._encode(self._with_request_id(self._info(), msg))
             with self._lock:
                 self.requests_total += 1
             req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file)
             if self.draining or self.fatal is not None:
                 raise ShuttingDown("the server is shutting down")
         except VasipcError as err:
-            return self._immediate(err, msg, arrival)
+            return self._error(err, msg, arrival)
         p = Pending(msg, req, arrival)
+        # the worker that completes it writes it (possibly before this call returns)
+        p.on_complete = lambda done: self._deliver(conn, slot, done)
         with self._lock:
             self._unanswered.add(p)
         try:
             self.batcher.submit(p)
         except VasipcError as err:
             self._respond(p, err, {}, self.model)
-        return p
+        return None
+
+    def _deliver(self, conn: Connection, slot: int, p: Pending) -> None:
+        """Write a completed infer response (on the completing thread)."""
+        try:
+            resp = p.response
+            md = resp.get("metadata")
+            if md is not None:
+                md["total_ms"] = (_now() - p.arrival) * 1e3
+            conn.send_response(slot, self._encode(resp))
+        finally:
+            with self._lock:
+                self._unanswered.discard(p)
+
+    # ---- responses -------------------------------------------------------------------
+    @staticmethod
+    def _encode(resp: dict) -> bytes:
+        return wirejson.dumps(resp)
+
+    @staticmethod
+    def _with_request_id(resp: dict, msg: dict) -> dict:
+        if "request_id" in msg:
+            resp["request_id"] = request_id_of(msg)
+        return resp
+
+    def _error(self, err: VasipcError, msg: dict | None, arrival: float | None = None) -> bytes:
+        md = self._metadata(self.model, {})
+        if arrival is not None:
+            md["total_ms"] = (_now() - arrival) * 1e3
+        return self._encode(error_response(err, msg, self.model_id, md))
 
     def _metadata(self, model: LoadedModel, stage: dict) -> dict:
         md = {"preprocess_ms": 0.0, "inference_ms": 0.0, "postprocess_ms": 0.0, "queue_ms": 0.0,

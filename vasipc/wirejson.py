@@ -26,6 +26,20 @@ def loads(body: bytes | memoryview) -> object:
     return msg
 
 
+def loads_fast(body: bytes | memoryview) -> object:
+    """orjson alone: integers beyond 64 bits come back as floats. For callers that check
+    the fields they read (`schema.has_inexact_ints`) and fall back to `loads_exact`."""
+    return orjson.loads(body)
+
+
+def loads_exact(body: bytes | memoryview) -> object:
+    """Every integer exact (the standard library), for the rare body that needs it."""
+    try:
+        return json.loads(bytes(body))
+    except ValueError:  # > 4300 digits: Python refuses the int; orjson's float it is
+        return orjson.loads(body)
+
+
 def dumps(obj: object) -> bytes:
     try:
         return orjson.dumps(obj)

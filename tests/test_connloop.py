@@ -1,0 +1,620 @@
+"""The epoll connection loop (vasipc._fast.connloop), on real Unix sockets.
+
+Each test makes its own listening socket, runs a ConnectionLoop on it in a thread with
+simple Python callbacks (echo, or answers deferred to other threads), and plays the
+clients by hand: length prefix + body, no client library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import random
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from wire import is_closed, recv_exact
+
+from vasipc._fast import connloop
+
+PREFIX = struct.Struct(">I")
+MiB = 1024 * 1024
+LONG = 10.0  # a timeout that must not expire in a passing test
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def frame(body: bytes) -> bytes:
+    return PREFIX.pack(len(body)) + body
+
+
+def recv_body(sock: socket.socket) -> bytes:
+    (n,) = PREFIX.unpack(recv_exact(sock, 4))
+    return recv_exact(sock, n)
+
+
+def roundtrip(sock: socket.socket, body: bytes) -> bytes:
+    sock.sendall(frame(body))
+    return recv_body(sock)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def echo(conn: connloop.Connection, slot: int, body: bytes) -> bytes:
+    return body
+
+
+def bad_length(conn: connloop.Connection, slot: int, length: int) -> bytes:
+    return b"bad %d" % length
+
+
+class Served:
+    """A listening socket with a ConnectionLoop serving it from a thread."""
+
+    def __init__(self, tmp: str, on_message: Callable, on_bad_length: Callable,
+                 **options: float) -> None:
+        self.path = os.path.join(tmp, "s.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(128)
+        settings = {"max_message_bytes": MiB, "read_timeout": LONG, "idle_timeout": LONG,
+                    "write_timeout": LONG, "max_connections": 1000, "pipeline_depth": 64}
+        settings.update(options)
+        self.loop = connloop.ConnectionLoop(self.listener.fileno(), on_message, on_bad_length,
+                                            **settings)
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.clients: list[socket.socket] = []
+
+    def _run(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:  # reported by close()
+            self.failure.append(exc)
+
+    def connect(self, timeout: float = LONG) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(self.path)
+        self.clients.append(s)
+        return s
+
+    def close(self) -> None:
+        self.loop.close_all(1.0)
+        self.thread.join(LONG)
+        self.listener.close()
+        for s in self.clients:
+            s.close()
+        assert not self.thread.is_alive(), "run() did not return after close_all()"
+        assert self.loop.connections == 0
+        if self.failure:
+            raise self.failure[0]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Served]]:
+    """serve(on_message=echo, on_bad_length=bad_length, **loop options) -> Served."""
+    made: list[Served] = []
+    with tempfile.TemporaryDirectory(prefix="vasipc-connloop-", dir="/tmp") as tmp:
+        def start(on_message: Callable = echo, on_bad_length: Callable = bad_length,
+                  **options: float) -> Served:
+            served = Served(tempfile.mkdtemp(dir=tmp), on_message, on_bad_length, **options)
+            made.append(served)
+            return served
+        yield start
+        for served in made:
+            served.close()
+
+
+class Deferred:
+    """An on_message that answers nothing itself: it records each request for the test."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[connloop.Connection, int, bytes]] = []
+
+    def __call__(self, conn: connloop.Connection, slot: int, body: bytes) -> None:
+        self.requests.append((conn, slot, body))
+
+    def wait(self, count: int, timeout: float = 5.0) -> None:
+        wait_for(lambda: len(self.requests) >= count, timeout)
+
+
+# --- messages and answers ---------------------------------------------------------------
+
+def test_echo_small_and_large_messages(serve):
+    served = serve(max_message_bytes=MiB)
+    s = served.connect()
+    for body in [b"{}", b"x" * 100, b"y" * 20000, os.urandom(MiB), b"z"]:
+        assert roundtrip(s, body) == body
+
+
+def test_slots_count_per_connection(serve):
+    seen: list[tuple[int, int]] = []
+    served = serve(lambda conn, slot, body: (seen.append((id(conn), slot)), b"ok")[1])
+    a, b = served.connect(), served.connect()
+    for sock in (a, b, a, a, b):
+        assert roundtrip(sock, b"{}") == b"ok"
+    ids = [conn for conn, _ in seen]
+    assert [slot for conn, slot in seen if conn == ids[0]] == [0, 1, 2]
+    assert [slot for conn, slot in seen if conn == ids[1]] == [0, 1]
+
+
+def test_deferred_answer_from_another_thread(serve):
+    def later(conn: connloop.Connection, slot: int, body: bytes) -> None:
+        threading.Timer(0.05, conn.send_response, (slot, body.upper())).start()
+
+    s = serve(later).connect()
+    assert roundtrip(s, b"hello") == b"HELLO"
+    assert roundtrip(s, b"again") == b"AGAIN"
+
+
+def test_pipelined_answers_come_in_order_when_answered_out_of_order(serve):
+    deferred = Deferred()
+    s = serve(deferred).connect()
+    bodies = [b"request %d" % i for i in range(20)]
+    s.sendall(b"".join(frame(b) for b in bodies))
+    deferred.wait(20)
+    assert [slot for _, slot, _ in deferred.requests] == list(range(20))
+    order = list(range(20))
+    random.Random(7).shuffle(order)
+    threads = [threading.Thread(target=deferred.requests[i][0].send_response,
+                                args=(i, deferred.requests[i][2] + b" done")) for i in order]
+    for t in threads:
+        t.start()
+        time.sleep(0.002)
+    for t in threads:
+        t.join()
+    assert [recv_body(s) for _ in bodies] == [b + b" done" for b in bodies]
+
+
+def test_depth_limit_holds_back_buffered_messages_until_an_answer_is_written(serve):
+    deferred = Deferred()
+    s = serve(deferred, pipeline_depth=2).connect()
+    s.sendall(frame(b"m0") + frame(b"m1") + frame(b"m2") + frame(b"m3"))
+    deferred.wait(2)
+    time.sleep(0.2)
+    assert [body for _, _, body in deferred.requests] == [b"m0", b"m1"]
+    conn = deferred.requests[0][0]
+    assert conn.send_response(1, b"a1")  # not the head: nothing is written, depth still 2
+    time.sleep(0.1)
+    assert len(deferred.requests) == 2
+    threading.Thread(target=conn.send_response, args=(0, b"a0")).start()
+    assert recv_body(s) == b"a0"
+    assert recv_body(s) == b"a1"
+    deferred.wait(4)  # both held-back messages, already buffered, are now handed over
+    assert [body for _, _, body in deferred.requests] == [b"m0", b"m1", b"m2", b"m3"]
+    conn.send_response(2, b"a2")
+    conn.send_response(3, b"a3")
+    assert [recv_body(s), recv_body(s)] == [b"a2", b"a3"]
+
+
+def test_message_split_byte_by_byte(serve):
+    s = serve().connect()
+    data = frame(b'{"op":"health"}') + frame(b"second")
+    for i in range(len(data)):
+        s.sendall(data[i : i + 1])
+        time.sleep(0.001)
+    assert recv_body(s) == b'{"op":"health"}'
+    assert recv_body(s) == b"second"
+
+
+def test_many_pipelined_messages_in_one_write(serve):
+    s = serve().connect()
+    bodies = [b"%d" % i * (i % 50 + 1) for i in range(2000)]
+    threading.Thread(target=s.sendall, args=(b"".join(frame(b) for b in bodies),)).start()
+    assert [recv_body(s) for _ in bodies] == bodies
+
+
+# --- bad lengths --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [0, 1001])
+def test_bad_length_is_answered_then_closed_without_reading_the_body(serve, length):
+    calls: list[tuple[int, int]] = []
+
+    def on_bad(conn: connloop.Connection, slot: int, n: int) -> bytes:
+        calls.append((slot, n))
+        return b"bad %d" % n
+
+    seen: list[bytes] = []
+    served = serve(lambda conn, slot, body: (seen.append(body), body)[1], on_bad,
+                   max_message_bytes=1000)
+    s = served.connect()
+    assert roundtrip(s, b"x" * 1000) == b"x" * 1000  # exactly the limit is fine
+    s.sendall(PREFIX.pack(length) + frame(b"never read") * 3)
+    assert recv_body(s) == b"bad %d" % length
+    assert is_closed(s)
+    assert calls == [(1, length)]
+    assert seen == [b"x" * 1000]
+
+
+def test_bad_length_answer_waits_for_earlier_answers(serve):
+    deferred = Deferred()
+    s = serve(deferred, max_message_bytes=100).connect()
+    s.sendall(frame(b"first") + PREFIX.pack(0))
+    deferred.wait(1)
+    time.sleep(0.1)
+    conn = deferred.requests[0][0]
+    assert not conn.closed
+    conn.send_response(0, b"answer")
+    assert recv_body(s) == b"answer"
+    assert recv_body(s) == b"bad 0"
+    assert is_closed(s)
+
+
+# --- timeouts ---------------------------------------------------------------------------
+
+def test_read_timeout_counts_from_the_first_byte(serve):
+    seen: list[bytes] = []
+    served = serve(lambda conn, slot, body: (seen.append(body), body)[1], read_timeout=0.3)
+    # Prefix bytes count: two of them, then nothing.
+    a = served.connect()
+    start = time.monotonic()
+    a.sendall(b"\x00\x00")
+    assert is_closed(a, 3.0)
+    assert time.monotonic() - start >= 0.25
+    # Bytes keep coming, but the message is not whole 0.3 s after its first one.
+    b = served.connect()
+    data = frame(b"0123456789")
+    with contextlib.suppress(OSError):
+        for i in range(len(data)):
+            b.sendall(data[i : i + 1])
+            time.sleep(0.06)
+    assert is_closed(b, 3.0)
+    assert seen == []
+    # Idle time between messages is not read time.
+    c = served.connect()
+    time.sleep(0.5)
+    assert roundtrip(c, b"late but whole") == b"late but whole"
+
+
+def test_idle_timeout_closes_quiet_connections_only(serve):
+    def on_message(conn: connloop.Connection, slot: int, body: bytes) -> bytes | None:
+        if body == b"slow":
+            threading.Timer(0.6, conn.send_response, (slot, b"slow answer")).start()
+            return None
+        return body
+
+    served = serve(on_message, idle_timeout=0.3)
+    s = served.connect()
+    assert roundtrip(s, b"hi") == b"hi"
+    start = time.monotonic()
+    assert is_closed(s, 3.0)
+    assert 0.25 <= time.monotonic() - start < 2.0
+    # A connection waiting for its answer is not idle.
+    t = served.connect()
+    assert roundtrip(t, b"slow") == b"slow answer"
+
+
+def test_write_timeout_closes_a_client_that_never_reads(serve):
+    big = b"x" * (8 * MiB)
+    served = serve(lambda conn, slot, body: big if body == b"big" else body, write_timeout=0.3)
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(served.path)
+    served.clients.append(stalled)
+    start = time.monotonic()
+    stalled.sendall(frame(b"big"))
+    other = served.connect()
+    # One stalled connection never holds up another.
+    for i in range(20):
+        assert roundtrip(other, b"%d" % i) == b"%d" % i
+    wait_for(lambda: served.loop.connections == 1, 5.0)
+    assert time.monotonic() - start >= 0.25
+    assert roundtrip(other, b"still here") == b"still here"
+
+
+# --- closing --------------------------------------------------------------------------
+
+def test_half_closed_client_gets_every_answer(serve):
+    def later(conn: connloop.Connection, slot: int, body: bytes) -> None:
+        threading.Timer(0.02 * (slot + 1), conn.send_response, (slot, body + b"!")).start()
+
+    s = serve(later, pipeline_depth=2).connect()
+    bodies = [b"r%d" % i for i in range(6)]
+    s.sendall(b"".join(frame(b) for b in bodies) + b"\x00\x00\x00\x09part")  # partial dropped
+    s.shutdown(socket.SHUT_WR)
+    assert [recv_body(s) for _ in bodies] == [b + b"!" for b in bodies]
+    assert s.recv(1) == b""
+
+
+def test_eof_with_nothing_owed_closes_at_once(serve):
+    served = serve()
+    s = served.connect()
+    assert roundtrip(s, b"x") == b"x"
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(1) == b""
+    wait_for(lambda: served.loop.connections == 0)
+
+
+def test_max_connections(serve):
+    served = serve(max_connections=2)
+    a, b = served.connect(), served.connect()
+    assert roundtrip(a, b"a") == b"a"
+    assert roundtrip(b, b"b") == b"b"
+    c = served.connect()
+    assert is_closed(c)
+    assert served.loop.connections == 2
+    a.close()
+    wait_for(lambda: served.loop.connections == 1)
+    d = served.connect()
+    assert roundtrip(d, b"d") == b"d"
+
+
+def test_stop_accepting_serves_existing_connections_only(serve):
+    served = serve()
+    old = served.connect()
+    assert roundtrip(old, b"before") == b"before"
+    served.loop.stop_accepting()
+    late = served.connect()  # the kernel still queues it in the backlog
+    late.sendall(frame(b"hello?"))
+    assert roundtrip(old, b"after") == b"after"
+    late.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        late.recv(1)
+    assert served.loop.connections == 1
+    served.listener.close()  # the loop no longer touches it
+    assert roundtrip(old, b"still") == b"still"
+
+
+def test_close_all_flushes_answered_output_and_closes(serve):
+    big = os.urandom(4 * MiB)
+    deferred = Deferred()
+
+    def on_message(conn: connloop.Connection, slot: int, body: bytes) -> bytes | None:
+        if body == b"big":
+            return big
+        deferred(conn, slot, body)
+        return None
+
+    served = serve(on_message)
+    reader, waiter, idle = served.connect(), served.connect(), served.connect()
+    reader.sendall(frame(b"big"))
+    waiter.sendall(frame(b"unanswered"))
+    deferred.wait(1)
+    time.sleep(0.1)  # the big answer is stuck in the out buffer: nobody reads it yet
+    closer = threading.Thread(target=served.loop.close_all, args=(LONG,))
+    closer.start()
+    assert recv_body(reader) == big
+    assert reader.recv(1) == b""
+    assert waiter.recv(1) == b""
+    assert idle.recv(1) == b""
+    closer.join(LONG)
+    assert not closer.is_alive()
+    served.thread.join(LONG)
+    assert not served.thread.is_alive()
+    assert served.loop.connections == 0
+    conn = deferred.requests[0][0]
+    assert conn.closed
+    assert conn.send_response(0, b"too late") is False
+
+
+def test_close_all_gives_up_after_flush_timeout(serve):
+    served = serve(lambda conn, slot, body: b"x" * (8 * MiB))
+    stalled = served.connect()
+    stalled.sendall(frame(b"big"))
+    time.sleep(0.1)
+    start = time.monotonic()
+    served.loop.close_all(0.3)
+    assert 0.2 <= time.monotonic() - start < 3.0
+    served.thread.join(LONG)
+    assert not served.thread.is_alive()
+
+
+def test_close_all_before_run_returns_at_once(tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "s.sock"))
+        listener.listen(1)
+        loop = connloop.ConnectionLoop(
+            listener.fileno(), echo, bad_length, max_message_bytes=100, read_timeout=1,
+            idle_timeout=1, write_timeout=1, max_connections=1, pipeline_depth=1)
+        loop.close_all(1.0)
+        loop.run()  # returns at once: already closed
+        assert loop.connections == 0
+
+
+def test_raising_callback_closes_only_its_connection(serve, caplog):
+    def on_message(conn: connloop.Connection, slot: int, body: bytes) -> bytes:
+        if body == b"boom":
+            raise RuntimeError("callback failure")
+        if body == b"wrong type":
+            return "not bytes"  # type: ignore[return-value]
+        return body
+
+    served = serve(on_message)
+    bystander = served.connect()
+    for trigger in (b"boom", b"wrong type"):
+        victim = served.connect()
+        with caplog.at_level(logging.ERROR, logger="vasipc"):
+            victim.sendall(frame(trigger))
+            assert is_closed(victim)
+        assert roundtrip(bystander, b"fine") == b"fine"
+    messages = [r.getMessage() for r in caplog.records if r.name == "vasipc"]
+    assert len(messages) == 2 and all("on_message" in m for m in messages)
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+
+
+def test_send_response_twice_raises(serve):
+    deferred = Deferred()
+    s = serve(deferred).connect()
+    s.sendall(frame(b"a") + frame(b"b"))
+    deferred.wait(2)
+    conn = deferred.requests[0][0]
+    assert conn.send_response(1, b"B") is True
+    with pytest.raises(ValueError):
+        conn.send_response(1, b"again")
+    assert conn.send_response(0, b"A") is True
+    with pytest.raises(ValueError):
+        conn.send_response(0, b"again")
+    with pytest.raises(ValueError):
+        conn.send_response(2, b"no such request")
+    assert [recv_body(s), recv_body(s)] == [b"A", b"B"]
+    with pytest.raises(TypeError):
+        conn.send_response(0, None)  # type: ignore[arg-type]
+
+
+def test_send_response_after_close_returns_false(serve):
+    deferred = Deferred()
+    s = serve(deferred).connect()
+    s.sendall(frame(b"x") + frame(b"y"))
+    deferred.wait(2)
+    conn = deferred.requests[0][0]
+    s.close()  # gone: the loop sees HUP, or the write gets EPIPE
+    first = conn.send_response(0, b"lost")
+    wait_for(lambda: conn.closed)
+    assert conn.send_response(1, b"lost too") is False
+    assert first in (True, False)
+
+
+# --- load and resources ---------------------------------------------------------------
+
+def test_sixteen_clients_two_thousand_requests_each(serve):
+    work: queue.Queue = queue.Queue()
+
+    def on_message(conn: connloop.Connection, slot: int, body: bytes) -> bytes | None:
+        if body.endswith(b"7"):  # some answers come from another thread
+            work.put((conn, slot, body[::-1]))
+            return None
+        return body[::-1]
+
+    def worker() -> None:
+        while (item := work.get()) is not None:
+            item[0].send_response(item[1], item[2])
+
+    answerer = threading.Thread(target=worker, daemon=True)
+    answerer.start()
+    served = serve(on_message)
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        with served.connect() as s:
+            for i in range(2000):
+                body = b'{"op":"health","c":%d,"i":%d}' % (n, i)
+                if roundtrip(s, body) != body[::-1]:
+                    errors.append(f"client {n} request {i}")
+                    return
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(60)
+    work.put(None)
+    assert not errors
+    assert not any(t.is_alive() for t in clients)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fds_back_to_baseline_after_many_connections(serve):
+    served = serve()
+    with served.connect() as warm:
+        assert roundtrip(warm, b"warm") == b"warm"
+    wait_for(lambda: served.loop.connections == 0)
+    baseline = _open_fds()
+    for i in range(10000):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(served.path)
+        if i % 2:
+            s.sendall(frame(b"%d" % i))
+            assert recv_body(s) == b"%d" % i
+        s.close()
+    wait_for(lambda: served.loop.connections == 0)
+    assert _open_fds() == baseline
+
+
+def test_accepts_again_after_running_out_of_fds(tmp_path):
+    """Clients left in the backlog while fds ran out are accepted once fds free up."""
+    path = str(tmp_path / "s.sock")
+    child = textwrap.dedent(f"""
+        import os, resource, socket, sys, threading
+        from vasipc._fast import connloop
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind({path!r})
+        listener.listen(64)
+        loop = connloop.ConnectionLoop(
+            listener.fileno(), lambda c, s, b: b, lambda c, s, n: b"bad",
+            max_message_bytes=100, read_timeout=10, idle_timeout=10, write_timeout=10,
+            max_connections=100, pipeline_depth=4)
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 3, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))  # room for three connections (and listdir's fd)
+        threading.Thread(target=lambda: (sys.stdin.read(), loop.close_all(1.0)),
+                         daemon=True).start()
+        print("ready", flush=True)
+        loop.run()
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT)
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        for i in range(6):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(LONG)
+            s.connect(path)
+            s.sendall(frame(b"c%d" % i))
+            clients.append(s)
+        answered = []
+        for s in clients:
+            s.settimeout(0.3)
+            try:
+                answered.append(recv_body(s))
+            except TimeoutError:
+                answered.append(None)
+        assert answered[:2] == [b"c0", b"c1"]
+        assert None in answered
+        waiting = [i for i, a in enumerate(answered) if a is None]
+        for i, a in enumerate(answered):
+            if a is not None:
+                clients[i].close()  # frees an fd in the server
+        for i in waiting:
+            clients[i].settimeout(LONG)
+            assert recv_body(clients[i]) == b"c%d" % i
+    finally:
+        for s in clients:
+            s.close()
+        proc.stdin.close()
+        assert proc.wait(LONG) == 0
+
+
+def test_garbage_from_peers_never_breaks_the_loop(serve):
+    served = serve(max_message_bytes=1000, read_timeout=0.5)
+    rng = random.Random(1234)
+    socks = []
+    for _ in range(40):
+        s = served.connect()
+        chunks = [rng.randbytes(rng.randrange(1, 300)) for _ in range(rng.randrange(1, 6))]
+        if rng.random() < 0.5:
+            chunks.insert(0, frame(rng.randbytes(rng.randrange(1, 1000))))
+        with contextlib.suppress(OSError):
+            for chunk in chunks:
+                s.sendall(chunk)
+        if rng.random() < 0.5:
+            s.close()
+        else:
+            socks.append(s)
+    fresh = served.connect()
+    assert roundtrip(fresh, b"ok") == b"ok"
+    for s in socks:
+        s.close()
+    wait_for(lambda: served.loop.connections == 1)

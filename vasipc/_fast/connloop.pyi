@@ -1,0 +1,35 @@
+"""Every client connection of a listening socket, served by one epoll thread. See connloop.pyx."""
+
+from collections.abc import Callable
+
+class Connection:
+    """One accepted client connection, owned by its ConnectionLoop."""
+    def send_response(self, slot: int, body: bytes) -> bool:
+        """Answer request `slot` of this connection (body = the JSON bytes; the loop adds the
+        4-byte big-endian length prefix). Thread-safe (callers hold the GIL). Responses are
+        written in slot order: a slot answered before an earlier one waits for it. Returns
+        False (and drops the body) if the connection is already closed, else True. A slot
+        may be answered once; a second answer for the same slot raises ValueError."""
+    @property
+    def closed(self) -> bool: ...
+
+class ConnectionLoop:
+    def __init__(self, listen_fd: int,
+                 on_message: Callable[[Connection, int, bytes], bytes | None],
+                 on_bad_length: Callable[[Connection, int, int], bytes], *,
+                 max_message_bytes: int, read_timeout: float, idle_timeout: float,
+                 write_timeout: float, max_connections: int, pipeline_depth: int) -> None: ...
+    def run(self) -> None:
+        """Serve until close_all() (call it in a dedicated thread). Exceptions raised by the
+        callbacks are logged (logging.getLogger("vasipc").exception) and the connection that
+        caused them is closed; the loop goes on."""
+    def stop_accepting(self) -> None:
+        """Thread-safe. When it returns, the loop never touches listen_fd again (the caller
+        then closes it). Existing connections go on being served."""
+    def close_all(self, flush_timeout: float) -> None:
+        """Thread-safe. Stop reading everywhere, write what is owed AND already answered
+        (give up after flush_timeout seconds), close every connection, and make run() return.
+        Blocks until run() has returned (or returns at once if run() never started)."""
+    @property
+    def connections(self) -> int:
+        """Open connections now."""
