@@ -245,7 +245,9 @@ class Server:
         ready = not self.draining and self.fatal is None
         return {
             "op": "health", "status": "ok" if ready else "draining", "ready": ready,
-            "model_id": self.model_id, "uptime_s": round(time.monotonic() - self.started, 3),
+            "model_id": self.model_id,
+            # ms resolution; int arithmetic: round(x, 3) goes through dtoa and costs 1 µs
+            "uptime_s": int((time.monotonic() - self.started) * 1000 + 0.5) / 1000,
             "in_flight": self.in_flight(), "requests_total": self.requests_total,
         }
 
