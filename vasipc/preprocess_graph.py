@@ -1,0 +1,233 @@
+"""The letterbox as an ONNX graph, for GPU serving (issue 4).
+
+On a GPU the frame should travel to the device as its raw bytes (NV12 is 1.5 bytes a
+pixel against the 12 bytes a pixel of the float tensor) and colour conversion, resize,
+padding and normalisation should run there. This module builds that work as a small
+ONNX graph that ONNX Runtime runs before the model, from standard opset-17 ops that ORT
+implements on both the CPU and the CUDA execution providers, so that it needs no new
+dependency and is tested here on the CPU provider.
+
+One graph per pixel format and model input size; the frame geometry is a runtime input,
+so one session serves every camera resolution:
+
+- ``frame``: uint8 ``[N]``, the frame's bytes exactly as in the file (CONTRACT 5.3):
+  ``height`` rows of ``stride`` bytes, then the chroma rows for NV12 / I420. Bytes past
+  the frame's end are ignored.
+- ``geometry``: int64 ``[7]``: ``width, height, stride, new_w, new_h, left, top``
+  (:data:`GEOMETRY_FIELDS`), the last four from ``letterbox_geometry``.
+- ``images``: float32 ``[1, 3, in_h, in_w]``, RGB in [0, 1], letterboxed (CONTRACT 6).
+
+The graph follows the contract's OpenCV reference in float: BT.601 limited-range YUV ->
+RGB with each chroma sample covering its 2x2 luma block (a nearest 2x ``Resize`` of the
+chroma terms), rounded and clamped to 0..255 as cvtColor's uint8 output is; then bilinear
+``Resize`` (``half_pixel``, no antialias: INTER_LINEAR's source positions); then ``/ 255``
+and ``Pad`` with 114 / 255. It matches the CPU kernel (``_fast.letterbox``) within the
+contract's tolerance, not bit for bit.
+
+:class:`PreprocessSession` runs the graph by itself: for tests, and as the reference for
+the integration. Serving on CUDA (feeding the frame through IO binding straight from the
+mapped file, keeping ``images`` on the device for the model, or merging this graph into
+the model's) is a later step, the lead's.
+
+``onnx`` is needed only to build the graph; it is imported on use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vasipc.frames import BGR24, I420, NV12, RGB24
+
+if TYPE_CHECKING:
+    import onnx
+
+OPSET = 17
+PAD_VALUE = 114
+GEOMETRY_FIELDS = ("width", "height", "stride", "new_w", "new_h", "left", "top")
+INPUT_FRAME, INPUT_GEOMETRY, OUTPUT = "frame", "geometry", "images"
+
+# OpenCV's YUV420 -> RGB coefficients (color_yuv.simd.hpp: 20-bit fixed point), as floats.
+_YUV_SCALE = float(1 << 20)
+_CY = 1220542 / _YUV_SCALE
+_CUB, _CUG = 2116026 / _YUV_SCALE, -409993 / _YUV_SCALE
+_CVG, _CVR = -852492 / _YUV_SCALE, 1673527 / _YUV_SCALE
+
+
+class _GraphBuilder:
+    """Nodes and initializers of one graph, with generated names."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+
+        self._helper, self._numpy_helper = helper, numpy_helper
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self._count = 0
+        self._ints: dict[tuple[int, ...], str] = {}
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value: Any, dtype: Any, hint: str = "c") -> str:
+        name = self._name(hint)
+        self.initializers.append(self._numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        """An int64 [len(values)] constant, shared by all its uses."""
+        if values not in self._ints:
+            self._ints[values] = self.const(list(values), np.int64, "i")
+        return self._ints[values]
+
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, **attrs: Any) -> str:
+        out = self._name(hint or op_type.lower())
+        self.nodes.append(self._helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def slice(self, data: str, starts: str, ends: str, axes: Sequence[int],
+              steps: Sequence[int] | None = None) -> str:
+        inputs = [data, starts, ends, self.ints(*axes)]
+        if steps is not None:
+            inputs.append(self.ints(*steps))
+        return self.op("Slice", *inputs)
+
+
+def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.ModelProto:
+    """The letterbox graph for frames in `pixel_format` (a ``vasipc.frames.PIXEL_FORMATS``
+    code) and a model input of `in_w` x `in_h` (see the module docstring)."""
+    from onnx import TensorProto, checker, helper
+
+    if pixel_format not in (NV12, I420, BGR24, RGB24):
+        raise ValueError(f"unknown pixel format code {pixel_format}")
+    if in_w < 1 or in_h < 1:
+        raise ValueError(f"model input size {in_w}x{in_h} must be positive")
+
+    g = _GraphBuilder()
+    f32 = np.float32
+    # The geometry, each field a [1] int64 tensor.
+    field = {name: g.slice(INPUT_GEOMETRY, g.ints(i), g.ints(i + 1), [0])
+             for i, name in enumerate(GEOMETRY_FIELDS)}
+    width, height, stride = field["width"], field["height"], field["stride"]
+    zero = g.ints(0)
+    luma_bytes = g.op("Mul", stride, height)
+
+    if pixel_format in (BGR24, RGB24):
+        # [height, stride] rows -> [height, width, 3] -> [3, height, width], RGB order.
+        rows = g.op("Reshape", g.slice(INPUT_FRAME, zero, luma_bytes, [0]),
+                    g.op("Concat", height, stride, axis=0))
+        hwc = g.op("Reshape", g.slice(rows, zero, g.op("Mul", width, g.ints(3)), [1]),
+                   g.op("Concat", height, width, g.ints(3), axis=0))
+        chw = g.op("Transpose", hwc, perm=[2, 0, 1])
+        if pixel_format == BGR24:
+            chw = g.op("Gather", chw, g.ints(2, 1, 0), axis=0)
+        rgb = g.op("Cast", g.op("Unsqueeze", chw, g.ints(0)), to=TensorProto.FLOAT)
+    else:
+        one, two = g.ints(1), g.ints(2)
+        half_w, half_h = g.op("Div", width, two), g.op("Div", height, two)
+        # Luma term max(Y - 16, 0) * 1.164 (OpenCV clamps Y below 16): [1, 1, height, width].
+        y_rows = g.op("Reshape", g.slice(INPUT_FRAME, zero, luma_bytes, [0]),
+                      g.op("Concat", height, stride, axis=0))
+        y = g.op("Cast", g.slice(y_rows, zero, width, [1]), to=TensorProto.FLOAT)
+        y = g.op("Reshape", y, g.op("Concat", one, one, height, width, axis=0))
+        y_term = g.op("Mul", g.op("Relu", g.op("Sub", y, g.const(16, f32))), g.const(_CY, f32))
+        # Chroma terms (R, G, B) at chroma resolution: [3, height/2, width/2].
+        u_coeff, v_coeff = (0.0, _CUG, _CUB), (_CVR, _CVG, 0.0)
+        if pixel_format == NV12:
+            # [height/2, width/2, 2] interleaved U, V, centred on 128, times [2, 3].
+            uv_end = g.op("Add", luma_bytes, g.op("Mul", stride, half_h))
+            # (The stride may be odd: cut the rows to `width` bytes before pairing them.)
+            uv = g.op("Reshape", g.slice(INPUT_FRAME, luma_bytes, uv_end, [0]),
+                      g.op("Concat", half_h, stride, axis=0))
+            uv = g.op("Reshape", g.slice(uv, zero, width, [1]),
+                      g.op("Concat", half_h, half_w, two, axis=0))
+            uv = g.op("Cast", uv, to=TensorProto.FLOAT)
+            uv = g.op("Sub", uv, g.const(128, f32))
+            chroma = g.op("MatMul", uv, g.const([u_coeff, v_coeff], f32))
+            chroma = g.op("Transpose", chroma, perm=[2, 0, 1])
+        else:
+            # U and V planes [1, height/2, width/2], each times its [3, 1, 1] coefficients.
+            chroma_stride = g.op("Div", stride, two)
+            plane = g.op("Mul", chroma_stride, half_h)
+            u_end = g.op("Add", luma_bytes, plane)
+            v_end = g.op("Add", u_end, plane)
+            shape = g.op("Concat", one, half_h, chroma_stride, axis=0)
+            terms = []
+            for begin, end, coeff in ((luma_bytes, u_end, u_coeff), (u_end, v_end, v_coeff)):
+                c = g.slice(g.op("Reshape", g.slice(INPUT_FRAME, begin, end, [0]), shape),
+                            zero, half_w, [2])
+                c = g.op("Sub", g.op("Cast", c, to=TensorProto.FLOAT), g.const(128, f32))
+                terms.append(g.op("Mul", c, g.const(np.reshape(coeff, (3, 1, 1)), f32)))
+            chroma = g.op("Add", *terms)
+        # Each chroma sample covers its 2x2 luma block (nearest upsampling, as OpenCV's
+        # YUV420 conversion): [1, 3, height, width], plus the luma term.
+        chroma = g.op("Resize", g.op("Unsqueeze", chroma, zero), "",
+                      g.const([1, 1, 2, 2], f32), mode="nearest",
+                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        rgb = g.op("Add", y_term, chroma)
+        # cvtColor's uint8 result: round and clamp.
+        rgb = g.op("Clip", g.op("Round", rgb), g.const(0, f32), g.const(255, f32))
+
+    new_w, new_h = field["new_w"], field["new_h"]
+    left, top = field["left"], field["top"]
+    sizes = g.op("Concat", g.ints(1, 3), new_h, new_w, axis=0)
+    resized = g.op("Resize", rgb, "", "", sizes, mode="linear",
+                   coordinate_transformation_mode="half_pixel")
+    scaled = g.op("Div", resized, g.const(255, f32))
+    bottom = g.op("Sub", g.op("Sub", g.ints(in_h), new_h), top)
+    right = g.op("Sub", g.op("Sub", g.ints(in_w), new_w), left)
+    pads = g.op("Concat", g.ints(0, 0), top, left, g.ints(0, 0), bottom, right, axis=0)
+    pad_value = g.const(np.float32(PAD_VALUE) / np.float32(255), f32)
+    g.nodes.append(helper.make_node("Pad", [scaled, pads, pad_value], [OUTPUT], mode="constant"))
+
+    graph = helper.make_graph(
+        g.nodes, f"vasipc_letterbox_fmt{pixel_format}_{in_w}x{in_h}",
+        [helper.make_tensor_value_info(INPUT_FRAME, TensorProto.UINT8, ["frame_bytes"]),
+         helper.make_tensor_value_info(INPUT_GEOMETRY, TensorProto.INT64, [len(GEOMETRY_FIELDS)])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, 3, in_h, in_w])],
+        initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="vasipc")
+    model.ir_version = 8  # readable by every onnxruntime >= 1.14
+    checker.check_model(model, full_check=True)
+    return model
+
+
+class PreprocessSession:
+    """An ONNX Runtime session of one letterbox graph: ``run`` takes a frame's bytes and
+    returns the model's input tensor ``[1, 3, in_h, in_w]``."""
+
+    def __init__(self, pixel_format: int, in_w: int, in_h: int,
+                 providers: Sequence[Any] = ("CPUExecutionProvider",),
+                 sess_options: Any = None) -> None:
+        import onnxruntime as ort
+
+        self.pixel_format, self.in_w, self.in_h = pixel_format, in_w, in_h
+        model = build_preprocess_graph(pixel_format, in_w, in_h)
+        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=sess_options,
+                                            providers=list(providers))
+
+    def geometry(self, width: int, height: int, stride: int) -> np.ndarray:
+        """The ``geometry`` input for a frame (see GEOMETRY_FIELDS)."""
+        from vasipc._fast.letterbox import letterbox_geometry
+
+        _, new_w, new_h, left, top = letterbox_geometry(width, height, self.in_w, self.in_h)
+        return np.array([width, height, stride, new_w, new_h, left, top], dtype=np.int64)
+
+    def run(self, frame_bytes: np.ndarray, width: int, height: int, stride: int) -> np.ndarray:
+        """Letterbox one frame: `frame_bytes` a uint8 1-D array (a view is used as is, not
+        copied), holding at least the frame's bytes. ValueError on a bad size or stride."""
+        from vasipc._fast.letterbox import frame_nbytes
+
+        needed = frame_nbytes(self.pixel_format, width, height, stride)
+        if (not isinstance(frame_bytes, np.ndarray) or frame_bytes.dtype != np.uint8
+                or frame_bytes.ndim != 1):
+            raise ValueError("frame_bytes must be a 1-D uint8 array")
+        if frame_bytes.size < needed:
+            raise ValueError(f"frame buffer holds {frame_bytes.size} bytes, needs {needed}")
+        feeds = {INPUT_FRAME: frame_bytes[:needed],
+                 INPUT_GEOMETRY: self.geometry(width, height, stride)}
+        return self.session.run([OUTPUT], feeds)[0]
