@@ -397,6 +397,136 @@ def test_threads_run_concurrently_and_agree() -> None:
         assert np.array_equal(out, expected)
 
 
+# --- the thread pool: ranges 1.. of a call run on persistent threads ------------------------
+
+POOL_CASES = [c for c in CASES if c[0] in ("720p-640", "photo-up-640", "tall-320x256",
+                                           "rows-3:1-cols-2tap")]
+
+
+def test_pool_many_calls_varying_threads() -> None:
+    """Calls in a row with the count going up and down (the pool grows to the largest,
+    then serves smaller calls with a subset) give the single-threaded tensor every time."""
+    counts = (2, 5, 3, 64, 2, 1, 8, 4, 2, 16, 7, 2)
+    for fmt_name in ("NV12", "RGB24"):
+        for case in POOL_CASES:
+            one, _ = _run_case(letterbox, FORMATS[fmt_name], case)
+            out = np.empty_like(one)
+            for threads in counts:
+                out.fill(np.nan)
+                _run_case(letterbox, FORMATS[fmt_name], case, out=out, threads=threads)
+                assert np.array_equal(out, one), (fmt_name, case[0], threads)
+
+
+def test_pool_concurrent_callers_different_counts_and_formats() -> None:
+    """Python threads calling at once (the GIL released), each with its own count and
+    format: the pool is shared (or a caller runs the ranges no worker is free for), and
+    every result is exact."""
+    jobs = [("NV12", POOL_CASES[0], (2, 4, 3)), ("I420", POOL_CASES[3], (3, 2, 64)),
+            ("BGR24", POOL_CASES[1], (4, 1, 2)), ("RGB24", POOL_CASES[2], (2, 7, 5))]
+    expected = {name: _run_case(letterbox, FORMATS[name], case)[0] for name, case, _ in jobs}
+    errors: list[str] = []
+    start = threading.Barrier(len(jobs))
+
+    def work(name: str, case: tuple, counts: tuple[int, ...]) -> None:
+        out = np.empty_like(expected[name])
+        start.wait()
+        for i in range(12):
+            threads = counts[i % len(counts)]
+            out.fill(np.nan)
+            _run_case(letterbox, FORMATS[name], case, out=out, threads=threads)
+            if not np.array_equal(out, expected[name]):
+                errors.append(f"{name} threads={threads} call {i}")
+
+    workers = [threading.Thread(target=work, args=job) for job in jobs]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in workers), "a caller hangs"
+    assert errors == []
+
+
+# The pool in a fresh process: its threads persist between calls and grow to the largest
+# count (capped by LB_MAX_THREADS - 1); a forked child (also one forked while another
+# thread is inside a pooled call, the pool's lock possibly held) builds its own and gets
+# the same tensors; and the process exits with idle pool threads, and with a daemon thread
+# still calling, without hanging.
+POOL_PROBE = textwrap.dedent("""
+    import os, signal, sys, threading
+    import numpy as np
+    from vasipc._fast import letterbox as lb
+
+    # GCC's ASan allocator is not fork-safe: a child forked while another thread is in
+    # malloc (its scratch, numpy's) can block on the allocator's lock (glibc's malloc
+    # takes its locks around fork). The busy forks are for the real allocator only.
+    ASAN = "libasan" in open("/proc/self/maps").read()
+    W, H = 1280, 720
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, lb.frame_nbytes(lb.NV12, W, H, W), dtype=np.uint8)
+    args = (lb.NV12, W, H, W)
+    def run(threads):
+        out = np.empty((3, 640, 640), np.float32)
+        lb.letterbox_into(src, *args, out, 640, 360, 0, 140, threads=threads)
+        return out
+    def tasks():
+        return len(os.listdir("/proc/self/task"))
+
+    one = run(1)
+    base = tasks()
+    assert np.array_equal(run(4), one)
+    grown = tasks() - base
+    for n in (4, 2, 3, 4):
+        assert np.array_equal(run(n), one)
+    print("pool", grown, tasks() - base)
+    assert np.array_equal(run(64), one)
+    assert np.array_equal(run(2), one)
+    print("pool", tasks() - base)
+
+    def child_check():
+        signal.alarm(60)  # a hung child dies rather than outlive the test
+        ok = all(np.array_equal(run(n), one) for n in (4, 2, 8, 3))
+        os._exit(0 if ok else 3)
+
+    pid = os.fork()
+    if pid == 0:
+        child_check()
+    print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+    stop = threading.Event()
+    def busy():
+        while not stop.is_set():
+            run(3)
+    t = threading.Thread(target=busy); t.start()
+    codes = []
+    for _ in range(0 if ASAN else 20):
+        pid = os.fork()
+        if pid == 0:
+            child_check()
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    stop.set(); t.join()
+    print("forks while busy", "skipped (ASan)" if ASAN else codes == [0] * 20)
+    assert np.array_equal(run(4), one)
+    threading.Thread(target=lambda: [run(4) for _ in range(1000)], daemon=True).start()
+    print("exit", flush=True)
+""")
+
+
+def _pool_probe() -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", POOL_PROBE],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not hasattr(os, "fork"),
+                    reason="needs /proc and fork")
+def test_pool_persists_forks_and_exits() -> None:
+    proc = _pool_probe()  # the timeout is the "exit never hangs" check
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    busy = "skipped (ASan)" if "asan" in os.environ.get("LD_PRELOAD", "") else "True"
+    assert proc.stdout.split("\n") == [
+        "pool 3 3", "pool 63", "child 0", f"forks while busy {busy}", "exit", ""]
+
+
 # --- SIGBUS: a frame file truncated under its mapping ----------------------------------------
 
 @pytest.fixture
@@ -470,6 +600,20 @@ SIGBUS_PROBE = textwrap.dedent("""
     except lb.FrameBusError:
         print("worker FrameBusError", threading.active_count())
     assert np.array_equal(out[:, :150], top_rows)  # the first thread's rows were done
+    # A pool thread that faulted serves the next calls: more faults, then good frames.
+    caught = 0
+    for threads in (2, 4, 2, 3):
+        try:
+            lb.letterbox_into(src, *rgb_args, threads=threads)
+        except lb.FrameBusError:
+            caught += 1
+    good = np.full(N3, 100, np.uint8)
+    one = np.empty_like(out)
+    lb.letterbox_into(good, *rgb_args[:4], one, *rgb_args[5:])
+    pooled = all(
+        lb.letterbox_into(good, *rgb_args, threads=threads) is None
+        and np.array_equal(out, one) for threads in (2, 4, 3, 2))
+    print("pool after faults", caught, pooled)
     os.close(fd); os.unlink(path)
     assert signal.SIGBUS not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     lb.letterbox_into(bytes(N), *args)
@@ -492,7 +636,8 @@ def test_sigbus_in_a_subprocess() -> None:
     assert proc.stdout.split("\n") == [
         "mmap FrameBusError", "mmap thread FrameBusError", "mmap threads=4 FrameBusError",
         "frameview FrameBusError", "frameview thread FrameBusError",
-        "frameview threads=4 FrameBusError", "worker FrameBusError 1", "alive", ""]
+        "frameview threads=4 FrameBusError", "worker FrameBusError 1",
+        "pool after faults 4 True", "alive", ""]
 
 
 def test_sigbus_in_process(shm_file: str) -> None:

@@ -107,8 +107,10 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
     src: any object exporting a contiguous readable buffer (FrameView, bytes, mmap, numpy
     uint8 array) whose first byte is the frame's first byte, holding frame_nbytes() bytes.
     threads: split the output rows among this many threads (the calling one and
-    threads - 1 started for the call; at most one per resized row is used). Every thread
-    reads under the SIGBUS guard; the result is the same for any count.
+    threads - 1 from a persistent pool, started on first use and shared by concurrent
+    calls: ranges no pool thread is free for run on the calling one; at most one per
+    resized row is used). Every thread reads under the SIGBUS guard; the result is the
+    same for any count.
     ValueError for an invalid frame geometry, a short buffer, a wrong out or placement,
     threads < 1 or > 64.
     FrameBusError if the frame's memory vanishes while read, in any thread (the GIL is

@@ -14,7 +14,8 @@
  * into contiguous copies. The integers are OpenCV's, so the result is unchanged.
  *
  * Threads (lb_run): the output rows are split into ranges, one per worker, each with its
- * own row buffers and its own SIGBUS guard.
+ * own row buffers and its own SIGBUS guard; ranges 1.. run on a persistent thread pool
+ * (see "Threads" below).
  *
  * One body serves the four pixel formats: the per-format parts (where a row's planes
  * start, which bytes a tap reads, whether it needs YUV -> RGB) are always-inline
@@ -26,6 +27,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 
 #include "sigbus_guard.h"
 
@@ -609,28 +611,171 @@ static void run_worker(void *arg)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* Threads: worker k > 0 runs on a thread of its own, under a guard of its own (the     */
-/* guard is per thread), and reports its result through its slot.                       */
+/* Threads: a persistent pool. Worker k > 0 runs on a pool thread, under that thread's   */
+/* own guard (the guard is per thread), and reports its result through its slot.         */
+/*                                                                                        */
+/* Design. One process-wide pool of detached threads, created lazily and grown to the     */
+/* largest threads - 1 any call asked for (at most LB_MAX_THREADS - 1), each sleeping on  */
+/* work_cv between calls. A call is a `batch`: its worker slots (on the caller's stack)   */
+/* and a claim counter. lb_run queues the batch, wakes threads - 1 workers, runs range 0, */
+/* then claims and runs on its own thread every range of its batch that no worker has     */
+/* taken yet, and finally waits (done_cv) for the ranges workers did take.                */
+/* Why a queue of batches rather than serialising the pool: concurrent callers (the       */
+/* server's two batch workers) each get the threads that are free, nobody ever waits for */
+/* another caller's job, and the case "pool busy / too small / pthread_create failed"     */
+/* needs no code of its own: the caller claims the ranges nobody took. The claim loop is  */
+/* what the "run it on the caller" fallback would be anyway.                              */
+/* Fork: the child has only the forking thread, which is never inside lb_run (lb_run      */
+/* never forks), so pool_forget() (pthread_atfork child handler) resets the pool to its   */
+/* initial, empty state without touching the parent's threads or locks (a lock held by a  */
+/* parent thread at fork time is re-initialised, not unlocked); the child grows its own.  */
+/* Exit: idle workers are blocked on work_cv holding nothing, and a call waits for all of */
+/* its ranges, so the process exits (exit_group) with no join and nothing to hang on.     */
 
 typedef struct {
     lb_worker worker;
     int rc, err;
 } guarded_worker;
 
-static void *worker_thread(void *arg)
+static void run_guarded(guarded_worker *g)
 {
-    guarded_worker *g = (guarded_worker *)arg;
     g->rc = vas_sigbus_guard_run(run_worker, &g->worker);
     g->err = g->rc == VAS_GUARD_INSTALL_FAILED ? errno : 0;
-    return NULL;
+}
+
+typedef struct lb_batch {
+    guarded_worker *slots;
+    int total;              /* ranges: slots [0, total) */
+    int next;               /* next unclaimed range (range 0 is the caller's) */
+    int running;            /* ranges a pool worker claimed and has not finished */
+    struct lb_batch *link;  /* the queue: batches with unclaimed ranges, oldest first */
+} lb_batch;
+
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work_cv;  /* a batch was queued */
+    pthread_cond_t done_cv;  /* a batch's last worker-claimed range finished */
+    lb_batch *head;          /* the queue; under lock */
+    int workers;             /* threads started; under lock */
+} lb_pool;
+
+#define LB_POOL_INIT                                                                  \
+    {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0}
+
+static lb_pool pool = LB_POOL_INIT;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static int atfork_ok;  /* written once under atfork_once */
+
+static void pool_forget(void)
+{
+    /* The child: the workers are gone and no thread here waits or holds the lock. */
+    static const lb_pool fresh = LB_POOL_INIT;
+    pool = fresh;
+}
+
+static void register_atfork(void)
+{
+    atfork_ok = pthread_atfork(NULL, NULL, pool_forget) == 0;
+}
+
+/* Takes range `next` of b (the caller holds the lock); unqueues b once all are taken. */
+static int claim(lb_batch *b)
+{
+    const int k = b->next++;
+    if (b->next == b->total)
+        for (lb_batch **p = &pool.head; *p != NULL; p = &(*p)->link)
+            if (*p == b) {
+                *p = b->link;
+                break;
+            }
+    return k;
+}
+
+static void *pool_worker(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.head == NULL)
+            pthread_cond_wait(&pool.work_cv, &pool.lock);
+        lb_batch *b = pool.head;
+        const int k = claim(b);
+        b->running++;
+        pthread_mutex_unlock(&pool.lock);
+        run_guarded(&b->slots[k]);
+        pthread_mutex_lock(&pool.lock);
+        /* The caller may return (and b go out of scope) as soon as the lock is released. */
+        if (--b->running == 0 && b->next == b->total)
+            pthread_cond_broadcast(&pool.done_cv);
+    }
+    return NULL;  /* not reached */
+}
+
+/* Starts workers until there are `want` (the caller holds the lock). Each blocks every
+ * asynchronous signal, so the server's signals go to its Python threads; synchronous
+ * ones (SIGBUS above all) stay deliverable, as a blocked SIGBUS from a fault kills the
+ * process. A failed pthread_create stops here: the callers run those ranges. */
+static void pool_grow(int want)
+{
+    if (pool.workers >= want)
+        return;
+    sigset_t all, saved;
+    sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    sigdelset(&all, SIGTRAP);
+    sigdelset(&all, SIGSYS);
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0)
+        return;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_sigmask(SIG_BLOCK, &all, &saved);
+    while (pool.workers < want) {
+        pthread_t tid;
+        if (pthread_create(&tid, &attr, pool_worker, NULL) != 0)
+            break;
+        pool.workers++;
+    }
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    pthread_attr_destroy(&attr);
+}
+
+/* Ranges [1, threads) of the batch on the pool, range 0 and the unclaimed rest here. */
+static void run_pooled(guarded_worker *slots, int threads)
+{
+    lb_batch b = {slots, threads, 1, 0, NULL};
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.lock);
+    if (atfork_ok) {  /* else no pool: a fork could inherit it half-held */
+        pool_grow(threads - 1);
+        lb_batch **tail = &pool.head;
+        while (*tail != NULL)
+            tail = &(*tail)->link;
+        *tail = &b;
+        for (int k = 1; k < threads; k++)
+            pthread_cond_signal(&pool.work_cv);
+    }
+    pthread_mutex_unlock(&pool.lock);
+
+    run_guarded(&slots[0]);
+    pthread_mutex_lock(&pool.lock);
+    while (b.next < b.total) {  /* not taken by a worker (yet): run it here */
+        const int k = claim(&b);
+        pthread_mutex_unlock(&pool.lock);
+        run_guarded(&slots[k]);
+        pthread_mutex_lock(&pool.lock);
+    }
+    while (b.running > 0)
+        pthread_cond_wait(&pool.done_cv, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
 }
 
 int lb_run(lb_job *job, int *install_errno)
 {
     enum { MAX_THREADS = LB_MAX_THREADS };
     guarded_worker slots[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS];
     const int threads = job->threads;
     const size_t words = worker_words(job);
     int32_t *base = job->workers;
@@ -653,18 +798,11 @@ int lb_run(lb_job *job, int *install_errno)
                                    : job->top + (int)((int64_t)job->new_h * (k + 1) / threads);
         slots[k].rc = VAS_GUARD_OK;
         slots[k].err = 0;
-        started[k] = 0;
     }
-    for (int k = 1; k < threads; k++)
-        started[k] = pthread_create(&tids[k], NULL, worker_thread, &slots[k]) == 0;
-    worker_thread(&slots[0]);
-    /* A worker that could not start runs here, after the caller's share. */
-    for (int k = 1; k < threads; k++) {
-        if (started[k])
-            pthread_join(tids[k], NULL);
-        else
-            worker_thread(&slots[k]);
-    }
+    if (threads == 1)
+        run_guarded(&slots[0]);
+    else
+        run_pooled(slots, threads);
     int rc = VAS_GUARD_OK;
     *install_errno = 0;
     for (int k = 0; k < threads; k++) {

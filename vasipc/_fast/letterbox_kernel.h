@@ -67,10 +67,13 @@ size_t lb_scratch_nbytes(const lb_job *job, int threads);
 void lb_plan(lb_job *job, void *scratch, int threads);
 
 /* Runs the planned job: the output rows split in `threads` ranges, one per thread (the
- * caller's thread takes the first), each read under a SIGBUS guard of its own
- * (sigbus_guard.h). Returns VAS_GUARD_OK, VAS_GUARD_SIGBUS when any worker faulted, or
- * VAS_GUARD_INSTALL_FAILED with the errno in *install_errno. Allocates nothing inside
- * the guards; pthread_create failing runs that share on the caller's thread. */
+ * caller's thread takes the first, the others go to a persistent pool of threads, started
+ * on first use, grown to the largest count asked for, shared by concurrent callers, reset
+ * in a forked child), each read under a SIGBUS guard of its own (sigbus_guard.h).
+ * Returns, once every range is done, VAS_GUARD_OK, VAS_GUARD_SIGBUS when any range
+ * faulted, or VAS_GUARD_INSTALL_FAILED with the errno in *install_errno. Allocates
+ * nothing inside the guards; ranges no pool thread takes (pool busy with another call,
+ * pthread_create failing) run on the caller's thread. Thread-safe. */
 int lb_run(lb_job *job, int *install_errno);
 
 #ifdef __cplusplus
