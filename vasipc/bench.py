@@ -234,6 +234,9 @@ def _stage_medians(metas: list[dict[str, Any]]) -> dict[str, float | None]:
     for key in (*STAGES, "batch_size"):
         vals = [m[key] for m in metas if isinstance(m.get(key), int | float)]
         out[key] = float(np.median(vals)) if vals else None
+    sizes = [m["batch_size"] for m in metas if isinstance(m.get("batch_size"), int)]
+    # the mean a request saw (a batch of 8 counts 8 times): what batching buys per request
+    out["batch_size_mean"] = float(np.mean(sizes)) if sizes else None
     return out
 
 
@@ -438,7 +441,8 @@ def report(summary: dict[str, Any], out=sys.stdout) -> None:
         f"server ms (medians): queue {_ms(srv['queue_ms'])}  preprocess "
         f"{_ms(srv['preprocess_ms'])}  inference {_ms(srv['inference_ms'])}  postprocess "
         f"{_ms(srv['postprocess_ms'])}  total {_ms(srv['total_ms'])}  batch size "
-        + ("-" if srv["batch_size"] is None else f"{srv['batch_size']:g}"),
+        + ("-" if srv["batch_size"] is None
+           else f"{srv['batch_size']:g} (mean {srv['batch_size_mean']:.2f})"),
     ]
     if "offered_rps" in summary:
         lag, wait = summary["generator_lag_ms"], summary["client_wait_ms"]
