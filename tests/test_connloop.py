@@ -8,6 +8,8 @@ clients by hand: length prefix + body, no client library.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import queue
@@ -618,3 +620,323 @@ def test_garbage_from_peers_never_breaks_the_loop(serve):
     for s in socks:
         s.close()
     wait_for(lambda: served.loop.connections == 1)
+
+
+# --- fuzz: random streams and chunking against the pure-Python reference reader ------------
+#
+# What the loop must make of a client's byte stream is what tests/reference_framing.py
+# (the reference of the blocking reader) makes of it: every whole body answered, in
+# order; a zero or oversize length answered by on_bad_length and then the connection
+# closed; a truncated tail dropped at EOF. The expected answers are derived from the
+# reference's outcome for the same stream, never from framing rules restated here.
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test-only extra
+    given = None
+
+if given is None:
+    def test_fuzz_needs_hypothesis():
+        pytest.skip("hypothesis is not installed")
+else:
+    import reference_framing
+
+    # VASIPC_FUZZ_EXAMPLES=2000 for a longer run than the default few seconds.
+    FUZZ_EXAMPLES = int(os.environ.get("VASIPC_FUZZ_EXAMPLES", "100"))
+    # A client waiting this long for an answer or the close has found a hang (a passing
+    # example takes milliseconds); shorter than LONG so that shrinking one is quick.
+    FUZZ_WAIT = 3.0
+    FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # Sizes around the prefix, the loop's first read buffer (16 KiB) and the size above
+    # which an emptied read buffer shrinks back (64 KiB).
+    EDGE_SIZES = [1, 2, 3, 4, 5, 16379, 16380, 16383, 16384, 16385]
+    BIG_SIZES = [65532, 65536, 65537, 70000]
+    # Limits: small (many frames too large), and around the same buffer sizes.
+    max_bytes_strategy = st.one_of(
+        st.integers(1, 300), st.sampled_from([16380, 16384, 65536, 70000, MiB]))
+
+    def answer_for(slot: int, body: bytes) -> bytes:
+        # The body, twice: big bodies make answers big enough to fill the socket (its
+        # send buffer is about 200 KiB) and take the loop's partial write and out-buffer
+        # paths when the client reads late.
+        return b"%d:" % slot + body + body
+
+    def bad_answer_for(slot: int, length: int) -> bytes:
+        return b"bad %d @%d" % (length, slot)
+
+    @st.composite
+    def streams(draw: st.DrawFn, max_bytes: int) -> bytes:
+        """Mostly frames (valid or not for max_bytes), some zero and oversize lengths,
+        garbage, and maybe a truncated tail."""
+        junk = st.binary(max_size=40)
+        small = st.binary(min_size=1, max_size=min(200, max_bytes)).map(frame)
+        edge, big = (st.tuples(st.sampled_from(sizes), st.integers(0, 255)).map(
+            lambda size_fill: frame(bytes([size_fill[1]]) * size_fill[0]))
+            for sizes in (EDGE_SIZES, BIG_SIZES))
+        odd = st.one_of(
+            junk.map(lambda rest: PREFIX.pack(0) + rest),
+            st.tuples(st.integers(min(max_bytes + 1, 0xFFFFFFFF), 0xFFFFFFFF), junk)
+              .map(lambda n_rest: PREFIX.pack(n_rest[0]) + n_rest[1]),
+            # A length that need not match its bytes: framing goes out of step.
+            st.tuples(st.integers(0, 90), st.binary(max_size=90))
+              .map(lambda n_body: PREFIX.pack(n_body[0]) + n_body[1]),
+            junk,
+        )
+        tail = st.one_of(
+            st.just(b""),
+            st.binary(min_size=1, max_size=3),  # part of a prefix
+            st.tuples(st.integers(1, 70000), st.binary(max_size=100))
+              .map(lambda n_body: PREFIX.pack(n_body[0]) + n_body[1][: n_body[0] - 1]),
+        )
+        parts = []
+        for _ in range(draw(st.integers(0, 12), label="parts")):
+            kind = draw(st.integers(0, 9), label="kind")
+            parts.append(draw(small if kind < 5 else edge if kind < 6 else big if kind < 8
+                              else odd))
+        return b"".join(parts) + draw(tail)
+
+    def reference_answers(stream: bytes, max_bytes: int) -> list[bytes]:
+        """The answers a client sending `stream` then EOF must get, per the reference."""
+        server, peer = socket.socketpair()
+        outcome: list[object] = []
+        with server, peer:
+            def send() -> None:
+                with contextlib.suppress(OSError):
+                    peer.sendall(stream)
+                    peer.shutdown(socket.SHUT_WR)
+
+            reader = reference_framing.MessageReader(server.fileno(), max_bytes)
+            writer = threading.Thread(target=send, daemon=True)
+            writer.start()
+            try:
+                while True:
+                    try:
+                        body = reader.read_message(LONG, LONG)
+                    except reference_framing.ZeroLength:
+                        outcome.append(0)
+                        break
+                    except reference_framing.TooLarge as exc:
+                        outcome.append(exc.length)
+                        break
+                    except reference_framing.ConnectionClosed:
+                        break  # a truncated tail: no answer
+                    if body is None:
+                        break
+                    outcome.append(bytes(body))
+                server.shutdown(socket.SHUT_RD)  # unblocks the writer after an error
+            finally:
+                reader.close()
+                writer.join(LONG)
+        return [answer_for(slot, item) if isinstance(item, bytes) else bad_answer_for(slot, item)
+                for slot, item in enumerate(outcome)]
+
+    PEER_GONE = (BrokenPipeError, ConnectionResetError)
+
+    def chunked(stream: bytes, cuts: list[int]) -> list[bytes]:
+        if not stream:
+            return []
+        points = sorted({c % len(stream) for c in cuts} | {0, len(stream)})
+        return [stream[a:b] for a, b in itertools.pairwise(points)]
+
+    def read_until_closed(sock: socket.socket, delay: float = 0.0,
+                          pause: float = 0.0) -> list[bytes]:
+        """Every answer until the server closes; a close inside an answer is recorded.
+        `delay`: start reading late, so that answers pile up in the loop's out buffer
+        (not for long: after a bad length the sender may wait for the loop to close,
+        which waits for us to read)."""
+        got: list[bytes] = []
+        time.sleep(delay)
+        try:
+            while True:
+                head = sock.recv(4)
+                if not head:
+                    return got
+                head += recv_exact(sock, 4 - len(head))
+                got.append(recv_exact(sock, PREFIX.unpack(head)[0]))
+                if pause and len(got) % 3 == 0:
+                    time.sleep(pause)  # the loop meets a full socket now and then
+        except ConnectionResetError:
+            # Closed with our unread request bytes in its buffer (a bad length): the
+            # kernel hands over every byte it sent first, then ECONNRESET.
+            return got
+        except EOFError as exc:
+            got.append(b"<closed inside an answer: %s>" % str(exc).encode())
+            return got
+
+    def send_chunks(sock: socket.socket, chunks: list[bytes], pause: float) -> None:
+        # The loop stops reading after a bad length and closes once it has answered:
+        # a write that meets the closed socket is the expected end.
+        with contextlib.suppress(*PEER_GONE):
+            for chunk in chunks:
+                sock.sendall(chunk)
+                if pause:
+                    time.sleep(pause)
+            sock.shutdown(socket.SHUT_WR)
+
+    class Answerer:
+        """on_message / on_bad_length for the fuzz. mode "sync": return the answer;
+        "mixed": per message, return it, send_response() it from inside the callback, or
+        hand it to the worker thread; "deferred": always the worker, which answers what is
+        pending in random order."""
+
+        def __init__(self, mode: str, seed: int) -> None:
+            self.mode = mode
+            self.rng = random.Random(seed)  # used on the loop thread only
+            self.work: queue.Queue = queue.Queue()
+            self.errors: list[str] = []
+            self.worker = threading.Thread(target=self._answer_pending,
+                                           args=(random.Random(seed + 1),), daemon=True)
+            self.worker.start()
+
+        def on_message(self, conn: connloop.Connection, slot: int, body: bytes) -> bytes | None:
+            way = self.mode if self.mode != "mixed" else self.rng.choice(
+                ["sync", "inside", "deferred"])
+            if way == "sync":
+                return answer_for(slot, body)
+            if way == "inside":
+                if not conn.send_response(slot, answer_for(slot, body)):
+                    self.errors.append(f"send_response({slot}) inside on_message: False")
+                return None
+            self.work.put((conn, slot, body))
+            return None
+
+        def on_bad_length(self, conn: connloop.Connection, slot: int, length: int) -> bytes:
+            return bad_answer_for(slot, length)
+
+        def _answer_pending(self, rng: random.Random) -> None:
+            pending: list[tuple[connloop.Connection, int, bytes]] = []
+            while True:
+                try:
+                    # Gather what comes in a burst, then answer one at random.
+                    item = self.work.get(timeout=0.001 if pending else None)
+                except queue.Empty:
+                    conn, slot, body = pending.pop(rng.randrange(len(pending)))
+                    if not conn.send_response(slot, answer_for(slot, body)):
+                        self.errors.append(f"send_response({slot}) from the worker: False")
+                    continue
+                if item is None:
+                    return
+                pending.append(item)
+
+        def stop(self) -> None:
+            self.work.put(None)
+            self.worker.join(LONG)
+
+    @contextlib.contextmanager
+    def serving(answerer: Answerer, **options: float) -> Iterator[Served]:
+        with tempfile.TemporaryDirectory(prefix="vasipc-connloop-", dir="/tmp") as tmp:
+            served = Served(tmp, answerer.on_message, answerer.on_bad_length, **options)
+            try:
+                yield served
+                wait_for(lambda: served.loop.connections == 0)
+            finally:
+                served.close()
+                answerer.stop()
+        assert not answerer.errors, answerer.errors
+
+    def converse(served: Served, chunks: list[bytes], pause: float,
+                 read_delay: float = 0.0, read_pause: float = 0.0) -> list[bytes]:
+        s = served.connect(FUZZ_WAIT)
+        with in_thread(lambda: send_chunks(s, chunks, pause)):
+            got = read_until_closed(s, read_delay, read_pause)
+        s.close()
+        return got
+
+    @contextlib.contextmanager
+    def in_thread(target: Callable[[], object]) -> Iterator[threading.Thread]:
+        """Run `target` in a thread for the duration of the block, and re-raise its failure."""
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # handed to the test thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield thread
+        finally:
+            thread.join(30)
+        assert not thread.is_alive(), "helper thread hung"
+        if failure:
+            raise failure[0]
+
+    @FUZZ
+    @given(data=st.data(), max_bytes=max_bytes_strategy,
+           cuts=st.lists(st.integers(0, 1 << 20), max_size=30),
+           pause=st.sampled_from([0.0, 0.0, 0.0003, 0.002]),
+           read_delay=st.sampled_from([0.0, 0.03]),
+           read_pause=st.sampled_from([0.0, 0.0, 0.001]),
+           depth=st.sampled_from([1, 2, 3, 64]), mode=st.sampled_from(["sync", "mixed"]),
+           seed=st.integers(0, 1000))
+    def test_fuzz_one_connection_matches_the_reference(data, max_bytes, cuts, pause,
+                                                       read_delay, read_pause, depth, mode,
+                                                       seed):
+        stream = data.draw(streams(max_bytes), label="stream")
+        expected = reference_answers(stream, max_bytes)
+        with serving(Answerer(mode, seed), max_message_bytes=max_bytes,
+                     pipeline_depth=depth) as served:
+            got = converse(served, chunked(stream, cuts), pause, read_delay, read_pause)
+        assert got == expected
+
+    @FUZZ
+    @given(data=st.data(), max_bytes=max_bytes_strategy,
+           cuts=st.lists(st.integers(0, 1 << 20), max_size=20),
+           pause=st.sampled_from([0.0, 0.0003]), depth=st.sampled_from([1, 2, 5, 64]),
+           seed=st.integers(0, 1000))
+    def test_fuzz_deferred_answers_in_random_order_arrive_in_request_order(
+            data, max_bytes, cuts, pause, depth, seed):
+        stream = data.draw(streams(max_bytes), label="stream")
+        expected = reference_answers(stream, max_bytes)
+        with serving(Answerer("deferred", seed), max_message_bytes=max_bytes,
+                     pipeline_depth=depth) as served:
+            got = converse(served, chunked(stream, cuts), pause)
+        assert got == expected
+
+    @FUZZ
+    @given(data=st.data(), max_bytes=max_bytes_strategy, clients=st.integers(2, 4),
+           depth=st.sampled_from([1, 3, 64]), mode=st.sampled_from(["sync", "mixed"]),
+           seed=st.integers(0, 1 << 32))
+    def test_fuzz_interleaved_connections_each_get_their_own_answers(
+            data, max_bytes, clients, depth, mode, seed):
+        streams_ = [data.draw(streams(max_bytes), label=f"stream {i}") for i in range(clients)]
+        chunks = [chunked(stream, data.draw(st.lists(st.integers(0, 1 << 20), max_size=12),
+                                            label=f"cuts {i}"))
+                  for i, stream in enumerate(streams_)]
+        expected = [reference_answers(stream, max_bytes) for stream in streams_]
+        # One sender plays every client's chunks in a random interleaving (each client's
+        # own order kept); one reader per client.
+        # (A plain Random: a Hypothesis one would draw from `data` in the sender thread.)
+        interleave = random.Random(seed)
+        order = [i for i, own in enumerate(chunks) for _ in own]
+        interleave.shuffle(order)
+        delays = [interleave.choice([0.0, 0.03]) for _ in range(clients)]
+        with serving(Answerer(mode, seed), max_message_bytes=max_bytes,
+                     pipeline_depth=depth) as served:
+            socks = [served.connect(FUZZ_WAIT) for _ in range(clients)]
+            got: list[list[bytes]] = [[] for _ in range(clients)]
+
+            def send_all() -> None:
+                position = [0] * clients
+                for i in order:
+                    with contextlib.suppress(*PEER_GONE):  # its bad length: closed
+                        socks[i].sendall(chunks[i][position[i]])
+                    position[i] += 1
+                    if interleave.random() < 0.2:
+                        time.sleep(0.0003)
+                for s in socks:
+                    with contextlib.suppress(*PEER_GONE, OSError):  # ENOTCONN once closed
+                        s.shutdown(socket.SHUT_WR)
+
+            def read(i: int) -> None:
+                got[i] = read_until_closed(socks[i], delays[i])
+
+            with contextlib.ExitStack() as threads:
+                threads.enter_context(in_thread(send_all))
+                for i in range(clients):
+                    threads.enter_context(in_thread(functools.partial(read, i)))
+        assert got == expected
