@@ -940,3 +940,18 @@ else:
                 for i in range(clients):
                     threads.enter_context(in_thread(functools.partial(read, i)))
         assert got == expected
+
+
+
+def test_an_empty_answer_is_refused_and_the_stream_stays_intact(serve):
+    """CONTRACT 2: 1 <= N. An empty answer cannot be framed: ValueError, nothing written,
+    and the slot can still be answered."""
+    deferred = Deferred()
+    s = serve(deferred).connect()
+    s.sendall(frame(b"a"))
+    deferred.wait(1)
+    conn = deferred.requests[0][0]
+    with pytest.raises(ValueError):
+        conn.send_response(0, b"")
+    assert conn.send_response(0, b"A") is True
+    assert recv_body(s) == b"A"

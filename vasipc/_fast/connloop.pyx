@@ -730,6 +730,9 @@ cdef class ConnectionLoop:
         whose turn has come."""
         cdef bint was_full = conn.owed() >= self.pipeline_depth
         cdef int64_t now
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+        if size == 0 or <size_t>size > 0xFFFFFFFFu:  # CONTRACT 2: 1 <= N, and N fits a uint32
+            raise ValueError(f"an answer of {size} bytes cannot be framed")
         if slot != conn.head_slot:
             conn.early[slot] = body
             return 0
