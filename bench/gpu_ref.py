@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vasipc.runtime import create_session, import_onnxruntime, resolve_device  # noqa: E402
+from vasipc.runtime import create_session, import_onnxruntime, resolve_device
 
 
 def timed(fn, seconds: float, min_runs: int = 5) -> list[float]:

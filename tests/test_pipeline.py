@@ -567,3 +567,83 @@ def test_preprocess_threads_accepted(server_factory, astronaut_frame):
     server = server_factory("--preprocess-threads", "2")
     resp = wire.roundtrip(server.socket, wire.infer_request(str(astronaut_frame), "nudenet-320n"))
     assert resp["error_code"] is None, resp
+
+
+# --- batching on == batching off, under many concurrent clients ------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_frames(astronaut_rgb):
+    """Frames in all four formats, as export dirs and raw files, of a few sizes and strides:
+    (frame_reference, frame_metadata) pairs."""
+    import cv2
+
+    root = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="vasipc-mixed-"))
+    refs = []
+    for i, fmt in enumerate(("NV12", "I420", "BGR24", "RGB24")):
+        for j, (w, h) in enumerate(((320, 240), (512, 288), (200, 400))):
+            rgb = cv2.resize(np.roll(astronaut_rgb, 30 * j, axis=1), (w, h),
+                             interpolation=cv2.INTER_AREA)
+            stride = frames.packed_stride(w, fmt) + (64 if j == 1 else 0)
+            data = frames.encode_frame(rgb, fmt, stride)
+            d = root / f"d{i}{j}"
+            frames.write_frame_dir(d, data, width=w, height=h, pixel_format=fmt, stride=stride,
+                                   frame_id=10 * i + j)
+            refs.append((str(d), {}))
+            raw = root / f"r{i}{j}.raw"
+            frames.write_raw_frame(raw, data, 0)
+            refs.append((str(raw), {"width": w, "height": h, "format": fmt, "stride": stride,
+                                    "frame_id": 10 * i + j}))
+    yield root, refs
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_batching_on_equals_off_under_32_concurrent_clients(models, mixed_frames):
+    """Issue 4's CPU check: 32 clients at once, mixed frames, formats and frame forms; each
+    request's answer from a batching server (max batch 4) equals its answer from an
+    unbatched one: same classes, confidences and boxes within 1e-4."""
+    root, refs = mixed_frames
+    socks, servers = [], []
+    for mb in (1, 4):
+        path = os.path.join(tempfile.mkdtemp(prefix="vp-"), "s.sock")
+        srv = Server(models[mb], ServerConfig(socket_path=path, frame_roots=(str(root),)))
+        srv.start()
+        servers.append(srv)
+        socks.append(path)
+    try:
+        plan = [[refs[(c * 7 + k) % len(refs)] for k in range(4)] for c in range(32)]
+
+        def client(path: str, items: list, out: list) -> None:
+            with wire.connect(path, 120) as s:
+                for n, (ref, md) in enumerate(items):
+                    wire.send(s, wire.infer_request(ref, MODEL_ID, frame_metadata=md, request_id=n,
+                                                    config={"confidence_threshold": 0.05}))
+                    out.append(wire.recv(s))
+
+        answers = {}
+        for path in socks:
+            outs = [[] for _ in plan]
+            threads = [threading.Thread(target=client, args=(path, items, out))
+                       for items, out in zip(plan, outs, strict=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(180)
+            assert not any(t.is_alive() for t in threads)
+            answers[path] = outs
+        unbatched, batched = answers[socks[0]], answers[socks[1]]
+        sizes = [r["metadata"]["batch_size"] for out in batched for r in out]
+        assert max(sizes) > 1, "the batching server never batched"
+        for out_a, out_b in zip(unbatched, batched, strict=True):
+            assert len(out_a) == len(out_b) == 4
+            for ra, rb in zip(out_a, out_b, strict=True):
+                assert ra["error_code"] is None and rb["error_code"] is None, (ra, rb)
+                assert ra["frame_id"] == rb["frame_id"] and ra["request_id"] == rb["request_id"]
+                da, db = ra["detections"], rb["detections"]
+                assert [d["class_id"] for d in da] == [d["class_id"] for d in db]
+                for x, y in zip(da, db, strict=True):
+                    assert abs(x["confidence"] - y["confidence"]) <= 1e-4
+                    assert np.allclose(x["bbox"], y["bbox"], atol=1e-4)
+    finally:
+        for srv in servers:
+            srv.drain()

@@ -27,6 +27,13 @@ free and a request is queued; the most recently idle worker is woken first, so a
 one warm thread does the work), `_fill` (the filler: a request came, or the device went
 idle) and `_device` (a prepared batch: the device is free).
 
+Buffers: `model.new_buffer()`, with a slot per request of the model's largest run size
+(batches run padded to 1, 2, 4, ... max_batch: `LoadedModel.run_batch`). With the C kernel
+(`--preprocess cpu`) it is a numpy array, each frame letterboxed into its slot on the
+host; in graph mode (CUDA, or `--preprocess graph`) it is a `device_path.DeviceBatch` on
+the model's device: each frame is copied to a staging buffer and letterboxed by the
+preprocessing graph straight into its device slot, and the batch runs IO-bound.
+
 Semantics (CONTRACT 3.1, 4):
 - `--max-queue` counts requests waiting in the queue; at most two batches more are
   between the queue and their response (one prepared, one running).
@@ -57,8 +64,9 @@ from vasipc._fast.letterbox import (
     letterbox_into,
 )
 from vasipc._fast.yolo import decode_yolo
+from vasipc.device_path import DeviceSlot
 from vasipc.errors import DeadlineExceeded, FrameChanged, InternalError, Overloaded, VasipcError
-from vasipc.frame_source import FrameOpener
+from vasipc.frame_source import FrameOpener, OpenFrame
 from vasipc.model import LoadedModel
 from vasipc.schema import InferRequest
 
@@ -93,10 +101,20 @@ class Pending:
         self._done.acquire()
         self._claim = itertools.count().__next__  # atomic under the GIL: first caller gets 0
 
+    def claim(self) -> bool:
+        """Take the right to answer: True for the first caller only. The winner then calls
+        `fulfil`; `complete` does both."""
+        return self._claim() == 0
+
     def complete(self, response: dict) -> bool:
         """Set the response once; later calls (e.g. a drain timeout racing the worker) lose."""
-        if self._claim() != 0:
+        if not self.claim():
             return False
+        self.fulfil(response)
+        return True
+
+    def fulfil(self, response: dict) -> None:
+        """Set the response of a claimed request, release its waiters, run the hook."""
         self.response = response
         self._done.release()
         hook = self.on_complete
@@ -105,7 +123,6 @@ class Pending:
                 hook(self)
             except Exception:
                 log.exception("on_complete hook failed")
-        return True
 
     def done(self) -> bool:
         return self.response is not None
@@ -228,7 +245,7 @@ class Batcher:
         batch = None
         filling = True
         try:
-            batch = _Batch(model, model.new_input(model.max_batch) if x is None else x)
+            batch = _Batch(model, model.new_buffer() if x is None else x)
             while True:
                 with self._lock:
                     p = self._next_request(batch)
@@ -321,7 +338,7 @@ class Batcher:
             self._running = True
         try:
             t_run = _now()
-            out = model.run(batch.x[:len(live)])
+            out = model.run_batch(batch.x, len(live))
             inference_ms = (_now() - t_run) * 1e3
         except Exception as exc:
             failure = exc
@@ -351,9 +368,11 @@ class Batcher:
                 "batch_size": n}, model)
 
     def _preprocess(self, model: LoadedModel, req: InferRequest,
-                    slot: np.ndarray) -> tuple[tuple, int | None]:
+                    slot: np.ndarray | DeviceSlot) -> tuple[tuple, int | None]:
         frame = self.opener.open(req.frame_reference, req.frame_metadata)
         try:
+            if model.device_path is not None:  # graph mode: `slot` is a DeviceSlot
+                return self._preprocess_graph(model, frame, slot)
             geom = letterbox_geometry(frame.width, frame.height, model.input_width, model.input_height)
             _, new_w, new_h, left, top = geom
             try:
@@ -366,6 +385,21 @@ class Batcher:
             return (geom, frame.width, frame.height), frame.frame_id
         finally:
             frame.close()
+
+    @staticmethod
+    def _preprocess_graph(model: LoadedModel, frame: OpenFrame,
+                          slot: DeviceSlot) -> tuple[tuple, int | None]:
+        """The device path: the frame's bytes to a staging buffer (guarded copy), checked
+        unchanged, then letterboxed by the preprocessing graph into the device slot."""
+        path = model.device_path
+        try:
+            staged = path.stage(frame, slot.batch)
+        except FrameBusError:
+            raise FrameChanged("the frame file was truncated while it was read",
+                               frame_id=frame.frame_id) from None
+        frame.check_unchanged()  # a header replaced during the copy is a torn read
+        geom = path.letterbox(staged, slot)
+        return (geom, frame.width, frame.height), frame.frame_id
 
     def _postprocess(self, model: LoadedModel, req: InferRequest, pred: np.ndarray,
                      geom: tuple) -> list[dict[str, Any]]:

@@ -8,12 +8,14 @@ reference; a batch in flight keeps the object it started with.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from vasipc.device_path import DevicePath, resolve_preprocess
 from vasipc.runtime import Device, create_session, import_onnxruntime
 
 
@@ -51,18 +53,70 @@ class LoadedModel:
     providers: tuple[str, ...]
     fixed_batch: int = 0  # the model's static batch dimension when above 1
 
+    batch_sizes: tuple[int, ...] = (1,)  # the padded sizes runs use (batch_sizes_for)
+    preprocess: str = "cpu"  # "cpu": the C kernel into numpy buffers; "graph": device_path
+    device_path: Any = field(default=None, repr=False, compare=False)  # DevicePath in graph mode
+
+    def run_size(self, n: int) -> int:
+        """The padded batch size a batch of n requests runs at: the smallest size >= n."""
+        for size in self.batch_sizes:
+            if size >= n:
+                return size
+        raise ValueError(f"batch of {n} exceeds the largest run size {self.batch_sizes[-1]}")
+
     def run(self, batch: np.ndarray, options: Any = None) -> np.ndarray:
-        """Run one batch [B,3,H,W] float32; returns [B, 4+nc, N] float32 (C-contiguous)."""
+        """Run one batch [n,3,H,W] float32 (padded with copies to its run size when n is
+        not one); returns [n, 4+nc, N] float32 (C-contiguous)."""
         n = batch.shape[0]
-        if self.fixed_batch and n != self.fixed_batch:  # a static batch: pad the run to it
-            full = np.zeros((self.fixed_batch, *batch.shape[1:]), dtype=np.float32)
+        size = self.run_size(n)
+        if size != n:
+            full = np.full((size, *batch.shape[1:]), _PAD, dtype=np.float32)
             full[:n] = batch
             batch = full
         out = self.session.run([self.output_name], {self.input_name: batch}, options)[0]
         return np.ascontiguousarray(out[:n], dtype=np.float32)
 
-    def new_input(self, batch: int) -> np.ndarray:
-        return np.empty((batch, 3, self.input_height, self.input_width), dtype=np.float32)
+    def new_input(self, batch: int | None = None) -> np.ndarray:
+        """A numpy input buffer of `batch` slots (default: the largest run size)."""
+        return np.empty((self.batch_sizes[-1] if batch is None else batch, 3,
+                         self.input_height, self.input_width), dtype=np.float32)
+
+    def new_buffer(self) -> Any:
+        """One batcher worker's input buffer, with a slot for every request of the largest
+        run size (indexing gives a slot): a numpy array (cpu mode, padding slots start at
+        114/255) or a device_path.DeviceBatch (graph mode)."""
+        if self.device_path is not None:
+            return self.device_path.new_batch(self)
+        x = self.new_input()
+        x.fill(_PAD)
+        return x
+
+    def run_batch(self, buffer: Any, n: int, options: Any = None) -> np.ndarray:
+        """Run the first n slots of a `new_buffer()` buffer at the padded size for n (the
+        pad slots hold whatever was there: their outputs are dropped); [n, 4+nc, N]."""
+        if self.device_path is not None:
+            return self.device_path.run(self, buffer, n, options)
+        size = self.run_size(n)
+        out = self.session.run([self.output_name], {self.input_name: buffer[:size]}, options)[0]
+        return np.ascontiguousarray(out[:n], dtype=np.float32)
+
+
+_PAD = np.float32(114) / np.float32(255)
+
+
+def batch_sizes_for(max_batch: int, fixed_batch: int = 0) -> tuple[int, ...]:
+    """The batch sizes the session runs: 1, 2, 4, ... below max_batch, then max_batch
+    itself (a batch of n runs at the smallest size >= n, padded); a model with a static
+    batch dimension above 1 runs only that."""
+    if fixed_batch:
+        return (fixed_batch,)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
 
 
 def _metadata(session: Any) -> dict[str, str]:
@@ -110,12 +164,20 @@ def class_names_for(nc: int, given: tuple[str, ...] | None, meta: dict[str, str]
     return tuple(src.get(i, f"class_{i}") for i in range(nc))
 
 
-def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> LoadedModel:
+def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
+               preprocess: str = "auto") -> LoadedModel:
     """Create the session, check it is a YOLO-style detector, and warm it up.
 
     max_batch None means the device's default (1 on CPU, 16 on CUDA), capped by the
-    model's static batch dimension. Warm-up runs every batch size the server will run.
+    model's static batch dimension. Batches run padded to a few sizes (`batch_sizes_for`:
+    1, 2, 4, ... and max_batch); warm-up runs each of them once (cuDNN's algorithm search
+    runs per shape). preprocess: "auto" (graph on CUDA, the C kernel on CPU), "cpu" or
+    "graph" (see device_path); in graph mode the warm-up goes through the device path.
     """
+    try:
+        mode = resolve_preprocess(preprocess, device)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
     if not os.path.isfile(spec.path):
         raise ModelError(f"model file {spec.path} does not exist")
     ort = import_onnxruntime()
@@ -124,8 +186,7 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
     except Exception as exc:
         if type(exc).__name__ == "RuntimeUnavailable":
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {spec.path}: {first}") from None
+        raise ModelError(f"cannot load {spec.path}: {_first_line(exc)}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, None, "3"):
         raise ModelError(f"{spec.path} is not a YOLO-style detector: expected one NCHW image input")
@@ -142,24 +203,37 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None) -> Loaded
     if isinstance(batch_dim, int) and batch_dim > 0:
         limit = min(limit, batch_dim)
         fixed = batch_dim if batch_dim > 1 else 0
+    sizes = batch_sizes_for(limit, fixed)
 
     probe = LoadedModel(spec, session, device, inputs[0].name, outputs[0].name, width, height,
-                        0, (), limit, tuple(session.get_providers()), fixed)
-    nc = 0
+                        0, (), limit, tuple(session.get_providers()), fixed, sizes, mode)
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failed warm-up is our one error line, not ORT's log too
-    for b in range(1, limit + 1):  # warm up every batch size it may run
-        x = probe.new_input(b)
-        x.fill(114 / 255)
+    buffer = None
+    if mode == "graph":
         try:
-            out = probe.run(x, quiet)
+            probe = dataclasses.replace(probe, device_path=DevicePath(
+                device, width, height, spec.intra_op_threads))
+            buffer = probe.new_buffer()
+            probe.device_path.warm_up(probe, buffer)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{spec.path}: warm-up inference failed: {first}") from None
+            raise ModelError(f"{spec.path}: device path setup failed: {_first_line(exc)}") from None
+    else:
+        buffer = probe.new_buffer()
+    nc = 0
+    for b in sizes:  # warm up every batch size it will run
+        try:
+            out = probe.run_batch(buffer, b, quiet)
+        except Exception as exc:
+            raise ModelError(f"{spec.path}: warm-up inference failed: {_first_line(exc)}") from None
         if out.ndim != 3 or out.shape[0] != b or out.shape[1] < 5:
             raise ModelError(f"{spec.path} is not a YOLO-style detector: output shape "
                              f"{list(out.shape)}, expected [{b}, 4+classes, anchors]")
         nc = out.shape[1] - 4
     names = class_names_for(nc, spec.class_names, meta)
-    return LoadedModel(spec, session, device, inputs[0].name, outputs[0].name, width, height,
-                       nc, names, limit, tuple(session.get_providers()), fixed)
+    return dataclasses.replace(probe, num_classes=nc, class_names=names)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

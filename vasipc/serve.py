@@ -64,6 +64,13 @@ def _device(text: str) -> str:
     return text
 
 
+def _preprocess(text: str) -> str:
+    from vasipc.device_path import PREPROCESS_MODES
+    if text not in PREPROCESS_MODES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from auto, cpu, graph)")
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage line + one error line, exit 2
         self.exit(2, f"usage: {USAGE}\n{PROG}: error: {message}\n")
@@ -105,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime intra-op threads (default: the CPUs this process may use)")
     opt("--preprocess-threads", type=_ranged(int, 1),
         help="threads letterboxing one frame (default 1; used where the kernel supports it)")
+    opt("--preprocess", metavar="{auto,cpu,graph}", type=_preprocess,
+        help="where frames are letterboxed: cpu (the C kernel, on the host), graph (an ONNX "
+             "graph on the model's device, frames uploaded raw, IO-bound runs) or auto "
+             "(default: graph on CUDA, cpu on CPU)")
     opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
     opt("--max-queue", type=_ranged(int, 1), help="default 1024")
     opt("--max-connections", type=_ranged(int, 1), help="default 1024")
@@ -175,7 +186,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_detections=_pick(args.max_detections, 300),
             intra_op_threads=_pick(args.threads, 0),
         )
-        model = load_model(spec, device, args.max_batch)
+        model = load_model(spec, device, args.max_batch, args.preprocess or "auto")
     except (CliError, ModelSourceError, ModelError, RuntimeUnavailable, StartupError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -207,10 +218,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     if warning:  # only once serving: a failed start prints its one error line, nothing else
         log.warning("%s", warning)
     log.info("serving model %s (%s, version %s) on %s: input %dx%d, %d classes, device %s, "
-             "providers %s, max batch %d, batch timeout %d us, frame roots %s",
+             "providers %s, max batch %d (runs at %s), preprocess %s, batch timeout %d us, "
+             "frame roots %s",
              model_id, spec.model_name, spec.model_version, socket_path, model.input_width,
              model.input_height, model.num_classes, device.name, ",".join(model.providers),
-             model.max_batch, config.batch_timeout_us, ":".join(roots))
+             model.max_batch, "/".join(map(str, model.batch_sizes)),
+             model.preprocess + (f" (staging {model.device_path.staging_kind})"
+                                 if model.device_path is not None else ""),
+             config.batch_timeout_us, ":".join(roots))
     while not stop.wait(0.2):
         if server.fatal is not None:
             code = server.abort()

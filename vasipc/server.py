@@ -73,6 +73,7 @@ class Server:
         self.requests_total = 0
         self._lock = threading.Lock()
         self._unanswered: set[Pending] = set()  # infer requests accepted, response not yet written
+        self._refusal: VasipcError | None = None  # set once: every later answer is this error
         opener = FrameOpener(FrameRoots(list(config.frame_roots)), config.max_frame_dim)
         self.batcher = Batcher(model, opener, max_queue=config.max_queue,
                                batch_timeout_s=config.batch_timeout_us / 1e6,
@@ -131,10 +132,16 @@ class Server:
         return 1
 
     def _fail_unanswered(self, err: VasipcError) -> None:
+        """Answer every unanswered request with `err`, atomically with respect to the
+        workers: from here on a worker's answer loses (see `_respond`), so a connection
+        never gets a late normal answer after an earlier request was refused."""
         with self._lock:
-            held = list(self._unanswered)
-        for p in held:  # a request a worker completes meanwhile keeps the worker's answer
-            self._respond(p, err, {}, self.model)
+            self._refusal = err
+            held = [p for p in self._unanswered if p.claim()]
+        held.sort(key=lambda p: p.arrival)
+        md = self._metadata(self.model, {})
+        for p in held:
+            p.fulfil(error_response(err, p.msg, self.model_id, dict(md)))
 
     def _close_connections(self) -> None:
         if self._loop is not None:
@@ -230,12 +237,17 @@ class Server:
 
     def _respond(self, p: Pending, result: dict | VasipcError, stage: dict,
                  model: LoadedModel) -> None:
+        with self._lock:  # the claim and the refusal check are one step (_fail_unanswered)
+            if not p.claim():
+                return
+            if self._refusal is not None:
+                result = self._refusal
         md = self._metadata(model, stage)
         if isinstance(result, VasipcError):
-            p.complete(error_response(result, p.msg, self.model_id, md))
+            p.fulfil(error_response(result, p.msg, self.model_id, md))
             return
         req = p.request
-        p.complete({
+        p.fulfil({
             "model_id": req.model_id, "camera_id": req.camera_id,
             "frame_id": result["frame_id"], "detections": result["detections"],
             "metadata": md, "error": None, "error_code": None, "request_id": req.request_id,
@@ -260,5 +272,5 @@ class Server:
             "input": {"width": m.input_width, "height": m.input_height},
             "classes": list(m.class_names), "providers": list(m.providers),
             "max_batch_size": m.max_batch, "socket": self.config.socket_path,
-            "device": m.device.name,
+            "device": m.device.name, "preprocess": m.preprocess,
         }

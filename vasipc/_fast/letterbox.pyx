@@ -11,10 +11,14 @@ resize(INTER_LINEAR) -> copyMakeBorder(114) -> astype(float32) / 255 -> CHW bit 
 
 letterbox_geometry() gives the placement (Ultralytics' formula); frame_nbytes() and
 min_stride() the frame's size rules, shared with the server's frame checks.
+copy_frame_guarded() copies a mapped frame's bytes to a staging buffer (the GPU path's
+pinned memory) under the same SIGBUS guard, without the GIL.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.errno cimport errno
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 from operator import index as _index
 
@@ -167,6 +171,58 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
         raise MemoryError()
     if rc == VAS_GUARD_SIGBUS:
         raise FrameBusError("the frame's memory vanished while it was read "
+                            "(SIGBUS: file truncated under its mapping)")
+    if rc == VAS_GUARD_INSTALL_FAILED:
+        raise OSError(install_errno, "cannot install the SIGBUS handler")
+
+
+# --- the GPU path's staging copy -----------------------------------------------------------
+
+ctypedef struct _copy_job:
+    const unsigned char *src
+    unsigned char *dst
+    size_t nbytes
+
+
+cdef void _guarded_copy(void *arg) noexcept nogil:
+    cdef _copy_job *job = <_copy_job *>arg
+    memcpy(job.dst, job.src, job.nbytes)
+
+
+def copy_frame_guarded(src, size_t dst_address, Py_ssize_t nbytes):
+    """Copy the first `nbytes` bytes of `src` (any object exporting a contiguous readable
+    buffer: FrameView, mmap, bytes, numpy array) to the host memory at `dst_address` (an
+    integer address, e.g. a pinned staging buffer's ``OrtValue.data_ptr()``; the caller
+    guarantees `nbytes` writable bytes there), without the GIL and under the SIGBUS guard.
+
+    ValueError if `src` holds fewer than `nbytes` bytes, `nbytes` < 0 or the address is 0.
+    FrameBusError if the source's memory vanishes while read (a mapped file truncated
+    under its mapping); the destination then holds a partial copy.
+    """
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    if dst_address == 0:
+        raise ValueError("dst_address is NULL")
+    cdef Py_buffer view
+    cdef _copy_job job
+    cdef int rc = VAS_GUARD_OK
+    cdef int install_errno = 0
+    PyObject_GetBuffer(src, &view, PyBUF_SIMPLE)
+    try:
+        if view.len < nbytes:
+            raise ValueError(f"source buffer holds {view.len} bytes, {nbytes} requested")
+        job.src = <const unsigned char *>view.buf
+        job.dst = <unsigned char *>dst_address
+        job.nbytes = <size_t>nbytes
+        if nbytes:
+            with nogil:
+                rc = vas_sigbus_guard_run(_guarded_copy, &job)
+                if rc == VAS_GUARD_INSTALL_FAILED:
+                    install_errno = errno
+    finally:
+        PyBuffer_Release(&view)
+    if rc == VAS_GUARD_SIGBUS:
+        raise FrameBusError("the frame's memory vanished while it was copied "
                             "(SIGBUS: file truncated under its mapping)")
     if rc == VAS_GUARD_INSTALL_FAILED:
         raise OSError(install_errno, "cannot install the SIGBUS handler")
