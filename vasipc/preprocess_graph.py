@@ -99,7 +99,11 @@ class _GraphBuilder:
 def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.ModelProto:
     """The letterbox graph for frames in `pixel_format` (a ``vasipc.frames.PIXEL_FORMATS``
     code) and a model input of `in_w` x `in_h` (see the module docstring)."""
-    from onnx import TensorProto, checker, helper
+    try:
+        from onnx import TensorProto, checker, helper
+    except ImportError:
+        raise RuntimeError("the preprocessing graph needs the onnx package: "
+                           "pip install 'vasipc[gpu]' (or onnx)") from None
 
     if pixel_format not in (NV12, I420, BGR24, RGB24):
         raise ValueError(f"unknown pixel format code {pixel_format}")
