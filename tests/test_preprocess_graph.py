@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -412,3 +413,11 @@ def test_graph_on_cuda_matches_cpu_kernel(fmt, tmp_path):
                  if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
     for op in ("Resize", "Pad"):
         assert {p for o, p in providers if o == op} == {"CUDAExecutionProvider"}, providers
+
+
+def test_missing_onnx_names_the_package(monkeypatch):
+    """Serving `--preprocess graph` from a `cpu`-only install: one clear line, not a bare
+    ImportError."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    with pytest.raises(RuntimeError, match=r"vasipc\[gpu\]"):
+        build_preprocess_graph(NV12, 64, 64)
