@@ -164,6 +164,13 @@ class Server:
         return self._encode(error_response(err, None, self.model_id, self._metadata(self.model, {})))
 
     def _on_message(self, conn: Connection, slot: int, body: bytes) -> bytes | None:
+        try:
+            return self._dispatch(conn, slot, body)
+        except Exception as exc:  # a bug of ours: answer `internal` and keep serving
+            log.exception("dispatching a request failed")
+            return self._error(InternalError(f"internal error: {exc}"), None)
+
+    def _dispatch(self, conn: Connection, slot: int, body: bytes) -> bytes | None:
         arrival = _now()
         if json_depth_exceeds(body, MAX_JSON_DEPTH):
             return self._error(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"), None)
@@ -197,6 +204,9 @@ class Server:
             self.batcher.submit(p)
         except VasipcError as err:
             self._respond(p, err, {}, self.model)
+        except Exception as exc:  # it is in _unanswered: answer it, or drain would wait for it
+            log.exception("queueing a request failed")
+            self._respond(p, InternalError(f"internal error: {exc}"), {}, self.model)
         return None
 
     def _deliver(self, conn: Connection, slot: int, p: Pending) -> None:
