@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from wire import is_closed, recv_exact
+from wire import in_thread, is_closed, recv_exact
 
 from vasipc._fast import connloop
 
@@ -843,27 +843,6 @@ else:
             got = read_until_closed(s, read_delay, read_pause)
         s.close()
         return got
-
-    @contextlib.contextmanager
-    def in_thread(target: Callable[[], object]) -> Iterator[threading.Thread]:
-        """Run `target` in a thread for the duration of the block, and re-raise its failure."""
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                target()
-            except BaseException as exc:  # handed to the test thread below
-                failure.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        try:
-            yield thread
-        finally:
-            thread.join(30)
-        assert not thread.is_alive(), "helper thread hung"
-        if failure:
-            raise failure[0]
 
     @FUZZ
     @given(data=st.data(), max_bytes=max_bytes_strategy,

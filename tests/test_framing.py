@@ -28,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import reference_framing
+from wire import in_thread
 
 from vasipc._fast import framing
 
@@ -63,28 +64,6 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[socket.socket, socket
         server, peer = _unix_listener_pair()
     with server, peer:
         yield server, peer
-
-
-@contextlib.contextmanager
-def in_thread(target: Callable[[], object]) -> Iterator[threading.Thread]:
-    """Run `target` in a thread for the duration of the block, and re-raise its failure."""
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:  # handed to the test thread below
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        thread.join(30)
-    assert not thread.is_alive(), "helper thread hung"
-    if failure:
-        raise failure[0]
 
 
 def dribble(sock: socket.socket, data: bytes, pause: float) -> Callable[[], None]:

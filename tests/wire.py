@@ -6,10 +6,13 @@ not our own client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -71,3 +74,25 @@ def infer_request(frame_reference: str, model_id: str, frame_metadata: dict | No
            "camera_id": "camera_1", "model_id": model_id, "timestamp": time.time()}
     msg.update(extra)
     return msg
+
+
+@contextlib.contextmanager
+def in_thread(target: Callable[[], object]) -> Iterator[threading.Thread]:
+    """Run `target` in a thread for the duration of the block, and re-raise its failure."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # handed to the test thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.join(30)
+    assert not thread.is_alive(), "helper thread hung"
+    if failure:
+        raise failure[0]

@@ -36,9 +36,21 @@ from libc.errno cimport (
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close, read, write
+
+from vasipc._fast.monotonic cimport monotonic_ns
+from vasipc._fast.sockets cimport (
+    MSG_DONTWAIT,
+    MSG_NOSIGNAL,
+    SOCK_CLOEXEC,
+    SOCK_NONBLOCK,
+    accept4,
+    msghdr,
+    recv,
+    send,
+    sendmsg,
+)
 
 import logging
 import os
@@ -70,26 +82,6 @@ cdef extern from "<sys/eventfd.h>" nogil:
     enum: EFD_CLOEXEC
     int eventfd(unsigned int initval, int flags)
 
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    enum: MSG_DONTWAIT
-    enum: MSG_NOSIGNAL
-    enum: SOCK_NONBLOCK
-    enum: SOCK_CLOEXEC
-    # The peer's address is never wanted: both pointers are always NULL.
-    int accept4(int fd, void *addr, void *addrlen, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-
-
 cdef enum:
     PREFIX_BYTES = 4
     # A connection's first read buffer: a burst of pipelined small requests fits.
@@ -118,12 +110,6 @@ cdef int64_t TICK_NS = TICK_MS * 1000000
 cdef double FOREVER_S = 1e9
 
 log = logging.getLogger("vasipc")
-
-
-cdef inline int64_t monotonic_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef int64_t timeout_ns(str name, double seconds) except? -2:

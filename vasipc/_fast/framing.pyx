@@ -23,9 +23,10 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EPIPE, errno
 from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memcpy, memmove, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 
+from vasipc._fast.monotonic cimport monotonic_ns
+from vasipc._fast.sockets cimport MSG_DONTWAIT, MSG_NOSIGNAL, msghdr, recv, sendmsg
 from vasipc._fast.readonly_buffer cimport fill_readonly_buffer
 
 import os
@@ -39,22 +40,6 @@ cdef extern from "<poll.h>" nogil:
     enum: POLLIN
     enum: POLLOUT
     int poll(pollfd *fds, nfds_t nfds, int timeout)
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    enum: MSG_DONTWAIT
-    enum: MSG_NOSIGNAL
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-
 
 cdef enum:
     PREFIX_BYTES = 4
@@ -111,12 +96,6 @@ class TooLarge(FramingError):
 
 class SendTimeout(FramingError, TimeoutError):
     """send_message could not write the whole message within its timeout."""
-
-
-cdef inline int64_t monotonic_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef int64_t deadline_after(double timeout_s, int64_t start_ns) except? -2:

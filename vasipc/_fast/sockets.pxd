@@ -1,0 +1,25 @@
+# <sys/socket.h> as the socket modules use it (framing's blocking I/O, connloop's
+# epoll loop): Cython's posix package declares none of it.
+
+from posix.uio cimport iovec
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    enum: MSG_DONTWAIT
+    enum: MSG_NOSIGNAL
+    enum: SOCK_NONBLOCK
+    enum: SOCK_CLOEXEC
+    # The peer's address is never wanted: both pointers are always NULL.
+    int accept4(int fd, void *addr, void *addrlen, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
