@@ -647,3 +647,52 @@ def test_batching_on_equals_off_under_32_concurrent_clients(models, mixed_frames
     finally:
         for srv in servers:
             srv.drain()
+
+
+class _FailingRuns:
+    """Wraps an ORT session: every IO-bound run fails with `text`."""
+
+    def __init__(self, inner, text: str) -> None:
+        self.inner, self.text = inner, text
+
+    def run_with_iobinding(self, *args, **kwargs):
+        raise RuntimeError(self.text)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_sticky_device_error_in_graph_preprocessing_reports(nudenet_model, frame_dirs):
+    """On the device path the preprocessing graph runs on the GPU too: a sticky CUDA error
+    there answers `internal` and makes the session fatal, as one in the model's run does."""
+    root, paths = frame_dirs
+    spec = ModelSpec(path=nudenet_model, model_id=MODEL_ID, model_name="n", model_version="1",
+                     intra_op_threads=1)
+    model = load_model(spec, Device("cpu"), 1, preprocess="graph")
+    dp = model.device_path
+    dp._sessions[frames.NV12] = _FailingRuns(dp.preprocess_session(frames.NV12),
+                                             "CUDA failure 700: an illegal memory access")
+    b, fatal = make_batcher(model, root)
+    p = pending(paths[0])
+    b.submit(p)
+    assert p.wait(30)
+    err = p.response[0]
+    assert err.code == "internal" and "CUDA failure" in err.message
+    assert fatal and "illegal memory access" in fatal[0]
+    b.stop()
+
+
+def test_ordinary_preprocessing_failure_is_not_fatal(nudenet_model, frame_dirs):
+    root, paths = frame_dirs
+    spec = ModelSpec(path=nudenet_model, model_id=MODEL_ID, model_name="n", model_version="1",
+                     intra_op_threads=1)
+    model = load_model(spec, Device("cpu"), 1, preprocess="graph")
+    dp = model.device_path
+    dp._sessions[frames.NV12] = _FailingRuns(dp.preprocess_session(frames.NV12), "shape mismatch")
+    b, fatal = make_batcher(model, root)
+    p = pending(paths[0])
+    b.submit(p)
+    assert p.wait(30)
+    assert p.response[0].code == "internal"
+    assert not fatal
+    b.stop()

@@ -323,7 +323,11 @@ class Batcher:
             return
         except Exception as exc:
             log.exception("preprocessing failed")
-            self._respond(p, InternalError(f"preprocessing failed: {exc}"), stage, model)
+            text = str(exc)
+            why = text.splitlines()[0] if text else repr(exc)
+            self._respond(p, InternalError(f"preprocessing failed: {why}"), stage, model)
+            if any(m in text for m in _STICKY_MARKERS):  # the graph path runs on the device too
+                self._on_fatal(text)
             return
         batch.items.append((p, geom, frame_id, (_now() - t0) * 1e3))
 
