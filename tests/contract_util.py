@@ -176,3 +176,47 @@ class BackgroundLoad:
 
     def __exit__(self, *exc: object) -> None:
         self._thread.join(150)
+
+
+class Churn:
+    """Runs `step` in a loop on a thread while the block runs."""
+
+    def __init__(self, step) -> None:
+        self.step = step
+        self.stop = threading.Event()
+        self.count = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.step(self.count)
+                self.count += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Churn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert self.error is None, self.error
+
+
+def truncating_raw_4k(path: Path) -> tuple[Churn, dict]:
+    """A 4K NV12 raw frame file at `path` and a Churn that keeps shrinking and restoring it
+    (enter it around the requests); returns (churn, its frame_metadata)."""
+    w, h = 3840, 2160
+    size = frames.frame_size(w, h, "NV12")
+    frames.write_raw_frame(path, np.random.default_rng(1).integers(0, 256, size, np.uint8))
+
+    def step(i: int) -> None:
+        os.truncate(path, [0, size // 3, 4096, size // 2][i % 4])
+        time.sleep(0.0005)
+        os.truncate(path, size)
+        time.sleep(0.0005)
+
+    return Churn(step), {"width": w, "height": h, "format": "NV12"}

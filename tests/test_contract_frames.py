@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import wire
 from contract_util import (
     FORMATS,
     MODEL_ID,
+    Churn,
     assert_error,
     assert_ok,
     assert_serving,
@@ -519,34 +519,6 @@ def test_default_root_forbids_other_dirs(sock):
 
 # --- frames changing under the reader ----------------------------------------------------------
 
-class _Churn:
-    """Runs `step` in a loop on a thread while the block runs."""
-
-    def __init__(self, step) -> None:
-        self.step = step
-        self.stop = threading.Event()
-        self.count = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                self.step(self.count)
-                self.count += 1
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> _Churn:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        assert self.error is None, self.error
-
-
 def test_raw_file_truncated_while_read(nudenet_server, root):
     sock = nudenet_server.socket
     w, h = 3840, 2160
@@ -564,7 +536,7 @@ def test_raw_file_truncated_while_read(nudenet_server, root):
     md = {"width": w, "height": h, "format": "NV12"}
     codes = []
     try:
-        with _Churn(step) as churn:
+        with Churn(step) as churn:
             for _ in range(40):
                 resp = infer(sock, path, md)
                 codes.append(resp["error_code"])
@@ -598,7 +570,7 @@ def test_export_data_truncated_while_read(nudenet_server, root):
 
     codes = []
     try:
-        with _Churn(step):
+        with Churn(step):
             for _ in range(30):
                 resp = infer(sock, path)
                 codes.append(resp["error_code"])
@@ -623,7 +595,7 @@ def test_header_replaced_between_reads(nudenet_server, root, astro):
         time.sleep(0.005 if i % 4 else 0.05)
 
     results = []
-    with _Churn(step) as churn:
+    with Churn(step) as churn:
         for _ in range(40):
             results.append(infer(sock, path))
     assert churn.count > 20

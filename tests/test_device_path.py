@@ -30,6 +30,7 @@ from contract_util import (
     assert_ok,
     assert_serving,
     infer,
+    truncating_raw_4k,
     write_dir,
     write_raw,
 )
@@ -461,40 +462,15 @@ def test_graph_batched_equals_unbatched(servers, astronaut_rgb):
 def test_graph_server_truncated_frame(servers, shm_dir):
     """A raw frame file shrinking and growing while requests read it: answers are ok,
     frame_changed or frame_invalid, never a crash; the server keeps serving."""
-    import time
-
     sock = servers["graph4"].socket
-    w, h = 3840, 2160
-    size = frames.frame_size(w, h, "NV12")
     path = shm_dir / "4k.nv12"
-    frames.write_raw_frame(path, np.random.default_rng(1).integers(0, 256, size, np.uint8))
-    md = {"width": w, "height": h, "format": "NV12"}
-    fd = os.open(path, os.O_RDWR)
-    stop = threading.Event()
-
-    def churn() -> None:
-        i = 0
-        while not stop.is_set():
-            os.ftruncate(fd, [0, size // 3, 4096, size // 2][i % 4])
-            time.sleep(0.0005)
-            os.ftruncate(fd, size)
-            time.sleep(0.0005)
-            i += 1
-
-    t = threading.Thread(target=churn, daemon=True)
-    t.start()
-    codes = []
-    try:
-        for _ in range(30):
-            codes.append(infer(sock, path, md)["error_code"])
-    finally:
-        stop.set()
-        t.join(10)
-        os.close(fd)
+    churn, md = truncating_raw_4k(path)
+    with churn:
+        codes = [infer(sock, path, md)["error_code"] for _ in range(30)]
     assert set(codes) <= {None, "frame_changed", "frame_invalid"}, codes
     assert servers["graph4"].proc.poll() is None, servers["graph4"].stderr_text()[-2000:]
     assert_serving(sock)
-    os.truncate(path, size)
+    os.truncate(path, frames.frame_size(3840, 2160, "NV12"))
     assert_ok(infer(sock, path, md))
 
 

@@ -7,14 +7,21 @@ GPU issue sets for CUDA.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import threading
 
 import numpy as np
 import pytest
-from contract_util import FORMATS, assert_ok, assert_serving, infer, write_dir, write_raw
+from contract_util import (
+    FORMATS,
+    assert_ok,
+    assert_serving,
+    infer,
+    truncating_raw_4k,
+    write_dir,
+    write_raw,
+)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -181,36 +188,10 @@ def test_cuda_batched_equals_unbatched(server_factory, shm_dir, astronaut_rgb):
 def test_cuda_truncated_frame_is_frame_changed(cuda_server, shm_dir):
     """The guarded copy into pinned memory: a frame file shrinking while it is read gives
     frame_changed / frame_invalid, never a crash."""
-    import time
-
-    from vasipc import frames
-
-    w, h = 3840, 2160
-    size = frames.frame_size(w, h, "NV12")
-    path = shm_dir / "4k.nv12"
-    frames.write_raw_frame(path, np.random.default_rng(1).integers(0, 256, size, np.uint8))
-    md = {"width": w, "height": h, "format": "NV12"}
-    fd = os.open(path, os.O_RDWR)
-    stop = threading.Event()
-
-    def churn() -> None:
-        i = 0
-        while not stop.is_set():
-            os.ftruncate(fd, [0, size // 3, 4096, size // 2][i % 4])
-            time.sleep(0.0005)
-            os.ftruncate(fd, size)
-            time.sleep(0.0005)
-            i += 1
-
-    t = threading.Thread(target=churn, daemon=True)
-    t.start()
-    try:
-        codes = [infer(cuda_server.socket, path, md, model_id="320n")["error_code"]
+    churn, md = truncating_raw_4k(shm_dir / "4k.nv12")
+    with churn:
+        codes = [infer(cuda_server.socket, shm_dir / "4k.nv12", md, model_id="320n")["error_code"]
                  for _ in range(30)]
-    finally:
-        stop.set()
-        t.join(10)
-        os.close(fd)
     assert set(codes) <= {None, "frame_changed", "frame_invalid"}, codes
     assert cuda_server.proc.poll() is None
     assert_serving(cuda_server.socket)
