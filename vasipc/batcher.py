@@ -159,7 +159,8 @@ class Batcher:
     def __init__(self, model: LoadedModel, opener: FrameOpener, *, max_queue: int,
                  batch_timeout_s: float,
                  respond: Callable[[Pending, dict | VasipcError, dict, LoadedModel], None],
-                 on_fatal: Callable[[str], None], preprocess_threads: int = 1) -> None:
+                 on_fatal: Callable[[str], None], preprocess_threads: int = 1,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.model = model  # replaced whole on reload; each batch reads it once
         self.opener = opener
         self.max_queue = max_queue
@@ -167,6 +168,7 @@ class Batcher:
         self.preprocess_threads = preprocess_threads
         self._respond = respond
         self._on_fatal = on_fatal
+        self._on_batch = on_batch  # called with n once a batch of n requests has run (metrics)
         # One lock guards the queue and the roles; each Condition has only the waiters
         # that can act on its event, so a notify wakes at most one thread that has work.
         self._lock = threading.Lock()
@@ -179,6 +181,9 @@ class Batcher:
         self._stopped = False
         self._filling = False  # a worker holds the fill role
         self._ahead = 0  # prepared batches not yet run (waiting for the device or running)
+        # bytes of the frames opened (metrics); only the fill-role holder adds to it, so
+        # there is one writer at a time and no lock is needed
+        self.frame_bytes_read = 0
         self._running = False  # a worker holds the device
         self._threads = [threading.Thread(target=self._worker, name=f"vasipc-worker-{i}",
                                           daemon=True) for i in range(BUFFERS)]
@@ -363,6 +368,8 @@ class Batcher:
                 self._on_fatal(text)
             return
         n = len(live)
+        if self._on_batch is not None:
+            self._on_batch(n)
         for i, (p, geom, frame_id, pre_ms) in enumerate(live):
             t0 = _now()
             detections = self._postprocess(model, p.request, out[i], geom)
@@ -374,6 +381,7 @@ class Batcher:
     def _preprocess(self, model: LoadedModel, req: InferRequest,
                     slot: np.ndarray | DeviceSlot) -> tuple[tuple, int | None]:
         frame = self.opener.open(req.frame_reference, req.frame_metadata)
+        self.frame_bytes_read += frame.view.length
         try:
             if model.device_path is not None:  # graph mode: `slot` is a DeviceSlot
                 return self._preprocess_graph(model, frame, slot)

@@ -36,6 +36,8 @@ class ModelSpec:
     nms_iou_threshold: float = 0.45
     max_detections: int = 300
     intra_op_threads: int = 0  # 0: one per usable CPU
+    class_names_source: str | None = None  # where class_names came from, for error messages
+    expected_resolution: tuple[int, int] | None = None  # model.yaml's (w, h): must be the input's
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,10 @@ def _metadata_names(meta: dict[str, str]) -> dict[int, str] | None:
 
 
 def class_names_for(nc: int, given: tuple[str, ...] | None, meta: dict[str, str]) -> tuple[str, ...]:
-    """--labels / model.yaml names, else ONNX metadata `names`, else class_{id} (CONTRACT 6)."""
+    """--labels / model.yaml names, else ONNX metadata `names`, else class_{id} (CONTRACT 6).
+
+    load_model refuses given names whose count is not nc; the metadata is the model's own
+    and may leave ids unnamed (class_{id})."""
     src = dict(enumerate(given)) if given is not None else (_metadata_names(meta) or {})
     return tuple(src.get(i, f"class_{i}") for i in range(nc))
 
@@ -197,6 +202,12 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
         raise ModelError(f"{spec.path}: input type {inputs[0].type} is not supported (float32 only)")
     meta = _metadata(session)
     width, height = _input_size(inputs[0].shape, meta)
+    if spec.expected_resolution is not None and spec.expected_resolution != (width, height):
+        # The input size comes from the model (CONTRACT 6): a model.yaml that disagrees
+        # describes another export, so it is refused rather than obeyed.
+        w, h = spec.expected_resolution
+        raise ModelError(f"{spec.path}: model.yaml expected_resolution [{w}, {h}] does not "
+                         f"match the model's input size {width}x{height}")
     batch_dim = inputs[0].shape[0]
     limit = max_batch if max_batch is not None else (1 if device.kind == "cpu" else 16)
     fixed = 0
@@ -230,6 +241,11 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
             raise ModelError(f"{spec.path} is not a YOLO-style detector: output shape "
                              f"{list(out.shape)}, expected [{b}, 4+classes, anchors]")
         nc = out.shape[1] - 4
+    if spec.class_names is not None and len(spec.class_names) != nc:
+        # A names file for another model would name every detection wrongly: refuse it.
+        raise ModelError(f"{spec.class_names_source or 'the class names'} has "
+                         f"{len(spec.class_names)} class names but the model {spec.path} has "
+                         f"{nc} classes ({nc + 4} output channels - 4)")
     names = class_names_for(nc, spec.class_names, meta)
     return dataclasses.replace(probe, num_classes=nc, class_names=names)
 

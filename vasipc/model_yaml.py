@@ -3,7 +3,10 @@
 The one place that reads `model.yaml` (the original onboarding format, CONTRACT 8):
 `model_id`, `model_name`, `model_version`, `model_weights`, `confidence_threshold`,
 `nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file`,
-`resource_requirements.gpu_required` / `cpu_fallback_allowed`.
+`resource_requirements.gpu_required` / `cpu_fallback_allowed`. Every problem is one
+`ModelSourceError` line naming the file and the key; what can only be checked against the
+loaded model (the class count, `expected_resolution` against the input size) is checked by
+`model.load_model`, from the `ModelSpec` that `model_spec` builds.
 """
 
 from __future__ import annotations
@@ -11,9 +14,19 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from vasipc.model import ModelSpec
+
+if TYPE_CHECKING:
+    from vasipc.runtime import Device
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would allow a trailing newline
+# ASCII digits only: str.isdigit() also takes "²", which int() then refuses
+VERSION_RE = re.compile(r"^[0-9]+\Z")
+KNOWN_KEYS = frozenset({
+    "model_id", "model_name", "model_version", "model_weights", "confidence_threshold",
+    "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements"})
 
 
 class ModelSourceError(ValueError):
@@ -33,57 +46,128 @@ class ModelSource:
     nms_iou_threshold: float | None = None
     gpu_required: bool = False
     cpu_fallback_allowed: bool = True
+    expected_resolution: tuple[int, int] | None = None  # (width, height): must be the model's
+    ignored_keys: tuple[str, ...] = ()  # model.yaml keys this format does not have (typos?)
 
 
-def read_labels(path: str) -> tuple[str, ...]:
-    """A labels file: one class name per line, by class id; blank trailing lines ignored."""
+def _show(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_labels(path: str, what: str = "labels file") -> tuple[str, ...]:
+    """A labels file: one class name per line, by class id; a UTF-8 BOM and blank trailing
+    lines ignored. An empty file, or a blank line between names (a class named ""), is
+    refused: both are mistakes that would otherwise surface as wrong names on the wire."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.rstrip("\r\n") for ln in f]
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [ln.strip() for ln in f]
     except OSError as exc:
-        raise ModelSourceError(f"cannot read labels file {path}: {exc.strerror}") from None
+        raise ModelSourceError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise ModelSourceError(f"labels file {path} is not UTF-8 text") from None
-    while lines and not lines[-1].strip():
+        raise ModelSourceError(f"{what} {path} is not UTF-8 text") from None
+    while lines and not lines[-1]:
         lines.pop()
-    return tuple(ln.strip() for ln in lines)
+    if not lines:
+        raise ModelSourceError(f"{what} {path} is empty (expected one class name per line)")
+    if "" in lines:
+        raise ModelSourceError(f"{what} {path}: line {lines.index('') + 1} is blank "
+                               "(one class name per line, by class id)")
+    return tuple(lines)
 
 
-def _version_of(directory: str) -> str:
-    name = os.path.basename(os.path.normpath(directory))
-    return name if name.isdigit() else "1"
-
-
-def _numeric_subdirs(directory: str) -> list[str]:
+def version_dirs(directory: str) -> list[str]:
+    """The numeric version subdirectories of `directory`, lowest first; other names, and
+    plain files with numeric names, are ignored."""
     try:
         entries = os.listdir(directory)
     except OSError:
         return []
-    return [e for e in entries if e.isdigit() and os.path.isdir(os.path.join(directory, e))]
+    return sorted((e for e in entries
+                   if VERSION_RE.match(e) and os.path.isdir(os.path.join(directory, e))), key=int)
+
+
+def _version_of(directory: str) -> str:
+    name = os.path.basename(os.path.normpath(directory))
+    return name if VERSION_RE.match(name) else "1"
+
+
+def _weights(path: str, what: str) -> str:
+    if os.path.isdir(path):
+        raise ModelSourceError(f"{what} {path} is a directory, not an ONNX file")
+    if not os.path.isfile(path):
+        raise ModelSourceError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ModelSourceError(f"{what} {path} is not readable")
+    return os.path.abspath(path)
+
+
+def _single_onnx(directory: str) -> str | None:
+    onnx = sorted(f for f in os.listdir(directory) if f.endswith(".onnx"))
+    return onnx[0] if len(onnx) == 1 else None
 
 
 def _threshold(doc: dict, key: str, where: str) -> float | None:
     v = doc.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-        raise ModelSourceError(f"{where}: {key} must be a number in [0, 1], got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:  # NaN fails too
+        raise ModelSourceError(f"{where}: {key} must be a number in [0, 1], got {_show(v)}")
     return float(v)
 
 
 def _bool(section: dict, key: str, default: bool, where: str) -> bool:
     v = section.get(key, default)
     if not isinstance(v, bool):
-        raise ModelSourceError(f"{where}: resource_requirements.{key} must be true or false")
+        raise ModelSourceError(f"{where}: resource_requirements.{key} must be true or false, "
+                               f"got {_show(v)}")
+    return v
+
+
+def _resolution(doc: dict, where: str) -> tuple[int, int] | None:
+    v = doc.get("expected_resolution")
+    if v is None:
+        return None
+    if not (isinstance(v, list) and len(v) == 2
+            and all(type(x) is int and x > 0 for x in v)):  # type(): bool is an int too
+        raise ModelSourceError(f"{where}: expected_resolution must be [width, height], two "
+                               f"positive integers, got {_show(v)}")
+    return v[0], v[1]
+
+
+def _text(doc: dict, text: str, key: str, where: str) -> str | None:
+    """A top-level key read as text: a string, or a number as written in the file (YAML
+    reads `model_version: 1.10` as the float 1.1 and `010` as the integer 8)."""
+    import yaml
+
+    v = doc.get(key)
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # the same text parsed once already
+        raw = [n.value for k, n in root.value if isinstance(k, yaml.ScalarNode)
+               and k.value == key and isinstance(n, yaml.ScalarNode)]
+        return raw[-1] if raw else str(v)  # the last, as safe_load; none: a `<<` merge key
+    if not isinstance(v, str) or not v.strip():
+        raise ModelSourceError(f"{where}: {key} must be a non-empty string, got {_show(v)}")
+    return v
+
+
+def _mapping(doc: dict, key: str, where: str) -> dict:
+    v = doc.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ModelSourceError(f"{where}: {key} must be a mapping, got {_show(v)}")
     return v
 
 
 def from_model_file(path: str) -> ModelSource:
-    if not os.path.isfile(path):
-        raise ModelSourceError(f"model file {path} does not exist")
+    weights = _weights(path, "model file")
     stem = os.path.splitext(os.path.basename(path))[0]
-    return ModelSource(weights=os.path.abspath(path), model_id=None, model_name=stem,
-                       model_version=_version_of(os.path.dirname(os.path.abspath(path))))
+    return ModelSource(weights=weights, model_id=None, model_name=stem,
+                       model_version=_version_of(os.path.dirname(weights)))
 
 
 def from_model_dir(directory: str) -> ModelSource:
@@ -91,11 +175,11 @@ def from_model_dir(directory: str) -> ModelSource:
     if not os.path.isdir(directory):
         raise ModelSourceError(f"model directory {directory} does not exist")
     yaml_path = os.path.join(directory, "model.yaml")
-    if not os.path.exists(yaml_path):
-        onnx = sorted(f for f in os.listdir(directory) if f.endswith(".onnx"))
-        if len(onnx) != 1:
+    if not os.path.lexists(yaml_path):  # lexists: a dangling model.yaml link is an error below
+        onnx = _single_onnx(directory)
+        if onnx is None:
             raise ModelSourceError(f"{directory} has no model.yaml and not exactly one .onnx file")
-        src = from_model_file(os.path.join(directory, onnx[0]))
+        src = from_model_file(os.path.join(directory, onnx))
         return ModelSource(**{**_asdict(src), "model_version": _version_of(directory)})
     return _read_model_yaml(yaml_path, directory)
 
@@ -109,51 +193,64 @@ def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
 
     try:
         with open(yaml_path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            text = f.read()
+        doc = yaml.safe_load(text)
     except OSError as exc:
-        raise ModelSourceError(f"cannot read {yaml_path}: {exc.strerror}") from None
+        raise ModelSourceError(f"cannot read {yaml_path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ModelSourceError(f"{yaml_path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ModelSourceError(f"{yaml_path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(doc, dict):
-        raise ModelSourceError(f"{yaml_path} must be a mapping")
+        raise ModelSourceError(f"{yaml_path} must be a mapping of keys (model_weights: ..., "
+                               f"...), got {'nothing' if doc is None else _show(doc)}")
     where = yaml_path
+
+    def in_dir(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(directory, path)
+
     weights = doc.get("model_weights")
-    if not isinstance(weights, str) or not weights:
-        onnx = sorted(f for f in os.listdir(directory) if f.endswith(".onnx"))
-        if len(onnx) != 1:
-            raise ModelSourceError(f"{where}: model_weights is missing")
-        weights = onnx[0]
-    weights = weights if os.path.isabs(weights) else os.path.join(directory, weights)
-    if not os.path.isfile(weights):
-        raise ModelSourceError(f"{where}: model_weights {weights} does not exist")
+    if weights is None:
+        weights = _single_onnx(directory)
+        if weights is None:
+            raise ModelSourceError(f"{where}: model_weights is missing (and {directory} has "
+                                   "not exactly one .onnx file to default to)")
+    elif not isinstance(weights, str) or not weights.strip():
+        raise ModelSourceError(f"{where}: model_weights must be a file path, got {_show(weights)}")
+    weights = _weights(in_dir(weights), f"{where}: model_weights")
+
     model_id = doc.get("model_id")
     if model_id is not None and (not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id)):
-        raise ModelSourceError(f"{where}: model_id must be 1-64 characters of [A-Za-z0-9._-]")
-    schema = doc.get("output_schema") or {}
-    names_file = schema.get("class_names_file") if isinstance(schema, dict) else None
+        raise ModelSourceError(f"{where}: model_id must be 1-64 characters of [A-Za-z0-9._-], "
+                               f"got {_show(model_id)}")
+
+    names_file = _mapping(doc, "output_schema", where).get("class_names_file")
     if names_file is not None:
-        if not isinstance(names_file, str):
-            raise ModelSourceError(f"{where}: output_schema.class_names_file must be a path")
-        names_file = names_file if os.path.isabs(names_file) else os.path.join(directory, names_file)
-    res = doc.get("resource_requirements") or {}
-    if not isinstance(res, dict):
-        raise ModelSourceError(f"{where}: resource_requirements must be a mapping")
+        if not isinstance(names_file, str) or not names_file.strip():
+            raise ModelSourceError(f"{where}: output_schema.class_names_file must be a file "
+                                   f"path, got {_show(names_file)}")
+        names_file = in_dir(names_file)
+
+    res = _mapping(doc, "resource_requirements", where)
     gpu_required = _bool(res, "gpu_required", False, where)
     cpu_fallback = _bool(res, "cpu_fallback_allowed", not gpu_required, where)
     if gpu_required and cpu_fallback:
-        raise ModelSourceError(f"{where}: gpu_required and cpu_fallback_allowed contradict each other")
-    version = doc.get("model_version")
-    name = doc.get("model_name")
+        raise ModelSourceError(f"{where}: gpu_required and cpu_fallback_allowed contradict each "
+                               "other (both true)")
+    name = _text(doc, text, "model_name", where)
+    version = _text(doc, text, "model_version", where)
     return ModelSource(
-        weights=os.path.abspath(weights),
+        weights=weights,
         model_id=model_id,
-        model_name=str(name) if name is not None else os.path.splitext(os.path.basename(weights))[0],
-        model_version=str(version) if version is not None else _version_of(directory),
+        model_name=name if name is not None else os.path.splitext(os.path.basename(weights))[0],
+        model_version=version if version is not None else _version_of(directory),
         class_names_file=names_file,
         confidence_threshold=_threshold(doc, "confidence_threshold", where),
         nms_iou_threshold=_threshold(doc, "nms_iou_threshold", where),
         gpu_required=gpu_required,
         cpu_fallback_allowed=cpu_fallback,
+        expected_resolution=_resolution(doc, where),
+        ignored_keys=tuple(sorted(str(k) for k in doc if k not in KNOWN_KEYS)),
     )
 
 
@@ -162,11 +259,55 @@ def from_models_root(root: str, model_id: str, version: str | None) -> ModelSour
     base = os.path.join(root, model_id)
     if not os.path.isdir(base):
         raise ModelSourceError(f"{base} does not exist")
-    versions = _numeric_subdirs(base)
+    versions = version_dirs(base)
     if version is not None:
         if version not in versions:
-            raise ModelSourceError(f"{base} has no version {version}")
+            have = f"versions {', '.join(versions)}" if versions else "no version directories"
+            raise ModelSourceError(f"{base} has no version {version} ({have})")
         return from_model_dir(os.path.join(base, version))
     if versions:
-        return from_model_dir(os.path.join(base, max(versions, key=int)))
+        return from_model_dir(os.path.join(base, versions[-1]))
     return from_model_dir(base)
+
+
+def model_id_for(source: ModelSource, given: str | None = None) -> str:
+    """The id callers address: `given` (--model-id), else model.yaml's model_id, else the
+    weights file's stem; never model_name, which need not be a valid id (CONTRACT 8)."""
+    stem = os.path.splitext(os.path.basename(source.weights))[0]
+    model_id = next(v for v in (given, source.model_id, stem) if v is not None)
+    if not MODEL_ID_RE.match(model_id):
+        raise ModelSourceError(f"invalid model id {model_id!r}: 1-64 characters of "
+                               "[A-Za-z0-9._-] (set --model-id)")
+    return model_id
+
+
+def model_spec(source: ModelSource, device: Device, model_id: str, *,
+               device_arg: str | None = None, labels: str | None = None,
+               conf: float | None = None, iou: float | None = None,
+               max_detections: int | None = None, threads: int | None = None) -> ModelSpec:
+    """What to load: the command line's values (None: not given) over model.yaml's over
+    ModelSpec's defaults (CONTRACT 8). The server and `vasipc check` both build it here.
+
+    Refuses a CPU device that model.yaml's resource_requirements rule out: always with
+    gpu_required, and with cpu_fallback_allowed: false when `device_arg` (--device) was
+    auto and found no GPU (an explicit --device cpu is not a fallback). Reads the class
+    names file (--labels over output_schema.class_names_file); load_model checks its count.
+    """
+    if device.kind == "cpu" and source.gpu_required:
+        raise ModelSourceError("model.yaml says gpu_required: true and no usable GPU is selected")
+    if device.kind == "cpu" and not source.cpu_fallback_allowed and (device_arg or "auto") == "auto":
+        raise ModelSourceError("model.yaml says cpu_fallback_allowed: false and --device auto "
+                               "found no usable GPU (--device cpu runs it on CPU anyway)")
+    names_file, what = ((labels, "labels file") if labels is not None
+                        else (source.class_names_file, "output_schema.class_names_file"))
+    names = read_labels(names_file, what) if names_file else None
+    given = {"confidence_threshold": conf if conf is not None else source.confidence_threshold,
+             "nms_iou_threshold": iou if iou is not None else source.nms_iou_threshold,
+             "max_detections": max_detections, "intra_op_threads": threads}
+    return ModelSpec(
+        path=source.weights, model_id=model_id, model_name=source.model_name,
+        model_version=source.model_version, class_names=names,
+        class_names_source=f"{what} {names_file}" if names is not None else None,
+        expected_resolution=source.expected_resolution,
+        **{k: v for k, v in given.items() if v is not None},  # the rest: ModelSpec's defaults
+    )

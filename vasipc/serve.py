@@ -119,8 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
     opt("--max-queue", type=_ranged(int, 1), help="default 1024")
     opt("--max-connections", type=_ranged(int, 1), help="default 1024")
+    p.add_argument("--watch", action="store_true",
+                   default=os.environ.get("VASIPC_WATCH", "").lower() in ("1", "true", "yes"),
+                   help="reload when the weights, model.yaml, labels or version directories "
+                        "change (SIGHUP always reloads)")
+    opt("--watch-interval", type=_ranged(float, 0, lo_open=True),
+        help="seconds between --watch polls (default 2)")
     opt("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
         help="default INFO")
+    opt("--log-format", choices=["text", "json"], type=str.lower,
+        help="text (default) or json: one JSON object per line")
+    opt("--metrics-port", metavar="PORT", type=_ranged(int, 0, 65535),
+        help="serve /metrics, /healthz, /readyz over HTTP on PORT (0: a free one); "
+             "default: no HTTP server")
+    opt("--metrics-host", metavar="HOST", help="address of the metrics port (default 0.0.0.0)")
     return p
 
 
@@ -145,26 +157,102 @@ def _resolve_source(args: argparse.Namespace):
     return my.from_models_root(args.models_root, args.model_id, args.model_version)
 
 
+def _model_id(args: argparse.Namespace, source) -> str:
+    """The id callers address: --model-id, else model.yaml's, else the weights' stem (not
+    model_name: CONTRACT 8)."""
+    from vasipc.model_yaml import model_id_for
+
+    return model_id_for(source, args.model_id)
+
+
+class ModelLoader:
+    """Resolves the model source and loads it, at start and again on every reload: the
+    source is read afresh each time (a new model.yaml, a new version directory), while the
+    model id (hence the socket) and the device stay what the server started with."""
+
+    def __init__(self, args: argparse.Namespace, model_id: str, device) -> None:
+        self.args = args
+        self.model_id = model_id
+        self.device = device
+        self.source = None  # the source of the model being served (what --watch follows)
+
+    def __call__(self, source=None):
+        from vasipc.model import load_model
+        from vasipc.model_yaml import model_spec
+
+        args = self.args
+        if source is None:
+            source = _resolve_source(args)
+            model_id = _model_id(args, source)
+            if model_id != self.model_id:
+                raise CliError(f"the model id changed from {self.model_id} to {model_id}; "
+                               "a reload cannot change it (the socket is named after it)")
+        spec = model_spec(source, self.device, self.model_id, device_arg=args.device,
+                          labels=args.labels, conf=args.conf, iou=args.iou,
+                          max_detections=args.max_detections, threads=args.threads)
+        model = load_model(spec, self.device, args.max_batch, args.preprocess or "auto")
+        self.source = source
+        return model
+
+    def watched_files(self) -> list[str]:
+        """What --watch polls: the weights, labels and model.yaml files the model may come
+        from, and the directories whose new entries (a new version, a new .onnx) count."""
+        args = self.args
+        paths = [p for p in (args.model, args.labels) if p]
+        for d in self._model_dirs():
+            paths += [d, os.path.join(d, "model.yaml")]
+        if self.source is not None:
+            paths += [p for p in (self.source.weights, self.source.class_names_file) if p]
+        return sorted(set(paths))
+
+    def _model_dirs(self) -> list[str]:
+        args = self.args
+        if args.model_dir:
+            return [args.model_dir]
+        if not args.models_root:
+            return []
+        from vasipc.model_yaml import version_dirs
+
+        base = os.path.join(args.models_root, self.model_id)
+        return [base, *(os.path.join(base, v) for v in version_dirs(base))]
+
+
+def _start_metrics(args: argparse.Namespace):
+    """The HTTP metrics and probe server, serving already, or None without --metrics-port."""
+    if args.metrics_port is None:
+        return None
+    from vasipc.metrics import MetricsServer
+
+    metrics = MetricsServer(args.metrics_host or "0.0.0.0", args.metrics_port)
+    metrics.start()
+    return metrics
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s vasipc: %(message)s")
+    from vasipc import logs
+    logs.setup(args.log_level or "INFO", args.log_format or "text")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    hup = threading.Event()  # a reload asked for; SIGHUP's default action would kill us
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    try:  # before the model loads: /healthz answers and /readyz says 503 during a long load
+        metrics = _start_metrics(args)
+    except OSError as exc:
+        print(f"{PROG}: error: cannot serve metrics on {args.metrics_host or '0.0.0.0'}:"
+              f"{args.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     from vasipc.listener import StartupError, check_socket_path, default_socket_path
-    from vasipc.model import ModelError, ModelSpec, load_model
-    from vasipc.model_yaml import MODEL_ID_RE, ModelSourceError, read_labels
+    from vasipc.model import ModelError
+    from vasipc.model_yaml import ModelSourceError
+    from vasipc.reload import Reloader, file_signature
     from vasipc.runtime import RuntimeUnavailable, import_onnxruntime, resolve_device
 
     try:
         source = _resolve_source(args)
-        stem = os.path.splitext(os.path.basename(source.weights))[0]
-        model_id = _pick(args.model_id, source.model_id, stem)  # not model_name (CONTRACT 8)
-        if not MODEL_ID_RE.match(model_id):
-            raise CliError(f"invalid model id {model_id!r}: 1-64 characters of [A-Za-z0-9._-] "
-                           "(set --model-id)")
+        model_id = _model_id(args, source)
         socket_path = args.socket or default_socket_path(model_id, args.socket_dir)
         check_socket_path(socket_path)
         roots = args.frame_root or [r for r in os.environ.get("VASIPC_FRAME_ROOT", "").split(":") if r]
@@ -174,19 +262,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                 raise CliError(f"--frame-root {r} is not a directory")
         ort = import_onnxruntime()
         device, warning = resolve_device(args.device or "auto", ort)
-        if device.kind == "cpu" and source.gpu_required:
-            raise CliError("model.yaml says gpu_required: true and no usable GPU is selected")
-        labels_file = _pick(args.labels, source.class_names_file)
-        spec = ModelSpec(
-            path=source.weights, model_id=model_id, model_name=source.model_name,
-            model_version=source.model_version,
-            class_names=read_labels(labels_file) if labels_file else None,
-            confidence_threshold=_pick(args.conf, source.confidence_threshold, 0.25),
-            nms_iou_threshold=_pick(args.iou, source.nms_iou_threshold, 0.45),
-            max_detections=_pick(args.max_detections, 300),
-            intra_op_threads=_pick(args.threads, 0),
-        )
-        model = load_model(spec, device, args.max_batch, args.preprocess or "auto")
+        load = ModelLoader(args, model_id, device)
+        load.source = source  # watched from before the load: a change during it is seen
+        watched = file_signature(load.watched_files()) if args.watch else None
+        model = load(source)
+        spec = model.spec
     except (CliError, ModelSourceError, ModelError, RuntimeUnavailable, StartupError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -215,22 +295,34 @@ def run(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if metrics is not None:
+        metrics.attach(server)  # /readyz follows the server's readiness from now on
     if warning:  # only once serving: a failed start prints its one error line, nothing else
         log.warning("%s", warning)
+    if source.ignored_keys:  # not refused (the format may grow), but a typo should show
+        log.warning("model.yaml keys not in the onboarding format, ignored: %s",
+                    ", ".join(source.ignored_keys))
     log.info("serving model %s (%s, version %s) on %s: input %dx%d, %d classes, device %s, "
              "providers %s, max batch %d (runs at %s), preprocess %s, batch timeout %d us, "
-             "frame roots %s",
+             "frame roots %s, metrics %s",
              model_id, spec.model_name, spec.model_version, socket_path, model.input_width,
              model.input_height, model.num_classes, device.name, ",".join(model.providers),
              model.max_batch, "/".join(map(str, model.batch_sizes)),
              model.preprocess + (f" (staging {model.device_path.staging_kind})"
                                  if model.device_path is not None else ""),
-             config.batch_timeout_us, ":".join(roots))
+             config.batch_timeout_us, ":".join(roots),
+             metrics.url() if metrics is not None else "off")
+    reloader = Reloader(load, server, trigger=hup, initial=watched,
+                        watched=load.watched_files if args.watch else None,
+                        interval=_pick(args.watch_interval, 2.0))
+    reloader.start()
     while not stop.wait(0.2):
+        server.error_log.flush()  # the per-class error counts whose interval has passed
         if server.fatal is not None:
             code = server.abort()
             log.error("exiting after a session error")
             return code
+    reloader.stop()
     log.info("draining: %d request(s) in flight", server.in_flight())
     code = server.drain()
     log.info("stopped (exit %d)", code)

@@ -29,6 +29,8 @@ from vasipc.errors import (
 )
 from vasipc.frame_source import FrameOpener, FrameRoots
 from vasipc.listener import Listener
+from vasipc.logs import ErrorLog
+from vasipc.metrics import Stats, op_label
 from vasipc.model import LoadedModel
 from vasipc.schema import (
     error_response,
@@ -71,14 +73,18 @@ class Server:
         self.draining = False
         self.fatal: str | None = None
         self.requests_total = 0
+        self.reload_counts = {"ok": 0, "failed": 0}  # hot reloads, by outcome
         self._lock = threading.Lock()
         self._unanswered: set[Pending] = set()  # infer requests accepted, response not yet written
         self._refusal: VasipcError | None = None  # set once: every later answer is this error
+        self.stats = Stats()  # responses by op and code, stage timings (vasipc.metrics)
+        self.error_log = ErrorLog(log)  # one log line per error class, not per request
         opener = FrameOpener(FrameRoots(list(config.frame_roots)), config.max_frame_dim)
         self.batcher = Batcher(model, opener, max_queue=config.max_queue,
                                batch_timeout_s=config.batch_timeout_us / 1e6,
                                respond=self._respond, on_fatal=self._on_fatal,
-                               preprocess_threads=config.preprocess_threads)
+                               preprocess_threads=config.preprocess_threads,
+                               on_batch=self.stats.batch)
         self.listener: Listener | None = None
         self._loop: ConnectionLoop | None = None
         self._io_thread: threading.Thread | None = None
@@ -87,6 +93,19 @@ class Server:
     @property
     def model(self) -> LoadedModel:
         return self.batcher.model
+
+    def swap_model(self, model: LoadedModel) -> LoadedModel:
+        """Hot reload: serve `model` from the next batch on; returns the model it replaces.
+        One reference assignment: a batch reads `batcher.model` once when it starts, so
+        the batches in flight finish on the old session."""
+        if model.spec.model_id != self.model_id:
+            raise ValueError(f"model id {model.spec.model_id} is not {self.model_id}")
+        old, self.batcher.model = self.batcher.model, model
+        return old
+
+    def record_reload(self, ok: bool) -> None:
+        with self._lock:
+            self.reload_counts["ok" if ok else "failed"] += 1
 
     def start(self) -> None:
         """Bind the socket (the model is already loaded and warm) and start serving."""
@@ -154,6 +173,19 @@ class Server:
     def in_flight(self) -> int:
         return len(self._unanswered)
 
+    def connections(self) -> int:
+        """Open client connections."""
+        loop = self._loop
+        return loop.connections if loop is not None else 0
+
+    def ready(self) -> bool:
+        """Loaded and warm (a Server exists only then), not draining, no fatal error."""
+        return not self.draining and self.fatal is None
+
+    def _count_error(self, op: str, err: VasipcError) -> None:
+        self.stats.count(op, err.code)
+        self.error_log.note(err.code, err.message, op)
+
     # ---- the connection loop's callbacks (I/O thread) ---------------------------------
     def _on_bad_length(self, conn: Connection, slot: int, length: int) -> bytes:
         if length == 0:
@@ -161,6 +193,7 @@ class Server:
         else:
             err = MessageTooLarge(f"message of {length} bytes exceeds max_message_bytes "
                                   f"{self.config.max_message_bytes}")
+        self._count_error("unknown", err)
         return self._encode(error_response(err, None, self.model_id, self._metadata(self.model, {})))
 
     def _on_message(self, conn: Connection, slot: int, body: bytes) -> bytes | None:
@@ -185,8 +218,10 @@ class Server:
         try:
             op = parse_op(msg)
             if op == "health":
+                self.stats.count(op, "ok")
                 return self._encode(self._with_request_id(self._health(), msg))
             if op == "info":
+                self.stats.count(op, "ok")
                 return self._encode(self._with_request_id(self._info(), msg))
             with self._lock:
                 self.requests_total += 1
@@ -216,6 +251,12 @@ class Server:
             md = resp.get("metadata")
             if md is not None:
                 md["total_ms"] = (_now() - p.arrival) * 1e3
+            # recorded before it is written: a client that has its answer sees it counted
+            if resp["error_code"] is None:
+                self.stats.infer_ok(md)
+            else:
+                self.stats.count("infer", resp["error_code"])
+                self.error_log.note(resp["error_code"], resp["error"])
             conn.send_response(slot, self._encode(resp))
         finally:
             with self._lock:
@@ -233,6 +274,7 @@ class Server:
         return resp
 
     def _error(self, err: VasipcError, msg: dict | None, arrival: float | None = None) -> bytes:
+        self._count_error(op_label(msg), err)
         md = self._metadata(self.model, {})
         if arrival is not None:
             md["total_ms"] = (_now() - arrival) * 1e3
@@ -264,7 +306,7 @@ class Server:
         })
 
     def _health(self) -> dict:
-        ready = not self.draining and self.fatal is None
+        ready = self.ready()
         return {
             "op": "health", "status": "ok" if ready else "draining", "ready": ready,
             "model_id": self.model_id,

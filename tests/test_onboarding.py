@@ -1,0 +1,326 @@
+"""Onboarding a model (issue 5 item 1, CONTRACT 8): model.yaml validation and `vasipc check`.
+
+Every invalid model directory is refused with exit code 2 and its own one-line message,
+the same through `python -m vasipc.serve --model-dir` and `python -m vasipc.check` (real
+subprocesses); a valid one is reported by `vasipc check` (text and --json), including the
+version layout DIR/ID/<n>/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, _child_env
+from serve_cli import assert_refused, run_serve
+from test_contract_cli import link_model, write_yaml
+
+from vasipc import model_yaml as my
+from vasipc.runtime import Device
+
+NUDENET_CLASSES = 18
+W = "model_weights: w.onnx\n"
+
+
+def run_check(*args: str, module: str = "vasipc.check") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, errors="replace", cwd=REPO_ROOT,
+                          env=_child_env(), timeout=120)
+
+
+def error_line(stderr: str) -> str:
+    """The message after `PROG: error: ` (the server and check differ only in PROG)."""
+    line = stderr.strip().splitlines()[-1]
+    assert ": error: " in line, stderr
+    return line.split(": error: ", 1)[1]
+
+
+def names(n: int, prefix: str = "n") -> str:
+    return "".join(f"{prefix}{i}\n" for i in range(n))
+
+
+def has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+# id: (model.yaml text, other files in the model directory (None: a directory), extra
+# arguments ({d}: the model directory), what the one error line must say)
+INVALID = {
+    "weights-missing": ("model_weights: nope.onnx\n", {}, [],
+                        ["model_weights", "nope.onnx does not exist"]),
+    "weights-directory": ("model_weights: wdir.onnx\n", {"wdir.onnx": None}, [],
+                          ["model_weights", "wdir.onnx is a directory"]),
+    "weights-key-missing-two-onnx": ("model_name: x\n", {"other.onnx": "x"}, [],
+                                     ["model_weights is missing", "exactly one .onnx"]),
+    "weights-wrong-type": ("model_weights: [w.onnx]\n", {}, [],
+                           ["model_weights must be a file path", "['w.onnx']"]),
+    "gpu-contradiction": (W + "resource_requirements:\n  gpu_required: true\n"
+                              "  cpu_fallback_allowed: true\n", {}, [],
+                          ["gpu_required and cpu_fallback_allowed contradict"]),
+    "gpu-flag-type": (W + "resource_requirements:\n  gpu_required: 'false'\n", {}, [],
+                      ["resource_requirements.gpu_required must be true or false", "'false'"]),
+    "resources-not-mapping": (W + "resource_requirements: gpu\n", {}, [],
+                              ["resource_requirements must be a mapping"]),
+    "conf-above-1": (W + "confidence_threshold: 1.5\n", {}, [],
+                     ["confidence_threshold must be a number in [0, 1]", "1.5"]),
+    "conf-below-0": (W + "confidence_threshold: -0.1\n", {}, [],
+                     ["confidence_threshold must be a number in [0, 1]", "-0.1"]),
+    "conf-nan": (W + "confidence_threshold: .nan\n", {}, [],
+                 ["confidence_threshold must be a number in [0, 1]", "nan"]),
+    "conf-text": (W + "confidence_threshold: high\n", {}, [],
+                  ["confidence_threshold must be a number in [0, 1]", "'high'"]),
+    "iou-above-1": (W + "nms_iou_threshold: 2\n", {}, [],
+                    ["nms_iou_threshold must be a number in [0, 1]", "got 2"]),
+    "iou-below-0": (W + "nms_iou_threshold: -1\n", {}, [],
+                    ["nms_iou_threshold must be a number in [0, 1]", "got -1"]),
+    "resolution-scalar": (W + "expected_resolution: 320\n", {}, [],
+                          ["expected_resolution must be [width, height]", "got 320"]),
+    "resolution-three": (W + "expected_resolution: [320, 320, 3]\n", {}, [],
+                         ["expected_resolution must be [width, height]"]),
+    "resolution-strings": (W + "expected_resolution: ['320', '320']\n", {}, [],
+                           ["expected_resolution must be [width, height]"]),
+    "resolution-mismatch": (W + "expected_resolution: [640, 480]\n", {}, [],
+                            ["expected_resolution [640, 480] does not match the model's "
+                             "input size 320x320"]),
+    "version-list": (W + "model_version: [1, 2]\n", {}, [],
+                     ["model_version must be a non-empty string"]),
+    "version-empty": (W + "model_version: ''\n", {}, [],
+                      ["model_version must be a non-empty string"]),
+    "name-mapping": (W + "model_name: {a: 1}\n", {}, [], ["model_name must be a non-empty string"]),
+    "id-chars": (W + "model_id: 'bad id'\n", {}, [], ["model_id must be 1-64 characters"]),
+    "schema-not-mapping": (W + "output_schema: names.txt\n", {}, [],
+                           ["output_schema must be a mapping"]),
+    "names-file-type": (W + "output_schema:\n  class_names_file: 3\n", {}, [],
+                        ["output_schema.class_names_file must be a file path"]),
+    "names-file-missing": (W + "output_schema:\n  class_names_file: none.txt\n", {}, [],
+                           ["cannot read output_schema.class_names_file", "none.txt"]),
+    "names-file-empty": (W + "output_schema:\n  class_names_file: names.txt\n",
+                         {"names.txt": "\n\n"}, [],
+                         ["output_schema.class_names_file", "names.txt is empty"]),
+    "names-file-blank-line": (W + "output_schema:\n  class_names_file: names.txt\n",
+                              {"names.txt": "a\n\nb\n"}, [], ["names.txt: line 2 is blank"]),
+    "names-file-count": (W + "output_schema:\n  class_names_file: names.txt\n",
+                         {"names.txt": names(17)}, [],
+                         ["output_schema.class_names_file", "names.txt has 17 class names",
+                          "has 18 classes (22 output channels - 4)"]),
+    "labels-count": (W, {"labels.txt": names(19)}, ["--labels", "{d}/labels.txt"],
+                     ["labels file", "labels.txt has 19 class names", "has 18 classes"]),
+    "labels-count-over-yaml": (W + "output_schema:\n  class_names_file: names.txt\n",
+                               {"names.txt": names(18), "labels.txt": names(2)},
+                               ["--labels", "{d}/labels.txt"],
+                               ["labels file", "labels.txt has 2 class names"]),
+    "labels-not-utf8": (W, {"labels.txt": b"\xff\xfe\x00bad\n"}, ["--labels", "{d}/labels.txt"],
+                        ["labels file", "is not UTF-8 text"]),
+    "yaml-syntax": (W + "key: [unclosed\n", {}, [], ["is not valid YAML"]),
+    "yaml-not-mapping": ("just a string\n", {}, [], ["model.yaml must be a mapping", "'just a string'"]),
+    "yaml-empty": ("", {}, [], ["model.yaml must be a mapping", "got nothing"]),
+    "yaml-not-utf8": (None, {"model.yaml": b"model_name: \xff\n"}, [], ["is not UTF-8 text"]),
+}
+
+
+def make_dir(tmp_path: Path, nudenet_model: str, yaml_text: str | None,
+             files: dict[str, str | bytes | None]) -> Path:
+    d = tmp_path / "m"
+    link_model(d / "w.onnx", nudenet_model)
+    for name, content in files.items():
+        if content is None:
+            (d / name).mkdir()
+        elif isinstance(content, bytes):
+            (d / name).write_bytes(content)
+        else:
+            (d / name).write_text(content)
+    if yaml_text is not None:
+        write_yaml(d, yaml_text)
+    return d
+
+
+@pytest.mark.parametrize(("yaml_text", "files", "extra", "needles"), INVALID.values(),
+                         ids=INVALID.keys())
+def test_invalid_model_dir_refused_by_serve_and_check(nudenet_model, tmp_path, yaml_text, files,
+                                                      extra, needles):
+    d = make_dir(tmp_path, nudenet_model, yaml_text, files)
+    extra = [a.format(d=d) for a in extra]
+    served = run_serve("--model-dir", str(d), "--socket-dir", str(tmp_path), *extra)
+    assert_refused(served, *needles, max_lines=1)
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no socket was bound
+    checked = run_check(str(d), *extra)
+    assert_refused(checked, *needles, max_lines=1)
+    assert checked.stdout == ""
+    assert error_line(checked.stderr) == error_line(served.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_weights_refused(nudenet_model, tmp_path):
+    d = tmp_path / "m"
+    (d).mkdir()
+    (d / "w.onnx").write_bytes(Path(nudenet_model).read_bytes())
+    (d / "w.onnx").chmod(0)
+    write_yaml(d, W)
+    for result in (run_serve("--model-dir", str(d), "--socket-dir", str(tmp_path)),
+                   run_check(str(d))):
+        assert_refused(result, "w.onnx is not readable", max_lines=1)
+
+
+def test_cpu_fallback_not_allowed(nudenet_model, tmp_path):
+    """gpu_required: false with cpu_fallback_allowed: false: --device auto finding no GPU
+    does not fall back to CPU; an explicit --device cpu runs it there."""
+    if has_cuda():
+        pytest.skip("this machine has CUDA: auto does not fall back")
+    d = make_dir(tmp_path, nudenet_model, W + "resource_requirements:\n  gpu_required: false\n"
+                                              "  cpu_fallback_allowed: false\n", {})
+    for result in (run_serve("--model-dir", str(d), "--socket-dir", str(tmp_path)),
+                   run_check(str(d))):
+        assert_refused(result, "cpu_fallback_allowed: false", "--device cpu", max_lines=1)
+    ok = run_check(str(d), "--device", "cpu")
+    assert ok.returncode == 0, ok.stderr
+
+
+# --- vasipc check on valid models ------------------------------------------------------------
+
+def test_check_reports_model(nudenet_model, tmp_path):
+    """`python -m vasipc check DIR` on a directory with one .onnx file: the model's input
+    size, its 18 classes (ONNX metadata names), providers, device, timings, ok."""
+    d = make_dir(tmp_path, nudenet_model, None, {})
+    result = run_check("check", str(d), "--device", "cpu", module="vasipc")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = dict(line.split(None, 1) for line in out.splitlines() if " " in line)
+    assert rows["model"] == "w (name w, version 1)"
+    assert rows["input"] == "320x320"
+    assert rows["classes"].startswith("18: FEMALE_GENITALIA_COVERED, FACE_FEMALE, ")
+    assert rows["providers"] == "CPUExecutionProvider"
+    assert rows["device"] == "cpu"
+    assert rows["weights"] == str(d / "w.onnx")
+    assert "1 warmed (max batch 1)" in out and "median of 5" in out
+    assert "on a synthetic 1280x720 NV12 frame" in out
+    assert out.rstrip().endswith("ok")
+    assert result.stderr == ""
+
+
+def test_check_json_full_model_yaml(nudenet_model, tmp_path):
+    """--json: every model.yaml key lands where it should; the class names file is named;
+    an unknown key is reported, not refused."""
+    d = make_dir(tmp_path, nudenet_model, """
+model_id: nude-det
+model_name: Nude Detector
+model_version: 1.10
+model_weights: w.onnx
+confidence_threshold: 0.3
+nms_iou_threshold: 0.6
+expected_resolution: [320, 320]
+output_schema:
+  class_names_file: names.txt
+resource_requirements:
+  gpu_required: false
+  cpu_fallback_allowed: true
+confidence_treshold: 0.9
+""", {"names.txt": names(NUDENET_CLASSES, "thing_")})
+    result = run_check(str(d), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert (r["model_id"], r["model_name"], r["model_version"]) == ("nude-det", "Nude Detector",
+                                                                    "1.10")
+    assert r["weights"] == str(d / "w.onnx")
+    assert r["input"] == {"width": 320, "height": 320}
+    assert r["num_classes"] == NUDENET_CLASSES
+    assert r["classes"] == [f"thing_{i}" for i in range(NUDENET_CLASSES)]
+    assert r["class_names_source"] == f"output_schema.class_names_file {d / 'names.txt'}"
+    assert (r["confidence_threshold"], r["nms_iou_threshold"], r["max_detections"]) == (0.3, 0.6, 300)
+    assert r["providers"] == ["CPUExecutionProvider"] and r["device"] == "cpu"
+    assert r["batch_sizes"] == [1] and r["max_batch"] == 1 and r["preprocess"] == "cpu"
+    assert r["load_ms"] > 0 and r["run_ms"] > 0 and r["runs"] == 5
+    assert r["run_ms"] >= r["stages_ms"]["inference"] > 0
+    assert isinstance(r["detections"], int)
+    assert r["ignored_yaml_keys"] == ["confidence_treshold"]
+
+
+def test_check_labels_override(nudenet_model, tmp_path):
+    d = make_dir(tmp_path, nudenet_model, None, {})
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\ufeff" + names(NUDENET_CLASSES, "lab_"))  # a BOM is not a name
+    result = run_check(str(d), "--json", "--device", "cpu", "--labels", str(labels))
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["classes"][0] == "lab_0" and r["classes"][-1] == "lab_17"
+    assert r["class_names_source"] == f"labels file {labels}"
+
+
+def make_versions(base: Path, nudenet_model: str) -> None:
+    for version in ("1", "2", "10"):
+        link_model(base / version / "model.onnx", nudenet_model)
+    (base / "latest").mkdir()  # not numeric: ignored
+    (base / "\u00b2").mkdir()  # "²": str.isdigit() says yes, int() says no: ignored
+    (base / "99").write_text("a file, not a version directory")
+
+
+@pytest.mark.parametrize(("version", "expected"), [(None, "10"), ("2", "2")])
+def test_check_version_layout(nudenet_model, tmp_path, version, expected):
+    base = tmp_path / "det"
+    make_versions(base, nudenet_model)
+    args = [str(base), "--json", "--device", "cpu"]
+    if version:
+        args += ["--model-version", version]
+    result = run_check(*args)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["model_id"] == "det" and r["model_version"] == expected
+    assert r["weights"] == str(base / expected / "model.onnx")
+
+
+def test_serve_version_layout_ignores_non_ascii_digits(server_factory, nudenet_model, tmp_path):
+    """The server picks the same highest version (a "²" directory once crashed it)."""
+    from serve_cli import info, spawn
+
+    make_versions(tmp_path / "root" / "det", nudenet_model)
+    path = str(tmp_path / "vas_model_det.sock")
+    spawn(server_factory, ["--models-root", str(tmp_path / "root"), "--model-id", "det",
+                           "--socket-dir", str(tmp_path), "--device", "cpu"], path)
+    assert info(path)["model_version"] == "10"
+
+
+def test_check_bad_version_and_usage(nudenet_model, tmp_path):
+    base = tmp_path / "det"
+    make_versions(base, nudenet_model)
+    assert_refused(run_check(str(base), "--model-version", "7"),
+                   "has no version 7 (versions 1, 2, 10)", max_lines=1)
+    assert_refused(run_check(str(tmp_path / "nothing")), "does not exist", max_lines=1)
+    assert_refused(run_check(str(base / "1" / "model.onnx"), "--model-version", "1"),
+                   "--model-version needs a directory", max_lines=1)
+    assert_refused(run_check(str(base), "--device", "tpu"), "usage:")
+    assert_refused(run_check(), "usage:")
+    assert_refused(run_check("frobnicate", module="vasipc"), "unknown command")
+
+
+# --- model_yaml in process -------------------------------------------------------------------
+
+def test_numbers_keep_their_written_text(nudenet_model, tmp_path):
+    """YAML reads 1.10 as 1.1 and 010 as 8: a version or name is what the file says."""
+    d = make_dir(tmp_path, nudenet_model, W + "model_version: 1.10\nmodel_name: 010\n", {})
+    src = my.from_model_dir(str(d))
+    assert (src.model_version, src.model_name) == ("1.10", "010")
+    write_yaml(d, W + "base: &b {model_version: 2.50}\n<<: *b\n")  # a merge key: no raw text
+    assert my.from_model_dir(str(d)).model_version == "2.5"
+
+
+def test_model_spec_precedence(nudenet_model, tmp_path):
+    """Command line over model.yaml over ModelSpec's defaults; gpu_required refuses CPU."""
+    d = make_dir(tmp_path, nudenet_model, W + "confidence_threshold: 0.4\n", {})
+    src = my.from_model_dir(str(d))
+    cpu = Device("cpu")
+    spec = my.model_spec(src, cpu, "x")
+    assert (spec.confidence_threshold, spec.nms_iou_threshold, spec.max_detections) == (0.4, 0.45, 300)
+    spec = my.model_spec(src, cpu, "x", conf=0.1, iou=0.2, max_detections=5, threads=2)
+    assert (spec.confidence_threshold, spec.nms_iou_threshold, spec.max_detections,
+            spec.intra_op_threads) == (0.1, 0.2, 5, 2)
+    assert spec.class_names is None and spec.class_names_source is None
+    gpu = my.ModelSource(weights=src.weights, model_id=None, model_name="m", model_version="1",
+                         gpu_required=True, cpu_fallback_allowed=False)
+    with pytest.raises(my.ModelSourceError, match="gpu_required"):
+        my.model_spec(gpu, cpu, "x", device_arg="cpu")
+    assert my.model_spec(gpu, Device("cuda"), "x").path == src.weights

@@ -1,0 +1,294 @@
+"""Prometheus metrics and HTTP probes (`--metrics-port`).
+
+Recording is on the request path, where a few µs count, so nothing here calls
+prometheus_client per request. `Stats` appends one tuple per response to a list, without
+a lock: a successful `infer` its metadata timings, any other response its (op,
+error_code). Every `FOLD_ROWS` responses, and at each scrape, they are folded into
+counters and histogram buckets with numpy. `ServerCollector` turns those, and gauges
+read from the live server, into metric families when Prometheus scrapes.
+
+`MetricsServer` serves `/metrics`, `/healthz` (200 while the process runs) and `/readyz`
+(200 only while the server is ready: the model loaded and warm, not draining, no fatal
+session error; the socket `health` op's `ready`). It starts before the model loads and is
+given the server with `attach` once the server is serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import socket
+import socketserver
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from vasipc.server import Server
+
+OPS = frozenset(("infer", "health", "info"))
+STAGES = ("queue", "preprocess", "inference", "postprocess")
+# the metadata keys of a successful infer response that make a row of Stats._rows
+_ROW_KEYS = ("queue_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
+_COLS = len(_ROW_KEYS)
+_row_of = operator.itemgetter(*_ROW_KEYS)
+FOLD_ROWS = 1024  # responses recorded before the recording thread folds them (bounds memory)
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def op_label(msg: object) -> str:
+    """The `op` label of a request: one of OPS, else "unknown" (no JSON object, or an op
+    the server does not know: clients must not be able to mint label values)."""
+    op = msg.get("op", "infer") if type(msg) is dict else None
+    return op if type(op) is str and op in OPS else "unknown"  # op may be any JSON value
+
+
+class Stats:
+    """Counters of the server's responses; `infer_ok` and `count` are the recording hooks
+    (any thread), `snapshot` the scrape.
+
+    Recording takes no lock: it appends one tuple to a list (`list.append` is atomic under
+    the GIL; free-threaded builds lock the list itself). `_fold` (one folder at a time)
+    takes the first n entries and deletes exactly those (`del lst[:n]`, atomic too), so an
+    append that races with it lands after them and waits for the next fold."""
+
+    def __init__(self) -> None:
+        self._fold_lock = threading.Lock()
+        self._rows: list[tuple] = []  # (queue, preprocess, inference, postprocess, total ms)
+        self._events: list[tuple[str, str]] = []  # (op, error_code) of every other response
+        self._batches: list[int] = []  # the size of each batch run
+        # folded: guarded by _fold_lock
+        self._counts: Counter[tuple[str, str]] = Counter({("infer", "ok"): 0})  # there from the start
+        self._bounds_ms = np.asarray(LATENCY_BUCKETS_S) * 1e3
+        self._latency = np.zeros((_COLS, len(LATENCY_BUCKETS_S) + 1), np.int64)  # +Inf last
+        self._latency_sum_ms = np.zeros(_COLS)
+        self._batch_sizes = np.zeros(1, np.int64)  # batches run, by their number of requests
+
+    def infer_ok(self, md: dict) -> None:
+        """A successful infer response, with its metadata (`total_ms` set)."""
+        rows = self._rows
+        rows.append(_row_of(md))
+        if len(rows) >= FOLD_ROWS:
+            self.fold()
+
+    def batch(self, n: int) -> None:
+        """A batch of n requests ran (the batcher's hook, once per run)."""
+        batches = self._batches
+        batches.append(n)
+        if len(batches) >= FOLD_ROWS:
+            self.fold()
+
+    def count(self, op: str, code: str) -> None:
+        """Any other response: `code` is its error_code, or "ok"."""
+        events = self._events
+        events.append((op, code))
+        if len(events) >= FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> None:
+        """What was recorded since the last fold into the counters and buckets."""
+        with self._fold_lock:
+            self._fold()
+
+    def _fold(self) -> None:
+        n = len(self._events)
+        if n:
+            self._counts.update(self._events[:n])
+            del self._events[:n]
+        n = len(self._batches)
+        if n:
+            sizes = np.bincount(self._batches[:n])
+            del self._batches[:n]
+            if len(sizes) < len(self._batch_sizes):
+                sizes.resize(len(self._batch_sizes))
+            sizes[:len(self._batch_sizes)] += self._batch_sizes
+            self._batch_sizes = sizes
+        n = len(self._rows)
+        if not n:
+            return
+        rows = np.fromiter(itertools.chain.from_iterable(self._rows[:n]), np.float64,
+                           n * _COLS).reshape(n, _COLS)
+        del self._rows[:n]
+        nb = len(LATENCY_BUCKETS_S) + 1
+        for i in range(_COLS):
+            # side="left": a value equal to a bound belongs to that bucket (le is "<=")
+            idx = np.searchsorted(self._bounds_ms, rows[:, i], side="left")
+            self._latency[i] += np.bincount(idx, minlength=nb)
+            self._latency_sum_ms[i] += rows[:, i].sum()
+        self._counts[("infer", "ok")] += n
+
+    def snapshot(self) -> dict:
+        """A consistent copy of everything recorded so far, for one scrape."""
+        with self._fold_lock:
+            self._fold()
+            return {"counts": dict(self._counts), "latency": self._latency.copy(),
+                    "latency_sum_ms": self._latency_sum_ms.copy(),
+                    "batch_sizes": self._batch_sizes.copy()}
+
+
+def _histogram(name: str, doc: str, bounds: tuple, counts: np.ndarray, total: float,
+               labels: dict[str, str] | None = None,
+               family: HistogramMetricFamily | None = None) -> HistogramMetricFamily:
+    """Per-bucket counts (the last one +Inf) as cumulative Prometheus buckets."""
+    cumulative = np.cumsum(counts).tolist()
+    buckets = [(repr(float(b)), c) for b, c in zip(bounds, cumulative, strict=False)]
+    buckets.append(("+Inf", cumulative[-1]))
+    if family is None:
+        family = HistogramMetricFamily(name, doc, labels=list(labels or ()))
+    family.add_metric(list((labels or {}).values()), buckets, total)
+    return family
+
+
+class ServerCollector(Collector):
+    """The server's metrics, built at scrape time from `Stats` and the live server."""
+
+    def __init__(self, holder: MetricsServer) -> None:
+        self._holder = holder
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._holder.server
+        if server is None:  # still loading: only the process collector has something
+            return
+        snap = server.stats.snapshot()
+        requests = CounterMetricFamily("vasipc_requests", "Responses by op and error_code "
+                                       "(ok: success).", labels=["op", "error_code"])
+        for (op, code), n in sorted(snap["counts"].items()):
+            requests.add_metric([op, code], n)
+        yield requests
+
+        latency, sums = snap["latency"], snap["latency_sum_ms"] / 1e3
+        stages = None
+        for i, stage in enumerate(STAGES):
+            stages = _histogram("vasipc_stage_duration_seconds",
+                                "Time of each stage of successful infer requests (metadata "
+                                "*_ms).", LATENCY_BUCKETS_S, latency[i], sums[i],
+                                {"stage": stage}, stages)
+        yield stages
+        yield _histogram("vasipc_request_duration_seconds", "Successful infer requests, last "
+                         "byte read to response written (metadata total_ms).",
+                         LATENCY_BUCKETS_S, latency[len(STAGES)], sums[len(STAGES)])
+
+        batches = snap["batch_sizes"]  # batches run, by size
+        sizes = np.arange(len(batches))
+        bucket_of = np.searchsorted(np.asarray(BATCH_BUCKETS), sizes, side="left")
+        per_bucket = np.bincount(bucket_of, weights=batches, minlength=len(BATCH_BUCKETS) + 1)
+        yield _histogram("vasipc_batch_size", "Batches run, by the number of requests in them.",
+                         BATCH_BUCKETS, per_bucket.astype(np.int64),
+                         float((batches * sizes).sum()))
+
+        for name, doc, value in (
+            ("vasipc_queue_depth", "Infer requests waiting in the queue.", server.batcher.queued()),
+            ("vasipc_in_flight_requests", "Infer requests read and not yet answered.",
+             server.in_flight()),
+            ("vasipc_open_connections", "Open client connections.", server.connections()),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        # one writer at a time (the batcher's fill role), read atomically here
+        yield CounterMetricFamily("vasipc_frame_read_bytes", "Bytes of frames mapped and read.",
+                                  value=server.batcher.frame_bytes_read)
+
+        model = server.model  # read now: a reload shows the new version
+        yield InfoMetricFamily("vasipc_model", "The model being served.", value={
+            "model_id": server.model_id, "model_version": str(model.spec.model_version),
+            "providers": ",".join(model.providers), "device": model.device.name})
+        reloads = CounterMetricFamily("vasipc_reloads", "Model reloads by result.",
+                                      labels=["result"])
+        counts = getattr(server, "reload_counts", {})
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], counts.get(result, 0))
+        yield reloads
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+
+    def do_GET(self) -> None:  # the http.server API names it
+        path = self.path.split("?", 1)[0]
+        holder = self.server.holder
+        if path == "/metrics":
+            self._answer(200, generate_latest(holder.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._answer(200, b"ok\n")
+        elif path == "/readyz":
+            ready = holder.ready()
+            self._answer(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+        else:
+            self._answer(404, b"not found\n")
+
+    def _answer(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # no line per scrape or probe
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    holder: MetricsServer
+
+    def server_bind(self) -> None:
+        # HTTPServer's would look up the host's FQDN (a DNS query, slow without a network)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """The metrics and probe endpoints, bound at construction (OSError if the address is
+    taken or invalid); `start` serves them on a daemon thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.server: Server | None = None
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(ServerCollector(self))
+        self._http = (_HTTPServer6 if ":" in host else _HTTPServer)((host, port), _Handler)
+        self._http.holder = self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._http.server_address[:2]
+        return host, port
+
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def start(self) -> None:
+        threading.Thread(target=self._http.serve_forever, name="vasipc-metrics",
+                         daemon=True).start()
+
+    def attach(self, server: Server) -> None:
+        """The server is serving: metrics and readiness come from it from now on."""
+        self.server = server
+
+    def ready(self) -> bool:
+        server = self.server
+        return server is not None and server.ready()
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
