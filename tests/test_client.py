@@ -296,7 +296,8 @@ def test_closed_client_refuses(nudenet_server):
 class ScriptedServer:
     """A fake server on a Unix socket. `script(n)` says what to do with the n-th request of
     a connection (0-based): "answer", "close" (read it, close without answering),
-    "half" (send half a length prefix, close) or "hang" (never answer)."""
+    "half" (send half a length prefix, close), "hang" (never answer) or "shutting_down"
+    (answer as a draining server does)."""
 
     def __init__(self, path: str, script: Callable[[int], str]) -> None:
         self.path = path
@@ -333,8 +334,11 @@ class ScriptedServer:
                 if action == "half":
                     conn.sendall(b"\0\0")
                     return
-                if action == "answer":
-                    out = orjson.dumps({"op": orjson.loads(body).get("op"), "n": n})
+                if action in ("answer", "shutting_down"):
+                    out = {"op": orjson.loads(body).get("op"), "n": n, "error_code": None}
+                    if action == "shutting_down":
+                        out.update(error_code="shutting_down", error="the server is shutting down")
+                    out = orjson.dumps(out)
                     conn.sendall(struct.pack(">I", len(out)) + out)
 
     def close(self) -> None:
@@ -392,3 +396,22 @@ def test_timeout(scripted):
         with pytest.raises(TimeoutError, match=re.escape(server.path)):
             c.request({"op": "health"}, timeout=0.3)
         assert time.monotonic() - started < 2
+
+
+def test_draining_server_is_routed_around(scripted):
+    """shutting_down from one socket sends the request to another (the server is stateless)
+    and drops that socket's pooled connections; pinned, or with no other socket, the
+    answer is returned as is."""
+    draining = scripted(lambda n: "shutting_down")
+    serving = scripted(lambda n: "answer")
+    with Client([draining.path, serving.path]) as c:
+        for _ in range(6):
+            assert c.request({"op": "infer"})["error_code"] is None
+        assert serving.requests == 6
+        assert 1 <= draining.requests <= 6
+        assert c.request({"op": "infer"}, socket=draining.path)["error_code"] == "shutting_down"
+        pooled_before = draining.connections
+        c.request({"op": "infer"}, socket=draining.path)
+        assert draining.connections == pooled_before + 1, "the pooled connection was reused"
+    with Client(draining.path) as c, pytest.raises(errors.ShuttingDown):
+        c.infer("/dev/shm/x", camera_id="c", model_id="m")

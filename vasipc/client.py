@@ -261,12 +261,17 @@ class _Endpoint:
                 return
         conn.close()
 
-    def close(self) -> None:
+    def drop_idle(self) -> None:
+        """Close the pooled connections (they lead to a server that is going away)."""
         with self._lock:
-            self._closed = True
             idle, self._idle = list(self._idle), collections.deque()
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.drop_idle()
 
 
 # --- the client ------------------------------------------------------------------------------
@@ -281,8 +286,11 @@ class Client:
     that are closed after their response.
     `model_id`: what `infer` sends by default; when None, learned once from the server's `info`.
 
-    Connection failures raise the builtin `ConnectionError` / `TimeoutError`; an `infer`
-    answered with an `error_code` raises that code's `vasipc.errors` class.
+    A request that cannot reach a socket, or that a draining server answers with
+    `shutting_down`, goes to another of the sockets (servers are stateless), unless pinned
+    with `socket=`. Connection failures raise the builtin `ConnectionError` /
+    `TimeoutError`; an `infer` answered with an `error_code` raises that code's
+    `vasipc.errors` class.
     """
 
     def __init__(self, socket_path: str | Sequence[str], *, timeout: float = 30.0,
@@ -326,19 +334,29 @@ class Client:
                 raise ValueError(f"{socket!r} is not one of this client's sockets") from None
         else:
             candidates = self._endpoints
-        unreachable: list[_Endpoint] = []
+        refused: list[_Endpoint] = []
         while True:
-            endpoint = self._pick([ep for ep in candidates if ep not in unreachable])
+            endpoint = self._pick([ep for ep in candidates if ep not in refused])
             try:
-                return endpoint.call(frame, deadline)
+                resp = endpoint.call(frame, deadline)
             except _Unreachable:
                 # Nothing was sent: let another socket of the same model take it.
-                unreachable.append(endpoint)
-                if len(unreachable) == len(candidates):
+                refused.append(endpoint)
+                if len(refused) == len(candidates):
                     raise
+                continue
             finally:
                 with self._route_lock:
                     endpoint.outstanding -= 1
+            if resp.get("error_code") != "shutting_down":
+                return resp
+            # A draining server (its socket is gone; pooled connections still reach it):
+            # the model is stateless, so another socket of it may answer instead. Later
+            # requests connect afresh and find the socket gone.
+            endpoint.drop_idle()
+            refused.append(endpoint)
+            if len(refused) == len(candidates):
+                return resp
 
     def _pick(self, candidates: list[_Endpoint]) -> _Endpoint:
         """The candidate with the fewest outstanding requests (ties in turn), counted in."""
