@@ -132,7 +132,8 @@ def run(args: argparse.Namespace, shm: str, model_path: str,
     model = load_model(spec, Device("cpu"), None)  # the server's own loader, 1 thread
     session = model.session
     opener = FrameOpener(FrameRoots([shm]), 8192)
-    batcher = types.SimpleNamespace(opener=opener, preprocess_threads=1)  # what _preprocess reads
+    batcher = types.SimpleNamespace(opener=opener, preprocess_threads=1,  # what _preprocess reads
+                                    frame_bytes_read=0)
     x = model.new_input(1)
     req = parse_infer(infer_msg(frames["320x240"][0]), "bench", opener.is_raw_file)
     Batcher._preprocess(batcher, model, req, x[0])  # fills x
