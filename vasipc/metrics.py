@@ -217,6 +217,7 @@ class ServerCollector(Collector):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
+    timeout = 10.0  # a probe or scrape that stalls mid-request does not keep its thread
 
     def do_GET(self) -> None:  # the http.server API names it
         path = self.path.split("?", 1)[0]
