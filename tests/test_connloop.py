@@ -375,6 +375,81 @@ def test_stop_accepting_serves_existing_connections_only(serve):
     assert roundtrip(old, b"still") == b"still"
 
 
+class DrainRecorder(Deferred):
+    """Deferred, plus each request's `read_before_drain` as the loop gave it; with `gate`,
+    the first request holds the loop thread inside on_message until the gate opens."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__()
+        self.before: list[bool] = []
+        self.gate = gate
+
+    def __call__(self, conn: connloop.Connection, slot: int, body: bytes) -> None:
+        self.before.append(conn.read_before_drain)
+        super().__call__(conn, slot, body)
+        if self.gate is not None and len(self.requests) == 1:
+            assert self.gate.wait(LONG)
+
+
+def test_mark_drain_holds_what_was_sent_before_it(serve):
+    """Messages sent before mark_drain(), dispatched or held back by the depth limit, in
+    the read buffer or still in the socket, are `read_before_drain`; a partial message
+    finished after the mark, and later messages, are not. The mark is taken from another
+    thread while the loop thread is inside on_message, and a client still in the listen
+    backlog (the loop is busy) is accepted by it and its messages held too."""
+    gate = threading.Event()
+    rec = DrainRecorder(gate)
+    served = serve(rec, pipeline_depth=2)
+    a = served.connect()
+    a.sendall(b"".join(frame(b"a%d" % i) for i in range(40)) + frame(b"a-partial")[:6])
+    rec.wait(1)  # the loop thread now waits in on_message for a0
+    b = served.connect()  # not accepted: the loop thread is busy
+    b.sendall(frame(b"b0") + frame(b"b1"))
+    assert served.loop.connections == 1 and served.loop.held_messages == 0
+    served.loop.mark_drain()
+    assert served.loop.connections == 2
+    assert served.loop.held_messages == 39 + 2  # a: 40 sent, a0 dispatched; b: 2
+    gate.set()
+    a.sendall(frame(b"a-partial")[6:] + frame(b"a-late"))
+    b.sendall(frame(b"b-late"))
+    # answer everything as it comes, in order per connection
+    answered = 0
+    deadline = time.monotonic() + LONG
+    while answered < 40 + 2 + 2 + 1:
+        assert time.monotonic() < deadline, rec.requests[answered:]
+        if answered < len(rec.requests):
+            conn, slot, body = rec.requests[answered]
+            conn.send_response(slot, body)
+            answered += 1
+        else:
+            time.sleep(0.002)
+    got = {body: before for (_, _, body), before in zip(rec.requests, rec.before, strict=True)}
+    assert all(got[b"a%d" % i] for i in range(40))
+    assert got[b"b0"] and got[b"b1"]
+    assert not got[b"a-partial"] and not got[b"a-late"] and not got[b"b-late"]
+    assert served.loop.held_messages == 0
+    assert [recv_body(a) for _ in range(42)][-2:] == [b"a-partial", b"a-late"]
+    assert [recv_body(b) for _ in range(3)] == [b"b0", b"b1", b"b-late"]
+
+
+def test_release_held_after_a_drain_gives_up(serve):
+    rec = DrainRecorder()
+    served = serve(rec, pipeline_depth=1)
+    s = served.connect()
+    s.sendall(frame(b"m0") + frame(b"m1") + frame(b"m2"))
+    rec.wait(1)
+    time.sleep(0.05)
+    served.loop.mark_drain()
+    assert served.loop.held_messages == 2
+    served.loop.release_held()
+    assert served.loop.held_messages == 0
+    for i in range(3):
+        rec.wait(i + 1)
+        conn, slot, body = rec.requests[i]
+        conn.send_response(slot, body)
+    assert rec.before == [True, False, False]
+
+
 def test_close_all_flushes_answered_output_and_closes(serve):
     big = os.urandom(4 * MiB)
     deferred = Deferred()

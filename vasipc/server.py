@@ -127,15 +127,28 @@ class Server:
             self.listener.close()
 
     def drain(self) -> int:
-        """SIGTERM/SIGINT: stop accepting, answer what is in flight, close. Returns the exit code."""
+        """SIGTERM/SIGINT: stop accepting, answer what is in flight, close. Returns the exit code.
+
+        In flight: every request the clients had sent when the drain began, those still
+        buffered beyond the pipeline depth included (`ConnectionLoop.mark_drain`); the
+        mark comes before `draining`, so no request read before it is refused."""
+        loop = self._loop
+        if loop is not None:
+            loop.mark_drain()
         self.draining = True
         self.stop_listening()
         deadline = time.monotonic() + self.config.drain_timeout
-        while self.in_flight() and time.monotonic() < deadline and self.fatal is None:
+
+        def pending() -> bool:
+            return bool(self.in_flight() or (loop is not None and loop.held_messages))
+
+        while pending() and time.monotonic() < deadline and self.fatal is None:
             time.sleep(0.005)
         code = 0
-        if self.in_flight():
+        if pending():
             code = 1
+            if loop is not None:
+                loop.release_held()  # still buffered: refused as they are dispatched
             self._fail_unanswered(ShuttingDown("the server is shutting down (drain timeout)"))
         self.batcher.stop()
         self._close_connections()
@@ -226,7 +239,7 @@ class Server:
             with self._lock:
                 self.requests_total += 1
             req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file)
-            if self.draining or self.fatal is not None:
+            if (self.draining and not conn.read_before_drain) or self.fatal is not None:
                 raise ShuttingDown("the server is shutting down")
         except VasipcError as err:
             return self._error(err, msg, arrival)

@@ -12,6 +12,10 @@ class Connection:
         may be answered once; a second answer for the same slot raises ValueError."""
     @property
     def closed(self) -> bool: ...
+    @property
+    def read_before_drain(self) -> bool:
+        """During on_message: whether this message was read whole before mark_drain()
+        (always True before it)."""
 
 class ConnectionLoop:
     def __init__(self, listen_fd: int,
@@ -26,6 +30,17 @@ class ConnectionLoop:
     def stop_accepting(self) -> None:
         """Thread-safe. When it returns, the loop never touches listen_fd again (the caller
         then closes it). Existing connections go on being served."""
+    def mark_drain(self) -> None:
+        """Thread-safe. What every client has sent until now counts as read before the drain:
+        it is read into the buffers, and each complete message then buffered (within the
+        pipeline depth or beyond it) is dispatched later with `read_before_drain` True;
+        anything arriving afterwards with False."""
+    def release_held(self) -> None:
+        """Thread-safe. The drain gave up: messages still held are dispatched with
+        `read_before_drain` False."""
+    @property
+    def held_messages(self) -> int:
+        """Messages read before mark_drain() and not dispatched yet, on open connections."""
     def close_all(self, flush_timeout: float) -> None:
         """Thread-safe. Stop reading everywhere, write what is owed AND already answered
         (give up after flush_timeout seconds), close every connection, and make run() return.

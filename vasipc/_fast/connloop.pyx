@@ -91,6 +91,9 @@ cdef enum:
     READ_SHRINK_ABOVE = 65536
     # An emptied out buffer larger than this is freed, for the same reason.
     OUT_KEEP_BYTES = 65536
+    # mark_drain reads what a client has sent into its buffer up to this size; beyond
+    # it, bytes stay in the socket and count as sent after the drain began.
+    DRAIN_READ_MAX_BYTES = 16777216
     MAX_EVENTS = 256
     # Accepts per listener event: the rest of the backlog waits one loop turn, so a
     # connect storm never starves the connections already open.
@@ -165,6 +168,10 @@ cdef class Connection:
     cdef int64_t partial_since_ns  # when the partial message at rstart started; 0: none
     cdef int64_t last_activity_ns  # last byte read or answer written
     cdef int64_t last_write_ns     # last write progress while output is pending
+    # Drain (mark_drain): the complete messages buffered when it began, not dispatched
+    # yet, and whether the message being dispatched now is one of them (or came earlier).
+    cdef long long held_msgs
+    cdef bint before_drain
 
     def __cinit__(self):
         self.fd = -1
@@ -192,6 +199,12 @@ cdef class Connection:
     @property
     def closed(self):
         return self.is_closed
+
+    @property
+    def read_before_drain(self):
+        """During on_message: whether this message was read whole before mark_drain()
+        (always True before it). Messages that arrive later are the drain's business."""
+        return self.before_drain
 
     cdef inline long long owed(self) noexcept:
         return self.next_slot - self.head_slot
@@ -252,6 +265,7 @@ cdef class ConnectionLoop:
     cdef bint listen_armed          # listen_fd is in the epoll set
     cdef int64_t listen_retry_ns    # when to re-arm after running out of fds
     cdef bint run_started, closing, close_started, finished
+    cdef bint drain_marked          # mark_drain() was called
     cdef unsigned long loop_thread
     cdef object done                # threading.Event, set when run() returns
 
@@ -337,6 +351,45 @@ cdef class ConnectionLoop:
         self.accepting = False
         if self.epfd >= 0:
             self.set_listener(False)
+
+    def mark_drain(self):
+        """Thread-safe. What every client has sent until now counts as read before the
+        drain: the listen backlog is accepted, what the sockets hold is read into the
+        buffers (up to DRAIN_READ_MAX_BYTES a connection), and each complete message
+        buffered then, within the pipeline depth or beyond it, is later dispatched with
+        `read_before_drain` True; anything that arrives afterwards with False.
+        `held_messages` counts those not dispatched yet. Call it before stop_accepting."""
+        cdef Connection conn
+        if self.drain_marked:
+            return
+        # Clients still in the listen backlog connected before the drain too.
+        while self.accept_ready(monotonic_ns()):
+            pass
+        self.drain_marked = True
+        for conn in list(self.conns.values()):
+            if conn.is_closed or conn.read_done:
+                continue
+            self.read_available(conn)
+            conn.held_msgs = self.complete_messages(conn)
+            if conn.held_msgs and self.wants_input(conn):
+                self.queue_resume(conn)  # the sockets' data was taken: no event will come
+
+    def release_held(self):
+        """Thread-safe. The drain gave up (timeout): messages still held count as read
+        after it (`read_before_drain` False) when they are dispatched."""
+        cdef Connection conn
+        for conn in self.conns.values():
+            conn.held_msgs = 0
+
+    @property
+    def held_messages(self):
+        """Messages read before mark_drain() and not dispatched yet, on open connections."""
+        cdef Connection conn
+        cdef long long n = 0
+        for conn in self.conns.values():
+            if not conn.is_closed:
+                n += conn.held_msgs
+        return n
 
     def close_all(self, double flush_timeout):
         """Thread-safe: flush answered output (up to flush_timeout s), close everything,
@@ -506,6 +559,7 @@ cdef class ConnectionLoop:
         return 0
 
     cdef int accept_ready(self, int64_t now) except -1:
+        """Accept up to ACCEPT_BATCH clients; 1 if the batch ran out (more may wait)."""
         cdef int fd, error, attempt
         for attempt in range(ACCEPT_BATCH):
             if not (self.accepting and self.listen_armed):
@@ -532,7 +586,7 @@ cdef class ConnectionLoop:
             except (OSError, MemoryError):
                 # One client the loop cannot take; the Connection's __dealloc__ closes fd.
                 log.exception("could not register a new connection; closing it")
-        return 0
+        return 1
 
     cdef int add_conn(self, int fd, int64_t now) except -1:
         cdef epoll_event ev
@@ -646,6 +700,48 @@ cdef class ConnectionLoop:
             return self.close_conn(conn)
         return self.settle(conn)
 
+    cdef int read_available(self, Connection conn) except -1:
+        """Read what the socket holds into the buffer, without waiting (mark_drain). EOF
+        and errors are left for on_readable to meet again."""
+        cdef Py_ssize_t size, capacity
+        cdef ssize_t n
+        while not conn.is_closed:
+            if conn.rstart > 0:
+                size = conn.rend - conn.rstart
+                memmove(conn.rbuf, conn.rbuf + conn.rstart, <size_t>size)
+                conn.rstart = 0
+                conn.rend = size
+            if conn.rend >= conn.rcap:
+                if conn.rcap >= DRAIN_READ_MAX_BYTES:
+                    return 0
+                capacity = min(2 * conn.rcap, <Py_ssize_t>DRAIN_READ_MAX_BYTES)
+                try:
+                    conn.resize_read(max(capacity, conn.rcap))
+                except MemoryError:
+                    return 0
+            n = recv(conn.fd, conn.rbuf + conn.rend, <size_t>(conn.rcap - conn.rend), MSG_DONTWAIT)
+            if n > 0:
+                conn.rend += n
+            elif n < 0 and errno == EINTR:
+                continue
+            else:
+                return 0
+        return 0
+
+    cdef long long complete_messages(self, Connection conn) noexcept:
+        """The complete, well-sized messages at the start of the buffer (a bad length
+        ends the count: it is answered and the connection closed)."""
+        cdef Py_ssize_t at = conn.rstart, length
+        cdef long long n = 0
+        while conn.rend - at >= PREFIX_BYTES:
+            length = read_prefix(conn.rbuf + at)
+            if length == 0 or length > self.max_message_bytes \
+                    or conn.rend - at - PREFIX_BYTES < length:
+                break
+            at += PREFIX_BYTES + length
+            n += 1
+        return n
+
     cdef int dispatch(self, Connection conn) except -1:
         """Hand the buffered complete messages to on_message, in order, within the
         pipeline depth."""
@@ -669,6 +765,10 @@ cdef class ConnectionLoop:
                 break
             body = PyBytes_FromStringAndSize(conn.rbuf + conn.rstart + PREFIX_BYTES, length)
             conn.rstart += PREFIX_BYTES + length
+            # held messages come first in the buffer, so they are dispatched first
+            conn.before_drain = not self.drain_marked or conn.held_msgs > 0
+            if conn.held_msgs > 0:
+                conn.held_msgs -= 1
             conn.partial_since_ns = 0
             conn.next_slot += 1
             self.call_on_message(conn, slot, body)
