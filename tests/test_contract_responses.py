@@ -256,6 +256,8 @@ def test_error_code(sock, root, trigger):
     assert_error(resp, code)
     assert set(resp) >= RESPONSE_KEYS - {"request_id"}, resp
     assert resp["model_id"] == ("yolov8n" if code == "model_mismatch" else MODEL_ID)
+    if trigger not in ("invalid_message", "message_too_large"):  # not the bad-length answers
+        assert resp["metadata"]["total_ms"] > 0, resp  # from the last byte read, as for success
     assert_serving(sock)
 
 

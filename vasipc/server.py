@@ -219,13 +219,13 @@ class Server:
     def _dispatch(self, conn: Connection, slot: int, body: bytes) -> bytes | None:
         arrival = _now()
         if json_depth_exceeds(body, MAX_JSON_DEPTH):
-            return self._error(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"), None)
+            return self._error(InvalidMessage(f"JSON nested deeper than {MAX_JSON_DEPTH}"), None, arrival)
         try:
             msg = wirejson.loads_fast(body)
         except wirejson.JSONDecodeError as exc:
-            return self._error(InvalidMessage(f"body is not valid UTF-8 JSON: {exc}"), None)
+            return self._error(InvalidMessage(f"body is not valid UTF-8 JSON: {exc}"), None, arrival)
         if type(msg) is not dict:
-            return self._error(InvalidMessage("the JSON body must be an object"), None)
+            return self._error(InvalidMessage("the JSON body must be an object"), None, arrival)
         if has_inexact_ints(msg):
             msg = wirejson.loads_exact(body)
         try:
@@ -236,8 +236,7 @@ class Server:
             if op == "info":
                 self.stats.count(op, "ok")
                 return self._encode(self._with_request_id(self._info(), msg))
-            with self._lock:
-                self.requests_total += 1
+            self.requests_total += 1  # only this (the I/O) thread writes it
             req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file)
             if (self.draining and not conn.read_before_drain) or self.fatal is not None:
                 raise ShuttingDown("the server is shutting down")
