@@ -195,3 +195,14 @@ def test_cuda_truncated_frame_is_frame_changed(cuda_server, shm_dir):
     assert set(codes) <= {None, "frame_changed", "frame_invalid"}, codes
     assert cuda_server.proc.poll() is None
     assert_serving(cuda_server.socket)
+
+
+def test_reload_under_load_on_cuda(server_factory, tmp_path, nudenet_model, astronaut_frame):
+    """Hot reload on the GPU: a new session and device path (buffers, preprocessing
+    sessions) beside the serving one, swapped under load: no request fails."""
+    from test_reload import reload_under_load, write_version
+
+    model_dir = tmp_path / "det"
+    write_version(model_dir, nudenet_model, 1)
+    reload_under_load(server_factory, model_dir, nudenet_model, astronaut_frame,
+                      ["--device", "cuda", "--max-batch", "8"], reloads=5, clients=8)

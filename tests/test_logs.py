@@ -57,6 +57,9 @@ def test_one_line_per_error_class_none_per_success(server_factory, astronaut_fra
     if fmt == "json":
         assert not_found[0]["error_code"] == "frame_not_found"
         assert not_found[0]["logger"] == "vasipc"
+        start = next(r for r in lines if r["message"].startswith("serving model"))
+        assert start["model_id"] == MODEL_ID and start["providers"] == ["CPUExecutionProvider"]
+        assert start["device"] == "cpu" and start["socket"] == path and start["max_batch"] == 1
     # INFO: the startup line, draining, stopped; nothing for the 10 answered requests
     info = [r["message"] for r in lines if r["level"] == "INFO"]
     assert len(info) == 3, info
@@ -135,3 +138,20 @@ def test_json_formatter_extra_fields_and_exceptions():
     assert first["error_code"] == "internal" and first["count"] == 3
     assert "args" not in first and "msg" not in first
     assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
+
+
+def test_reload_lines_in_json(server_factory):
+    """A reload's line carries its outcome and versions as fields for log shippers."""
+    import signal
+
+    from test_reload import log_lines, wait_for
+
+    server = server_factory("--log-format", "json")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: log_lines(server, "reloaded"), "the reload", server)
+    assert server.stop() == 0
+    lines = parse_lines(server.stderr_text(), "json")
+    reload = [r for r in lines if r.get("reload")]
+    assert len(reload) == 1, lines
+    assert reload[0]["reload"] == "ok" and reload[0]["level"] == "INFO"
+    assert reload[0]["model_version"] == reload[0]["previous_version"] == "1"

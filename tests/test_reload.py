@@ -71,18 +71,17 @@ def model_dir(tmp_path: Path, nudenet_model: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("preprocess, reloads", [("cpu", 20), ("graph", 4)])
-def test_reload_under_load_fails_no_request(server_factory, model_dir, nudenet_model,
-                                            astronaut_frame, preprocess, reloads):
-    """16 clients infer without pause while the model is reloaded 20 times: every request
-    succeeds, each response comes from one version, and no client sees a version go back.
-    (The graph path, whose buffers belong to each model's device path, too.)"""
+def reload_under_load(server_factory, model_dir: Path, weights: str, frame: Path,
+                      args: list[str], reloads: int, clients: int = 16) -> None:
+    """`clients` clients infer without pause while the model is reloaded `reloads` times:
+    every request succeeds, each response comes from one version, and no client sees a
+    version go back. (tests/test_gpu.py runs it on CUDA.)"""
     sock = server_factory.socket_path("reload.sock")
-    server = spawn(server_factory, ["--model-dir", str(model_dir), "--socket", sock,
-                                    "--max-batch", "4", "--preprocess", preprocess], sock)
+    server = spawn(server_factory, ["--model-dir", str(model_dir), "--socket", sock, *args],
+                   sock)
     stop = threading.Event()
-    seen: list[list[tuple[int, int]]] = [[] for _ in range(16)]  # (version, detections)
-    request = wire.infer_request(str(astronaut_frame), "det")
+    seen: list[list[tuple[int, int]]] = [[] for _ in range(clients)]  # (version, detections)
+    request = wire.infer_request(str(frame), "det")
 
     def client(i: int) -> None:
         with wire.connect(sock, timeout=60) as s:
@@ -91,18 +90,19 @@ def test_reload_under_load_fails_no_request(server_factory, model_dir, nudenet_m
                 resp = wire.recv(s)
                 seen[i].append((check_consistent(resp), len(resp["detections"])))
 
-    threads = [wire.in_thread(lambda i=i: client(i)) for i in range(16)]
+    threads = [wire.in_thread(lambda i=i: client(i)) for i in range(clients)]
     for t in threads:
         t.__enter__()
     try:
         wait_for(lambda: all(seen), "every client's first response", server)
         for version in range(2, reloads + 2):
-            write_version(model_dir, nudenet_model, version)
+            write_version(model_dir, weights, version)
             server.proc.send_signal(signal.SIGHUP)
             wait_for(lambda v=version: served_version(server) == str(v), f"version {version}", server)
             # let the load run across the new version for a few requests before the next one
             n = sum(map(len, seen))
-            wait_for(lambda n=n: sum(map(len, seen)) >= n + 16, "requests on the new version", server)
+            wait_for(lambda n=n: sum(map(len, seen)) >= n + clients, "requests on the new version",
+                     server)
     finally:
         stop.set()
         for t in threads:
@@ -117,6 +117,15 @@ def test_reload_under_load_fails_no_request(server_factory, model_dir, nudenet_m
     assert detections > 0, "the astronaut gave no detections: labels were never checked"
     assert len(log_lines(server, r"reloaded \(SIGHUP\): version \d+ -> \d+")) == reloads
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("preprocess, reloads", [("cpu", 20), ("graph", 4)])
+def test_reload_under_load_fails_no_request(server_factory, model_dir, nudenet_model,
+                                            astronaut_frame, preprocess, reloads):
+    """16 clients while the model is reloaded 20 times (the graph path, whose buffers
+    belong to each model's device path, 4 times): no request fails (reload_under_load)."""
+    reload_under_load(server_factory, model_dir, nudenet_model, astronaut_frame,
+                      ["--max-batch", "4", "--preprocess", preprocess], reloads)
 
 
 @pytest.mark.parametrize("break_it, why", [

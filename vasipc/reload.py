@@ -120,11 +120,14 @@ class Reloader:
         except Exception as exc:
             text = str(exc).strip().splitlines()
             log.error("reload refused (%s): %s; still serving version %s", reason,
-                      text[0] if text else type(exc).__name__, server.model.spec.model_version)
+                      text[0] if text else type(exc).__name__, server.model.spec.model_version,
+                      extra={"reload": "failed", "model_version": server.model.spec.model_version})
             server.record_reload(False)
             return
         old = server.swap_model(model)
         log.info("reloaded (%s): version %s -> %s, providers %s, loaded and warmed up in %.2f s",
                  reason, old.spec.model_version, model.spec.model_version,
-                 ",".join(model.providers), time.monotonic() - t0)
+                 ",".join(model.providers), time.monotonic() - t0,
+                 extra={"reload": "ok", "model_version": model.spec.model_version,
+                        "previous_version": old.spec.model_version})
         server.record_reload(True)

@@ -311,7 +311,10 @@ def run(argv: Sequence[str] | None = None) -> int:
              model.preprocess + (f" (staging {model.device_path.staging_kind})"
                                  if model.device_path is not None else ""),
              config.batch_timeout_us, ":".join(roots),
-             metrics.url() if metrics is not None else "off")
+             metrics.url() if metrics is not None else "off",
+             extra={"model_id": model_id, "model_version": spec.model_version,  # json fields
+                    "providers": list(model.providers), "device": device.name,
+                    "socket": socket_path, "max_batch": model.max_batch})
     reloader = Reloader(load, server, trigger=hup, initial=watched,
                         watched=load.watched_files if args.watch else None,
                         interval=_pick(args.watch_interval, 2.0))
