@@ -107,12 +107,12 @@ cdef int64_t deadline_after(double timeout_s, int64_t start_ns) except? -2:
     return start_ns + <int64_t>(timeout_s * 1e9)
 
 
-cdef int wait_fd(int fd, short events, int64_t deadline_ns) noexcept nogil:
+cdef IOStatus wait_fd(int fd, short events, int64_t deadline_ns, int *error) noexcept nogil:
     """Wait in poll() until fd is ready for `events` or the deadline passes.
 
-    1: ready, which includes POLLHUP/POLLERR/POLLNVAL: the recv or send that follows
-    reports them, after reading whatever data is still queued. 0: timed out.
-    -1: poll failed, errno says why.
+    IO_DONE: ready, which includes POLLHUP/POLLERR/POLLNVAL: the recv or send that
+    follows reports them, after reading whatever data is still queued. IO_TIMEOUT.
+    IO_ERROR: poll failed, error[0] says why.
     """
     cdef pollfd entry
     cdef int64_t left_ns
@@ -125,7 +125,7 @@ cdef int wait_fd(int fd, short events, int64_t deadline_ns) noexcept nogil:
         if deadline_ns >= 0:
             left_ns = deadline_ns - monotonic_ns()
             if left_ns <= 0:
-                return 0
+                return IO_TIMEOUT
             # Round up: waking a fraction of a millisecond early would spin.
             if left_ns // 1000000 >= POLL_MAX_MS:
                 timeout_ms = POLL_MAX_MS
@@ -134,9 +134,10 @@ cdef int wait_fd(int fd, short events, int64_t deadline_ns) noexcept nogil:
         entry.revents = 0
         ready = poll(&entry, 1, timeout_ms)
         if ready > 0:
-            return 1
+            return IO_DONE
         if ready < 0 and errno != EINTR:
-            return -1
+            error[0] = errno
+            return IO_ERROR
         # 0 (the deadline, or the POLL_MAX_MS cap, passed) or EINTR: check the time again.
 
 
@@ -150,7 +151,7 @@ cdef IOStatus recv_at_least(int fd, char *buf, Py_ssize_t room, Py_ssize_t need,
     whatever the outcome: they are real data even when EOF or an error follows.
     """
     cdef ssize_t n
-    cdef int ready
+    cdef IOStatus status
     received[0] = 0
     while received[0] < need:
         n = recv(fd, buf + received[0], <size_t>(room - received[0]), MSG_DONTWAIT)
@@ -161,12 +162,9 @@ cdef IOStatus recv_at_least(int fd, char *buf, Py_ssize_t room, Py_ssize_t need,
         elif errno == EINTR:
             continue
         elif errno == EAGAIN:  # == EWOULDBLOCK on Linux
-            ready = wait_fd(fd, POLLIN, deadline_ns)
-            if ready == 0:
-                return IO_TIMEOUT
-            if ready < 0:
-                error[0] = errno
-                return IO_ERROR
+            status = wait_fd(fd, POLLIN, deadline_ns, error)
+            if status != IO_DONE:
+                return status
         else:
             error[0] = errno
             return IO_ERROR
@@ -181,7 +179,7 @@ cdef IOStatus send_all(int fd, const uint8_t *body, size_t body_len,
     cdef msghdr msg
     cdef ssize_t n
     cdef size_t sent
-    cdef int ready
+    cdef IOStatus status
     prefix[0] = <uint8_t>(body_len >> 24)
     prefix[1] = <uint8_t>(body_len >> 16)
     prefix[2] = <uint8_t>(body_len >> 8)
@@ -208,12 +206,9 @@ cdef IOStatus send_all(int fd, const uint8_t *body, size_t body_len,
         elif n < 0 and errno == EINTR:
             continue
         elif n == 0 or errno == EAGAIN:
-            ready = wait_fd(fd, POLLOUT, deadline_ns)
-            if ready == 0:
-                return IO_TIMEOUT
-            if ready < 0:
-                error[0] = errno
-                return IO_ERROR
+            status = wait_fd(fd, POLLOUT, deadline_ns, error)
+            if status != IO_DONE:
+                return status
         else:
             error[0] = errno
             return IO_ERROR
