@@ -716,6 +716,7 @@ if given is None:
         pytest.skip("hypothesis is not installed")
 else:
     import reference_framing
+    from connloop_answerer import Answerer, answer_for, bad_answer_for
 
     # VASIPC_FUZZ_EXAMPLES=2000 for a longer run than the default few seconds.
     FUZZ_EXAMPLES = int(os.environ.get("VASIPC_FUZZ_EXAMPLES", "100"))
@@ -731,15 +732,6 @@ else:
     # Limits: small (many frames too large), and around the same buffer sizes.
     max_bytes_strategy = st.one_of(
         st.integers(1, 300), st.sampled_from([16380, 16384, 65536, 70000, MiB]))
-
-    def answer_for(slot: int, body: bytes) -> bytes:
-        # The body, twice: big bodies make answers big enough to fill the socket (its
-        # send buffer is about 200 KiB) and take the loop's partial write and out-buffer
-        # paths when the client reads late.
-        return b"%d:" % slot + body + body
-
-    def bad_answer_for(slot: int, length: int) -> bytes:
-        return b"bad %d @%d" % (length, slot)
 
     @st.composite
     def streams(draw: st.DrawFn, max_bytes: int) -> bytes:
@@ -849,55 +841,6 @@ else:
                 if pause:
                     time.sleep(pause)
             sock.shutdown(socket.SHUT_WR)
-
-    class Answerer:
-        """on_message / on_bad_length for the fuzz. mode "sync": return the answer;
-        "mixed": per message, return it, send_response() it from inside the callback, or
-        hand it to the worker thread; "deferred": always the worker, which answers what is
-        pending in random order."""
-
-        def __init__(self, mode: str, seed: int) -> None:
-            self.mode = mode
-            self.rng = random.Random(seed)  # used on the loop thread only
-            self.work: queue.Queue = queue.Queue()
-            self.errors: list[str] = []
-            self.worker = threading.Thread(target=self._answer_pending,
-                                           args=(random.Random(seed + 1),), daemon=True)
-            self.worker.start()
-
-        def on_message(self, conn: connloop.Connection, slot: int, body: bytes) -> bytes | None:
-            way = self.mode if self.mode != "mixed" else self.rng.choice(
-                ["sync", "inside", "deferred"])
-            if way == "sync":
-                return answer_for(slot, body)
-            if way == "inside":
-                if not conn.send_response(slot, answer_for(slot, body)):
-                    self.errors.append(f"send_response({slot}) inside on_message: False")
-                return None
-            self.work.put((conn, slot, body))
-            return None
-
-        def on_bad_length(self, conn: connloop.Connection, slot: int, length: int) -> bytes:
-            return bad_answer_for(slot, length)
-
-        def _answer_pending(self, rng: random.Random) -> None:
-            pending: list[tuple[connloop.Connection, int, bytes]] = []
-            while True:
-                try:
-                    # Gather what comes in a burst, then answer one at random.
-                    item = self.work.get(timeout=0.001 if pending else None)
-                except queue.Empty:
-                    conn, slot, body = pending.pop(rng.randrange(len(pending)))
-                    if not conn.send_response(slot, answer_for(slot, body)):
-                        self.errors.append(f"send_response({slot}) from the worker: False")
-                    continue
-                if item is None:
-                    return
-                pending.append(item)
-
-        def stop(self) -> None:
-            self.work.put(None)
-            self.worker.join(LONG)
 
     @contextlib.contextmanager
     def serving(answerer: Answerer, **options: float) -> Iterator[Served]:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
-import random
 import socket
 import struct
 import sys
@@ -48,6 +46,7 @@ from vasipc._fast import connloop, framing  # noqa: F401 - imported here: not in
 
 with atheris.instrument_imports():
     import reference_framing
+from connloop_answerer import MODES, Answerer, answer_for, bad_answer_for
 
 PREFIX = struct.Struct(">I")
 LONG = 10.0  # no wait in a passing run comes near this
@@ -57,7 +56,6 @@ MAX_STREAM = 64 * 1024
 # back from (64 KiB).
 MAX_BYTES = [1, 3, 16, 100, 255, 16384, 70000]
 DEPTHS = [1, 2, 64]
-MODES = ["sync", "inside", "deferred", "mixed"]
 # Body sizes of the "big frame" opcode of the built streams.
 BIG_SIZES = [16379, 16380, 16383, 16384, 16385, 65532, 65536, 65537, 70000]
 PEER_GONE = (BrokenPipeError, ConnectionResetError)
@@ -67,54 +65,7 @@ def frame(body: bytes) -> bytes:
     return PREFIX.pack(len(body)) + body
 
 
-def answer_for(slot: int, body: bytes) -> bytes:
-    return b"%d:" % slot + body
-
-
-def bad_answer_for(slot: int, length: int) -> bytes:
-    return b"bad %d @%d" % (length, slot)
-
-
-class Answerer:
-    """on_message / on_bad_length of every loop; `mode` is set per input."""
-
-    def __init__(self) -> None:
-        self.mode = "sync"
-        self.rng = random.Random(0)
-        self.work: queue.Queue = queue.Queue()
-        self.errors: list[str] = []
-        threading.Thread(target=self._answer_pending, daemon=True).start()
-
-    def on_message(self, conn: connloop.Connection, slot: int, body: bytes) -> bytes | None:
-        way = self.mode if self.mode != "mixed" else self.rng.choice(MODES[:3])
-        if way == "sync":
-            return answer_for(slot, body)
-        if way == "inside":
-            if not conn.send_response(slot, answer_for(slot, body)):
-                self.errors.append(f"send_response({slot}) inside on_message returned False")
-            return None
-        self.work.put((conn, slot, body))
-        return None
-
-    def on_bad_length(self, conn: connloop.Connection, slot: int, length: int) -> bytes:
-        return bad_answer_for(slot, length)
-
-    def _answer_pending(self) -> None:
-        rng = random.Random(1)
-        pending: list[tuple[connloop.Connection, int, bytes]] = []
-        while True:
-            try:
-                pending.append(self.work.get(timeout=0.0005 if pending else None))
-            except queue.Empty:
-                conn, slot, body = pending.pop(rng.randrange(len(pending)))
-                try:
-                    if not conn.send_response(slot, answer_for(slot, body)):
-                        self.errors.append(f"send_response({slot}) from the worker: False")
-                except Exception as exc:  # reported by the input that owns the connection
-                    self.errors.append(f"send_response({slot}) from the worker: {exc!r}")
-
-
-ANSWERER = Answerer()
+ANSWERER = Answerer()  # one for every loop: `mode` is set per input
 
 
 class Server:
