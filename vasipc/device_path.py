@@ -31,6 +31,13 @@ thread-safe). Each ``run_with_iobinding`` returns when its results are in memory
 synchronizes the device at the end of a run), so a slot written by the preprocessing
 session is complete before the model's run reads it, and a staging buffer may be reused
 as soon as the preprocessing run has returned.
+
+CUDA graphs (ORT's ``enable_cuda_graph``) are not used yet. ORT captures a graph with
+``cudaStreamCaptureModeGlobal``, so a capture fails when another thread calls into CUDA
+meanwhile (the other worker's preprocessing run, a hot reload's warm-up). They would need
+every (worker buffer, batch size) captured while nothing else runs, at start and again at
+each reload, with fixed output buffers; whether they pay at batch 1 is for a GPU to
+measure (bench/gpu_check.sh's c1 figure against gpu_ref.py's IO-binding run).
 """
 
 from __future__ import annotations
