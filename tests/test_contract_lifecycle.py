@@ -201,15 +201,18 @@ def test_drain_timeout_answers_the_rest_shutting_down(server_factory, astronaut_
     assert code == 1, server.stderr_text()
     assert elapsed < 1.5, f"exit took {elapsed:.2f} s after the drain timeout of 0.2 s"
     refused = 0
-    for answers in all_answers:
+    for answers in all_answers:  # each in request order (read_answers checks request_id)
         codes = [a["error_code"] for a in answers]
         assert set(codes) <= {None, "shutting_down"}, codes
-        # answered in order: the done ones first, then the refused ones
-        first_refused = codes.index("shutting_down") if "shutting_down" in codes else depth
-        assert all(c == "shutting_down" for c in codes[first_refused:]), codes
-        for a in answers[first_refused:]:
-            assert a["detections"] == [] and a["error"], a
-        refused += depth - first_refused
+        # Not necessarily the done ones first: two workers finish batches in no set order
+        # (a starved thread may answer request k after k+1's batch ran), and a request
+        # whose batch finished before the timeout keeps its answer.
+        for a in answers:
+            if a["error_code"] == "shutting_down":
+                assert a["detections"] == [] and a["error"], a
+            else:
+                assert a["frame_id"] == 42, a
+        refused += codes.count("shutting_down")
     assert refused >= n_conn * depth // 2, f"only {refused} requests got shutting_down"
 
 
