@@ -696,3 +696,35 @@ def test_ordinary_preprocessing_failure_is_not_fatal(nudenet_model, frame_dirs):
     assert p.response[0].code == "internal"
     assert not fatal
     b.stop()
+
+
+# --- hot reload ----------------------------------------------------------------------------------
+
+def test_set_model_frees_the_old_model_once_idle(models, frame_dirs):
+    """After a reload the idle workers let go of the old model's buffers at once: the old
+    LoadedModel (on a GPU: its session and device buffers) is freed without waiting for
+    more work, and the next request runs on the new model."""
+    import gc
+    import weakref
+
+    root, paths = frame_dirs
+    old = dataclasses.replace(models[4])  # objects of their own, sharing the session
+    new = dataclasses.replace(models[4], spec=dataclasses.replace(models[4].spec, model_version="2"))
+    b, fatal = make_batcher(old, root)
+    try:
+        reqs = [pending(paths[i % len(paths)]) for i in range(8)]  # both workers get a batch
+        for p in reqs:
+            b.submit(p)
+        for p in reqs:
+            assert p.wait(30)
+            assert p.response[2] is old
+        gone = weakref.ref(old)
+        del old, reqs, p
+        b.set_model(new)
+        wait_for(lambda: (gc.collect(), gone() is None)[1])
+        q = pending(paths[0])
+        b.submit(q)
+        assert q.wait(30) and q.response[2] is new
+        assert not fatal
+    finally:
+        b.stop()

@@ -200,6 +200,14 @@ class Batcher:
                 self._idle.pop().notify()
             self._fill.notify_all()
 
+    def set_model(self, model: LoadedModel) -> None:
+        """Serve `model` from the next batch on (a hot reload: batches in flight finish on
+        the one they started with); idle workers wake to let go of the old one."""
+        with self._lock:
+            self.model = model
+            while self._idle:
+                self._idle.pop().notify()
+
     def queued(self) -> int:
         return len(self._queue)
 
@@ -219,11 +227,18 @@ class Batcher:
         model: LoadedModel | None = None  # the model this worker's buffer was made for
         x: np.ndarray | None = None
         idle = threading.Condition(self._lock)
+        batch: _Batch | None = None
         while True:
+            batch = None  # the last batch (and its buffer, its model) goes before waiting
             with self._lock:
                 while self._filling or not self._queue:
                     if self._stopped and not self._queue:
                         return
+                    if model is not self.model:
+                        # A reload happened: let go of the old model's buffer now, so the
+                        # old model is freed once its last batch ends (device memory)
+                        # instead of whenever this worker next has work.
+                        model = x = None
                     self._idle.append(idle)
                     idle.wait()  # whoever notifies it has taken it off `_idle`
                 self._filling = True

@@ -40,7 +40,7 @@ class ModelSpec:
     expected_resolution: tuple[int, int] | None = None  # model.yaml's (w, h): must be the input's
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakly referenced: tests see it freed
 class LoadedModel:
     spec: ModelSpec
     session: Any = field(repr=False)

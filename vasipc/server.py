@@ -100,7 +100,8 @@ class Server:
         the batches in flight finish on the old session."""
         if model.spec.model_id != self.model_id:
             raise ValueError(f"model id {model.spec.model_id} is not {self.model_id}")
-        old, self.batcher.model = self.batcher.model, model
+        old = self.batcher.model
+        self.batcher.set_model(model)
         return old
 
     def record_reload(self, ok: bool) -> None:
