@@ -39,6 +39,10 @@ $PY -c "import onnxruntime as o, vasipc; print(o.__version__, o.get_available_pr
   > "$OUT/runtime.txt" 2>&1
 log "runtime: $(cat "$OUT/runtime.txt")"
 
+log "vasipc check (onboarding: load, warm up, one synthetic frame) on $DEVICE"
+$PY -m vasipc.check "$MODEL" --device "$DEVICE" > "$OUT/check.txt" 2>&1
+echo "check rc=$?" >> "$OUT/check.txt"; grep -E "providers|one run|rc=" "$OUT/check.txt" | tee -a "$OUT/log.txt"
+
 log "GPU tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_preprocess_graph.py \
   $(ls tests/test_device_path.py 2>/dev/null) > "$OUT/tests.txt" 2>&1
