@@ -895,6 +895,41 @@ else:
         assert got == expected
 
     @FUZZ
+    @given(bodies=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=120),
+           cut=st.integers(0, 1 << 20), depth=st.sampled_from([1, 2, 64]))
+    def test_fuzz_mark_drain_splits_at_what_was_sent(bodies, cut, depth):
+        """Valid messages, sent up to a random byte, then mark_drain(), then the rest:
+        exactly the messages whose last byte was sent before the mark are
+        `read_before_drain`, whatever the depth limit held back; all are answered in
+        order."""
+        stream = b"".join(frame(b) for b in bodies)
+        cut %= len(stream) + 1
+        ends = list(itertools.accumulate(len(b) + 4 for b in bodies))
+        rec = DrainRecorder()
+        with tempfile.TemporaryDirectory(prefix="vasipc-connloop-", dir="/tmp") as tmp:
+            served = Served(tmp, rec, bad_length, pipeline_depth=depth)
+            try:
+                sock = served.connect(FUZZ_WAIT)
+                sock.sendall(stream[:cut])
+                served.loop.mark_drain()
+                sock.sendall(stream[cut:])
+                answered = 0
+                deadline = time.monotonic() + FUZZ_WAIT
+                while answered < len(bodies):
+                    assert time.monotonic() < deadline, f"{answered} of {len(bodies)} answered"
+                    if answered < len(rec.requests):
+                        conn, slot, body = rec.requests[answered]
+                        conn.send_response(slot, body)
+                        answered += 1
+                    else:
+                        time.sleep(0.0005)
+                assert [recv_body(sock) for _ in bodies] == bodies
+                assert rec.before == [end <= cut for end in ends]
+                assert served.loop.held_messages == 0
+            finally:
+                served.close()
+
+    @FUZZ
     @given(data=st.data(), max_bytes=max_bytes_strategy, clients=st.integers(2, 4),
            depth=st.sampled_from([1, 3, 64]), mode=st.sampled_from(["sync", "mixed"]),
            seed=st.integers(0, 1 << 32))
