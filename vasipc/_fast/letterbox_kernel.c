@@ -452,7 +452,10 @@ static ALWAYS_INLINE int luma_term(int luma)
     return (luma > 16 ? luma - 16 : 0) * YUV_CY;
 }
 
-/* YUV: the luma half and the weighting. ta holds the row's luma words (Y[x] | Y[x+1] << 8). */
+/* YUV: the luma half and the weighting. ta holds the row's luma words (Y[x] | Y[x+1] << 8).
+ * The blend-and-store below is weigh_taps' too, written out twice on purpose: as one
+ * inline helper (taps as arguments, the second zeroed for one tap) GCC 12 -O3 no longer
+ * vectorises this loop and vectorises fewer clones of weigh_taps' (-fopt-info-vec). */
 static ALWAYS_INLINE void weigh_yuv(int two_taps, int n, const uint32_t *restrict ta,
                                     const int32_t *restrict chroma,
                                     const int32_t *restrict w0,
