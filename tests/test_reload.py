@@ -179,6 +179,26 @@ def test_watch_picks_up_a_new_version_directory(server_factory, tmp_path, nudene
     assert server.stop() == 0
 
 
+def test_watch_with_a_pinned_version_ignores_new_versions(server_factory, tmp_path,
+                                                          nudenet_model):
+    """--model-version 1 --watch: a version 2 appearing is not a change of what is served;
+    a change to version 1's own model.yaml is."""
+    root = tmp_path / "models"
+    write_version(root / "det" / "1", nudenet_model, 1)
+    sock = server_factory.socket_path("pinned.sock")
+    server = spawn(server_factory, ["--models-root", str(root), "--model-id", "det",
+                                    "--model-version", "1", "--socket", sock, "--watch",
+                                    "--watch-interval", "0.1"], sock)
+    write_version(root / "det" / "2", nudenet_model, 2)
+    time.sleep(1.0)  # ten polls
+    assert not log_lines(server, "reloaded|reload refused"), server.stderr_text()
+    write_version(root / "det" / "1", nudenet_model, 1)  # rewritten in place: a new inode
+    wait_for(lambda: log_lines(server, r"reloaded \(a watched file changed\): version 1 -> 1"),
+             "the reload", server)
+    assert served_version(server) == "1"
+    assert server.stop() == 0
+
+
 def test_watch_reloads_replaced_weights(server_factory, tmp_path, nudenet_model):
     """--model FILE --watch: weights replaced in place (a rename over the file) reload; a
     file that does not load is refused once, not once per poll."""

@@ -214,6 +214,8 @@ class ModelLoader:
         from vasipc.model_yaml import version_dirs
 
         base = os.path.join(args.models_root, self.model_id)
+        if args.model_version:  # pinned: a new version directory is not this model's news
+            return [os.path.join(base, args.model_version)]
         return [base, *(os.path.join(base, v) for v in version_dirs(base))]
 
 
