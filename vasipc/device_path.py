@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vasipc._fast.letterbox import copy_frame_guarded, frame_nbytes, letterbox_geometry
+from vasipc.errors import first_line
 from vasipc.frames import NV12
 from vasipc.preprocess_graph import INPUT_FRAME, INPUT_GEOMETRY, OUTPUT, build_preprocess_graph
 from vasipc.runtime import Device, import_onnxruntime, usable_cpus
@@ -298,5 +299,4 @@ class DevicePath:
             except Exception as exc:
                 if attempt or self.staging_kind != "pinned":
                     raise
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                self.use_pageable_staging(first)
+                self.use_pageable_staging(first_line(exc))

@@ -108,3 +108,9 @@ assert tuple(sorted(ERROR_CLASSES)) == tuple(sorted(PRECEDENCE))
 def error_for(code: str, message: str, **kw) -> VasipcError:
     """The exception for a response's `error_code` (unknown codes map to InternalError)."""
     return ERROR_CLASSES.get(code, InternalError)(message, **kw)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one log or error line: its first line, else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

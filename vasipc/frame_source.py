@@ -87,7 +87,7 @@ class FrameRoots:
         self._prefixes = tuple(r.rstrip("/") + "/" for r in self.roots)
 
     def contains(self, real_path: str) -> bool:
-        return any(real_path == r or real_path.startswith(r.rstrip("/") + "/") for r in self.roots)
+        return real_path in self.roots or real_path.startswith(self._prefixes)
 
     def names_inside(self, path: str) -> bool:
         """Whether `path`, read as a plain name, lies inside the roots: it is a root or

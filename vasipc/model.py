@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vasipc.device_path import DevicePath, resolve_preprocess
+from vasipc.errors import first_line
 from vasipc.runtime import Device, create_session, import_onnxruntime
 
 
@@ -191,7 +192,7 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
     except Exception as exc:
         if type(exc).__name__ == "RuntimeUnavailable":
             raise
-        raise ModelError(f"cannot load {spec.path}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load {spec.path}: {first_line(exc)}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, None, "3"):
         raise ModelError(f"{spec.path} is not a YOLO-style detector: expected one NCHW image input")
@@ -228,7 +229,7 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
             buffer = probe.new_buffer()
             probe.device_path.warm_up(probe, buffer)
         except Exception as exc:
-            raise ModelError(f"{spec.path}: device path setup failed: {_first_line(exc)}") from None
+            raise ModelError(f"{spec.path}: device path setup failed: {first_line(exc)}") from None
     else:
         buffer = probe.new_buffer()
     nc = 0
@@ -236,7 +237,7 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
         try:
             out = probe.run_batch(buffer, b, quiet)
         except Exception as exc:
-            raise ModelError(f"{spec.path}: warm-up inference failed: {_first_line(exc)}") from None
+            raise ModelError(f"{spec.path}: warm-up inference failed: {first_line(exc)}") from None
         if out.ndim != 3 or out.shape[0] != b or out.shape[1] < 5:
             raise ModelError(f"{spec.path} is not a YOLO-style detector: output shape "
                              f"{list(out.shape)}, expected [{b}, 4+classes, anchors]")
@@ -250,6 +251,3 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
     return dataclasses.replace(probe, num_classes=nc, class_names=names)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
