@@ -65,7 +65,15 @@ from vasipc._fast.letterbox import (
 )
 from vasipc._fast.yolo import decode_yolo
 from vasipc.device_path import DeviceSlot
-from vasipc.errors import DeadlineExceeded, FrameChanged, InternalError, Overloaded, VasipcError
+from vasipc.errors import (
+    DeadlineExceeded,
+    FrameChanged,
+    InternalError,
+    Overloaded,
+    ShuttingDown,
+    VasipcError,
+    first_line,
+)
 from vasipc.frame_source import FrameOpener, OpenFrame
 from vasipc.model import LoadedModel
 from vasipc.schema import InferRequest
@@ -213,6 +221,8 @@ class Batcher:
 
     def submit(self, p: Pending) -> None:
         with self._lock:
+            if self._stopped:  # no worker would take it
+                raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"queue full ({self.max_queue} requests waiting); retry later")
             self._queue.append(p)
@@ -344,8 +354,7 @@ class Batcher:
         except Exception as exc:
             log.exception("preprocessing failed")
             text = str(exc)
-            why = text.splitlines()[0] if text else repr(exc)
-            self._respond(p, InternalError(f"preprocessing failed: {why}"), stage, model)
+            self._respond(p, InternalError(f"preprocessing failed: {first_line(exc)}"), stage, model)
             if any(m in text for m in _STICKY_MARKERS):  # the graph path runs on the device too
                 self._on_fatal(text)
             return
@@ -376,7 +385,7 @@ class Batcher:
                     self._fill.notify()  # the device is idle: a filling batch may go
         if failure is not None:
             text = str(failure)
-            why = f"inference failed: {text.splitlines()[0] if text else failure!r}"
+            why = f"inference failed: {first_line(failure)}"
             for p, _, frame_id, _ in live:
                 self._respond(p, InternalError(why, frame_id=frame_id), {}, model)
             if any(m in text for m in _STICKY_MARKERS):

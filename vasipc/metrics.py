@@ -3,7 +3,7 @@
 Recording is on the request path, where a few µs count, so nothing here calls
 prometheus_client per request. `Stats` appends one tuple per response to a list, without
 a lock: a successful `infer` its metadata timings, any other response its (op,
-error_code). Every `FOLD_ROWS` responses, and at each scrape, they are folded into
+error_code). The server's main loop (every 0.2 s) and each scrape fold them into
 counters and histogram buckets with numpy. `ServerCollector` turns those, and gauges
 read from the live server, into metric families when Prometheus scrapes.
 
@@ -46,7 +46,9 @@ STAGES = ("queue", "preprocess", "inference", "postprocess")
 _ROW_KEYS = ("queue_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
 _COLS = len(_ROW_KEYS)
 _row_of = operator.itemgetter(*_ROW_KEYS)
-FOLD_ROWS = 1024  # responses recorded before the recording thread folds them (bounds memory)
+# The main loop folds every 0.2 s (serve.py), off the response path; a recording thread
+# folds only past this many unfolded entries (a memory cap, for servers without that loop).
+FOLD_ROWS = 65536
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -209,7 +211,7 @@ class ServerCollector(Collector):
             "providers": ",".join(model.providers), "device": model.device.name})
         reloads = CounterMetricFamily("vasipc_reloads", "Model reloads by result.",
                                       labels=["result"])
-        counts = getattr(server, "reload_counts", {})
+        counts = server.reload_counts
         for result in ("ok", "failed"):
             reloads.add_metric([result], counts.get(result, 0))
         yield reloads

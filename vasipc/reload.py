@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from vasipc.errors import first_line
+
 if TYPE_CHECKING:
     from vasipc.model import LoadedModel
     from vasipc.server import Server
@@ -118,11 +120,13 @@ class Reloader:
         try:
             model = self._load()
         except Exception as exc:
-            text = str(exc).strip().splitlines()
             log.error("reload refused (%s): %s; still serving version %s", reason,
-                      text[0] if text else type(exc).__name__, server.model.spec.model_version,
+                      first_line(exc), server.model.spec.model_version,
                       extra={"reload": "failed", "model_version": server.model.spec.model_version})
             server.record_reload(False)
+            return
+        if server.draining or self._stopped:  # SIGTERM came during the load: not worth a swap
+            log.info("reload (%s) dropped: the server is stopping", reason)
             return
         old = server.swap_model(model)
         log.info("reloaded (%s): version %s -> %s, providers %s, loaded and warmed up in %.2f s",

@@ -323,6 +323,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     reloader.start()
     while not stop.wait(0.2):
         server.error_log.flush()  # the per-class error counts whose interval has passed
+        server.stats.fold()  # here, not on a response's way out
         if server.fatal is not None:
             code = server.abort()
             log.error("exiting after a session error")

@@ -118,8 +118,19 @@ class Server:
             max_message_bytes=cfg.max_message_bytes, read_timeout=cfg.read_timeout,
             idle_timeout=cfg.idle_timeout, write_timeout=WRITE_TIMEOUT_S,
             max_connections=cfg.max_connections, pipeline_depth=PIPELINE_DEPTH)
-        self._io_thread = threading.Thread(target=self._loop.run, name="vasipc-io", daemon=True)
+        self._io_thread = threading.Thread(target=self._serve_io, name="vasipc-io", daemon=True)
         self._io_thread.start()
+
+    def _serve_io(self) -> None:
+        """The I/O loop's thread. The loop survives what a connection does (its callbacks'
+        errors close that connection); if the loop itself fails, nothing is served any
+        more, so the server stops being ready and exits 1 like after a session error."""
+        try:
+            self._loop.run()
+        except Exception as exc:
+            log.exception("the connection loop failed")
+            if not self.draining:
+                self._on_fatal(f"the connection loop failed: {exc!r}")
 
     def stop_listening(self) -> None:
         if self._loop is not None:
@@ -145,6 +156,8 @@ class Server:
 
         while pending() and time.monotonic() < deadline and self.fatal is None:
             time.sleep(0.005)
+        if self.fatal is not None:  # the session failed while draining: CONTRACT 7's exit 1
+            return self.abort()
         code = 0
         if pending():
             code = 1

@@ -266,6 +266,7 @@ cdef class ConnectionLoop:
     cdef int64_t listen_retry_ns    # when to re-arm after running out of fds
     cdef bint run_started, closing, close_started, finished
     cdef bint drain_marked          # mark_drain() was called
+    cdef int in_dispatch            # on_message calls running now (0 or 1: the loop thread)
     cdef unsigned long loop_thread
     cdef object done                # threading.Event, set when run() returns
 
@@ -370,6 +371,8 @@ cdef class ConnectionLoop:
             if conn.is_closed or conn.read_done:
                 continue
             self.read_available(conn)
+            if conn.rend > conn.rstart and conn.partial_since_ns == 0:
+                conn.partial_since_ns = monotonic_ns()  # read_timeout runs for these bytes too
             conn.held_msgs = self.complete_messages(conn)
             if conn.held_msgs and self.wants_input(conn):
                 self.queue_resume(conn)  # the sockets' data was taken: no event will come
@@ -383,9 +386,11 @@ cdef class ConnectionLoop:
 
     @property
     def held_messages(self):
-        """Messages read before mark_drain() and not dispatched yet, on open connections."""
+        """Messages read before mark_drain() and not dispatched yet, on open connections,
+        plus the one on_message is handling now: from the moment a message leaves the
+        buffer until on_message returns, this counts it (a drain must not miss it)."""
         cdef Connection conn
-        cdef long long n = 0
+        cdef long long n = self.in_dispatch
         for conn in self.conns.values():
             if not conn.is_closed:
                 n += conn.held_msgs
@@ -763,7 +768,11 @@ cdef class ConnectionLoop:
                 return self.call_bad_length(conn, slot, length)
             if avail < PREFIX_BYTES + length:
                 break
-            body = PyBytes_FromStringAndSize(conn.rbuf + conn.rstart + PREFIX_BYTES, length)
+            try:
+                body = PyBytes_FromStringAndSize(conn.rbuf + conn.rstart + PREFIX_BYTES, length)
+            except MemoryError:  # as on_readable: this connection goes, the loop goes on
+                log.error("no memory for a %d-byte message; closing the connection", length)
+                return self.close_conn(conn)
             conn.rstart += PREFIX_BYTES + length
             # held messages come first in the buffer, so they are dispatched first
             conn.before_drain = not self.drain_marked or conn.held_msgs > 0
@@ -787,6 +796,7 @@ cdef class ConnectionLoop:
         return 0
 
     cdef int call_on_message(self, Connection conn, long long slot, bytes body) except -1:
+        self.in_dispatch += 1
         try:
             answer = self.on_message(conn, slot, body)
             if answer is not None and not conn.is_closed:
@@ -797,6 +807,8 @@ cdef class ConnectionLoop:
         except Exception:
             log.exception("on_message failed; closing its connection")
             self.close_conn(conn)
+        finally:
+            self.in_dispatch -= 1
         return 0
 
     cdef int call_bad_length(self, Connection conn, long long slot, Py_ssize_t length) except -1:

@@ -15,7 +15,7 @@ stays in frame_source, which takes its slow path whenever these refuse.
 from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_SetFromErrno
-from libc.errno cimport errno
+from libc.errno cimport EMFILE, ENFILE, ENOMEM, errno
 from libc.stdint cimport uintptr_t
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
 from posix.stat cimport S_ISDIR, S_ISREG, fstat, fstatat, lstat, stat, struct_stat
@@ -83,7 +83,9 @@ cdef bint _openat2_usable() noexcept nogil:
         if fd >= 0:
             close(fd)
             openat2_state = 1
-        else:  # ENOSYS, EPERM (seccomp), or anything else: "/" always opens otherwise
+        elif errno != EMFILE and errno != ENFILE and errno != ENOMEM:
+            # ENOSYS, EPERM (seccomp), or anything else: "/" always opens otherwise. Out of
+            # fds or memory says nothing about openat2: probe again next time.
             openat2_state = 0
     return openat2_state == 1
 
