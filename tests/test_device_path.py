@@ -474,17 +474,15 @@ def test_graph_server_truncated_frame(servers, shm_dir):
     assert_ok(infer(sock, path, md))
 
 
-def test_preprocess_option_and_env(nudenet_model, tmp_path, server_factory, astronaut_frame):
+def test_preprocess_option_and_env(nudenet_model, tmp_path, server_factory, astronaut_frame,
+                                   monkeypatch):
     from serve_cli import assert_refused, run_serve
 
     assert_refused(run_serve("--model", nudenet_model, "--socket", str(tmp_path / "s.sock"),
                              "--preprocess", "gpu"), "--preprocess")
     # the environment variable, as every option's
-    os.environ["VASIPC_PREPROCESS"] = "graph"
-    try:
-        server = server_factory()
-    finally:
-        del os.environ["VASIPC_PREPROCESS"]
+    monkeypatch.setenv("VASIPC_PREPROCESS", "graph")
+    server = server_factory()
     assert wire.roundtrip(server.socket, {"op": "info"})["preprocess"] == "graph"
     assert_ok(infer(server.socket, astronaut_frame))
 

@@ -10,6 +10,7 @@ disagree was put together from two models.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -90,10 +91,10 @@ def reload_under_load(server_factory, model_dir: Path, weights: str, frame: Path
                 resp = wire.recv(s)
                 seen[i].append((check_consistent(resp), len(resp["detections"])))
 
-    threads = [wire.in_thread(lambda i=i: client(i)) for i in range(clients)]
-    for t in threads:
-        t.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:  # joins every client, re-raising a failure
+        for i in range(clients):
+            stack.enter_context(wire.in_thread(lambda i=i: client(i)))
+        stack.callback(stop.set)  # runs first on the way out: the clients stop, then join
         wait_for(lambda: all(seen), "every client's first response", server)
         for version in range(2, reloads + 2):
             write_version(model_dir, weights, version)
@@ -103,10 +104,6 @@ def reload_under_load(server_factory, model_dir: Path, weights: str, frame: Path
             n = sum(map(len, seen))
             wait_for(lambda n=n: sum(map(len, seen)) >= n + clients, "requests on the new version",
                      server)
-    finally:
-        stop.set()
-        for t in threads:
-            t.__exit__(None, None, None)  # re-raises a client's failure (an error response)
 
     for versions in seen:
         order = [v for v, _ in versions]
