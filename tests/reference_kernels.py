@@ -125,8 +125,22 @@ def _pixels(data: np.ndarray, fmt: int, height: int, stride: int,
     return _yuv_to_rgb(luma[r, c], u, v)
 
 
+def _normalization(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """Per-plane mean (float32) and 1/std (a double rounded to float32)."""
+    mean = (0.0, 0.0, 0.0) if mean is None else tuple(float(m) for m in mean)
+    std = (1.0, 1.0, 1.0) if std is None else tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std need 3 values each")
+    if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+        raise ValueError("mean must be finite, std finite and > 0")
+    return np.array(mean, np.float32), np.array([1.0 / s for s in std], np.float32)
+
+
 def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
-                   new_w: int, new_h: int, left: int, top: int, *, threads: int = 1) -> None:
+                   new_w: int, new_h: int, left: int, top: int, *, threads: int = 1,
+                   bgr: bool = False, pad_value: int = PAD_VALUE, mean=None, std=None) -> None:
+    """The resized frame at (left, top) of out (negative offsets and overhangs crop), the
+    rest pad_value; each plane (v / 255 - mean) * (1 / std), planes RGB or BGR."""
     if not 1 <= threads <= 64:
         raise ValueError(f"threads must be in 1..64, got {threads}")
     needed = frame_nbytes(fmt, width, height, stride)
@@ -137,12 +151,18 @@ def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
             or out.shape[0] != 3 or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError("out must be a writable C-contiguous float32 (3, H, W) array")
     _, out_h, out_w = out.shape
-    if (new_w < 1 or new_h < 1 or left < 0 or top < 0
-            or left + new_w > out_w or top + new_h > out_h):
-        raise ValueError("the resized image does not fit in out")
+    if (new_w < 1 or new_h < 1 or left >= out_w or top >= out_h
+            or left + new_w <= 0 or top + new_h <= 0):
+        raise ValueError("the resized image does not overlap out")
+    if not 0 <= pad_value <= 255:
+        raise ValueError(f"pad_value must be in 0..255, got {pad_value}")
+    mean32, inv_std32 = _normalization(mean, std)
+    # The visible window: resized columns [vx, vx + vw) at output columns [vx + left, ...).
+    vx, vy = max(0, -left), max(0, -top)
+    vw, vh = min(new_w, out_w - left) - vx, min(new_h, out_h - top) - vy
 
-    x0, x1, wx0, wx1 = _column_taps(width, new_w)
-    y0, y1, wy0, wy1 = _row_taps(height, new_h)
+    x0, x1, wx0, wx1 = (t[vx:vx + vw] for t in _column_taps(width, new_w))
+    y0, y1, wy0, wy1 = (t[vy:vy + vh] for t in _row_taps(height, new_h))
     # Horizontal pass on both source rows of every output row: tap0*w0 + tap1*w1.
     h0 = (_pixels(data, fmt, height, stride, y0, x0) * wx0
           + _pixels(data, fmt, height, stride, y0, x1) * wx1)
@@ -152,9 +172,13 @@ def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
     wy0, wy1 = wy0[None, :, None], wy1[None, :, None]
     value = (((wy0 * (h0 >> 4)) >> 16) + ((wy1 * (h1 >> 4)) >> 16) + 2) >> 2
     value = np.minimum(value, 255)
+    if bgr:
+        value = value[::-1]
 
-    out[...] = np.float32(PAD_VALUE) / np.float32(255)
-    out[:, top:top + new_h, left:left + new_w] = value.astype(np.float32) / np.float32(255)
+    for c in range(3):
+        out[c] = (np.float32(pad_value) / np.float32(255) - mean32[c]) * inv_std32[c]
+        out[c, vy + top:vy + top + vh, vx + left:vx + left + vw] = (
+            value[c].astype(np.float32) / np.float32(255) - mean32[c]) * inv_std32[c]
 
 
 # --- YOLO decode + NMS ---------------------------------------------------------------------

@@ -10,6 +10,10 @@ cdef extern from "letterbox_kernel.h" nogil:
         VAS_BGR24
         VAS_RGB24
 
+    enum:
+        LB_RGB
+        LB_BGR
+
     ctypedef struct lb_job:
         const uint8_t *frame
         int format
@@ -23,6 +27,10 @@ cdef extern from "letterbox_kernel.h" nogil:
         int new_h
         int left
         int top
+        int order
+        float mean[3]
+        float inv_std[3]
+        int pad_value
 
     size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride)
     enum:

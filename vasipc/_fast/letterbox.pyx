@@ -1,13 +1,16 @@
 # cython: language_level=3
-"""Letterbox one frame into one slot of the model's input tensor (CONTRACT 5.3, 6).
+"""Preprocess one frame into one slot of the model's input tensor (CONTRACT 5.3, 6).
 
 letterbox_into() runs the fused kernel (letterbox_kernel.c): colour conversion at the
-bilinear taps only, resize, pad 114, /255, written as float32 NCHW RGB straight into the
-batch. It releases the GIL and reads the frame inside a SIGBUS guard (sigbus_guard.c), so
-a frame file truncated under its mapping raises FrameBusError instead of killing the
-server. It does OpenCV's fixed-point arithmetic, so its output equals cvtColor ->
-resize(INTER_LINEAR) -> copyMakeBorder(114) -> astype(float32) / 255 -> CHW bit for bit
-(OpenCV 5.0; versions whose scalar row tails round differently: within 1/255).
+bilinear taps only, resize, placement (letterbox, stretch or centre crop: any offset,
+negative ones included), pad, /255, per-channel mean/std, written as float32 NCHW (RGB or
+BGR planes) straight into the batch. It releases the GIL and reads the frame inside a
+SIGBUS guard (sigbus_guard.c), so a frame file truncated under its mapping raises
+FrameBusError instead of killing the server. It does OpenCV's fixed-point arithmetic, so
+with the defaults its output equals cvtColor -> resize(INTER_LINEAR) ->
+copyMakeBorder(114) -> astype(float32) / 255 -> CHW bit for bit (OpenCV 5.0; versions
+whose scalar row tails round differently: within 1/255). vasipc.preprocess chooses the
+placement and the parameters per model family.
 
 letterbox_geometry() gives the placement (Ultralytics' formula); frame_nbytes() and
 min_stride() the frame's size rules, shared with the server's frame checks.
@@ -101,12 +104,38 @@ def letterbox_geometry(src_w, src_h, dst_w, dst_h):
     return r, new_w, new_h, left, top
 
 
+cdef int _normalization(object mean, object std, float *mean_out,
+                        float *inv_std_out) except -1:
+    """Per-plane mean and 1/std as the kernel takes them (None: 0 and 1)."""
+    cdef double m, sd
+    if mean is not None and len(mean) != 3:
+        raise ValueError(f"mean must have 3 values, got {len(mean)}")
+    if std is not None and len(std) != 3:
+        raise ValueError(f"std must have 3 values, got {len(std)}")
+    for c in range(3):
+        m = 0.0 if mean is None else float(mean[c])
+        sd = 1.0 if std is None else float(std[c])
+        if not (m - m == 0.0):  # NaN or infinite
+            raise ValueError(f"mean must be finite, got {m}")
+        if not (sd > 0.0 and sd - sd == 0.0):
+            raise ValueError(f"std must be finite and > 0, got {sd}")
+        mean_out[c] = <float>m
+        inv_std_out[c] = <float>(1.0 / sd)
+    return 0
+
+
 def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride,
                    float[:, :, ::1] out not None, Py_ssize_t new_w, Py_ssize_t new_h,
-                   Py_ssize_t left, Py_ssize_t top, *, int threads=1):
-    """Letterbox the frame in src into out, a C-contiguous float32 (3, H, W) buffer (a
-    batch slot), RGB in [0, 1]; the resized image fills [top:top+new_h, left:left+new_w],
-    the rest is 114/255.
+                   Py_ssize_t left, Py_ssize_t top, *, int threads=1, bint bgr=False,
+                   int pad_value=114, mean=None, std=None):
+    """Preprocess the frame in src into out, a C-contiguous float32 (3, H, W) buffer (a
+    batch slot): the frame resized to new_w x new_h and placed with its top-left corner at
+    (left, top) of out; left and top may be negative and the resized image larger than
+    out (a centre crop): only what lands inside out is computed, the rest of out is the
+    pad value. Each value is (v / 255 - mean[c]) * (1 / std[c]) for plane c (mean None:
+    0, std None: 1, giving v / 255 in [0, 1] exactly); planes R, G, B, or B, G, R with
+    bgr. pad_value (0..255, default 114) is normalized the same way. 1 / std is taken as
+    a double rounded to float32, mean as float32.
 
     src: any object exporting a contiguous readable buffer (FrameView, bytes, mmap, numpy
     uint8 array) whose first byte is the frame's first byte, holding frame_nbytes() bytes.
@@ -115,8 +144,9 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
     calls: ranges no pool thread is free for run on the calling one; at most one per
     resized row is used). Every thread reads under the SIGBUS guard; the result is the
     same for any count.
-    ValueError for an invalid frame geometry, a short buffer, a wrong out or placement,
-    threads < 1 or > 64.
+    ValueError for an invalid frame geometry, a short buffer, a wrong out, a placement that
+    does not overlap out, threads < 1 or > 64, pad_value outside 0..255, mean or std not 3
+    finite values, a std <= 0.
     FrameBusError if the frame's memory vanishes while read, in any thread (the GIL is
     released).
     """
@@ -129,15 +159,16 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
     cdef Py_ssize_t out_h = out.shape[1], out_w = out.shape[2]
     if out_w < 1 or out_h < 1 or out_w > MAX_DIM or out_h > MAX_DIM:
         raise ValueError(f"out size {out_w}x{out_h} out of range 1..{MAX_DIM}")
-    if (new_w < 1 or new_h < 1 or left < 0 or top < 0
-            or left + new_w > out_w or top + new_h > out_h):
-        raise ValueError(f"resized image {new_w}x{new_h} at ({left}, {top}) does not fit "
-                         f"in out ({out_w}x{out_h})")
-    if threads > new_h:
-        threads = <int>new_h
+    if (new_w < 1 or new_h < 1 or new_w > MAX_DIM or new_h > MAX_DIM
+            or left >= out_w or top >= out_h or left + new_w <= 0 or top + new_h <= 0):
+        raise ValueError(f"resized image {new_w}x{new_h} at ({left}, {top}) does not overlap "
+                         f"out ({out_w}x{out_h})")
+    if pad_value < 0 or pad_value > 255:
+        raise ValueError(f"pad_value must be in 0..255, got {pad_value}")
+    cdef lb_job job
+    _normalization(mean, std, job.mean, job.inv_std)
 
     cdef Py_buffer view
-    cdef lb_job job
     cdef void *scratch = NULL
     cdef int rc = VAS_GUARD_OK
     cdef int install_errno = 0
@@ -158,6 +189,8 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
         job.new_h = <int>new_h
         job.left = <int>left
         job.top = <int>top
+        job.order = LB_BGR if bgr else LB_RGB
+        job.pad_value = pad_value
         with nogil:
             # Allocated outside the guards: a SIGBUS abandons a worker midway, never a malloc.
             scratch = malloc(lb_scratch_nbytes(&job, threads))

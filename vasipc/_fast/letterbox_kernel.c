@@ -64,17 +64,43 @@ size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride)
 /* Plan: the tap tables, computed as OpenCV's resize computes them (float positions from  */
 /* a double scale, weights rounded half-to-even), so every weight is the same integer.   */
 
-/* Per worker: two horizontal-pass rows (3 x new_w int32 each), the tap words (2 x
- * new_w) and one chroma row's colour terms (6 x new_w). */
-static size_t worker_words(const lb_job *job)
+/* The visible part of a resized extent of `size` placed at `offset` in an output extent
+ * of `out`: resized indices [*first, *first + *count) at output [*at, *at + *count). */
+static void visible_span(int offset, int size, int out, int *first, int *count, int *at)
 {
-    return (2 * 3 + 2 + 6) * (size_t)job->new_w;
+    const int begin = offset < 0 ? -offset : 0;
+    const int end = offset + size > out ? out - offset : size;
+    *first = begin;
+    *count = end - begin;
+    *at = offset + begin;
+}
+
+static int visible_w(const lb_job *job)
+{
+    int first, count, at;
+    visible_span(job->left, job->new_w, job->out_w, &first, &count, &at);
+    return count;
+}
+
+static int visible_h(const lb_job *job)
+{
+    int first, count, at;
+    visible_span(job->top, job->new_h, job->out_h, &first, &count, &at);
+    return count;
+}
+
+/* Per worker: two horizontal-pass rows (3 x vis_w int32 each), the tap words (2 x
+ * vis_w) and one chroma row's colour terms (6 x vis_w). */
+static size_t worker_words(int vis_w)
+{
+    return (2 * 3 + 2 + 6) * (size_t)vis_w;
 }
 
 size_t lb_scratch_nbytes(const lb_job *job, int threads)
 {
-    size_t cols = (size_t)job->new_w, rows = (size_t)job->new_h;
-    return sizeof(int32_t) * (4 * cols + 4 * rows + (size_t)threads * worker_words(job));
+    const int cols = visible_w(job), rows = visible_h(job);
+    return sizeof(int32_t)
+           * (4 * (size_t)cols + 4 * (size_t)rows + (size_t)threads * worker_words(cols));
 }
 
 /* Source position of destination index d: OpenCV's (d + 0.5) * scale - 0.5, as a float,
@@ -93,10 +119,21 @@ static void weight_pair(float fraction, int32_t *w0, int32_t *w1)
     *w1 = (int32_t)lrintf(fraction * WEIGHT_ONE);
 }
 
+/* v / 255 then the plane's normalization, as vertical_pass() computes it. */
+static float normalize(int v, float mean, float inv_std)
+{
+    return ((float)v / 255.0f - mean) * inv_std;
+}
+
 void lb_plan(lb_job *job, void *scratch, int threads)
 {
     int32_t *p = (int32_t *)scratch;
-    const int nw = job->new_w, nh = job->new_h;
+    visible_span(job->left, job->new_w, job->out_w, &job->vis_x, &job->vis_w, &job->vis_left);
+    visible_span(job->top, job->new_h, job->out_h, &job->vis_y, &job->vis_h, &job->vis_top);
+    VAS_DEBUG_ASSERT(job->vis_w >= 1 && job->vis_h >= 1);
+    for (int c = 0; c < 3; c++)
+        job->pad[c] = normalize(job->pad_value, job->mean[c], job->inv_std[c]);
+    const int nw = job->vis_w, nh = job->vis_h;
     job->col_x0 = p; p += nw;
     job->col_x1 = p; p += nw;
     job->col_w0 = p; p += nw;
@@ -106,17 +143,18 @@ void lb_plan(lb_job *job, void *scratch, int threads)
     job->row_w0 = p; p += nh;
     job->row_w1 = p; p += nh;
     job->workers = p;
-    job->threads = threads;
+    job->threads = threads < nh ? threads : nh;
 
-    /* Columns: a position left of pixel 0 or right of the last one takes that pixel
+    /* Columns (the scale is the whole resized width's; the tables start at the first
+     * visible one): a position left of pixel 0 or right of the last one takes that pixel
      * alone (weight 2048, 0), as OpenCV clamps x. */
-    const double scale_x = 1.0 / ((double)nw / job->width);
+    const double scale_x = 1.0 / ((double)job->new_w / job->width);
     const int last_x = job->width - 1;
     int one_tap = 1;
     for (int dx = 0; dx < nw; dx++) {
         int sx;
         float fx;
-        source_position(dx, scale_x, &sx, &fx);
+        source_position(job->vis_x + dx, scale_x, &sx, &fx);
         if (sx < 0) {
             sx = 0;
             fx = 0.0f;
@@ -164,12 +202,12 @@ void lb_plan(lb_job *job, void *scratch, int threads)
     job->col_pairs = pairs;
 
     /* Rows: OpenCV keeps the fraction and clamps the row indices instead. */
-    const double scale_y = 1.0 / ((double)nh / job->height);
+    const double scale_y = 1.0 / ((double)job->new_h / job->height);
     const int last_y = job->height - 1;
     for (int dy = 0; dy < nh; dy++) {
         int sy;
         float fy;
-        source_position(dy, scale_y, &sy, &fy);
+        source_position(job->vis_y + dy, scale_y, &sy, &fy);
         job->row_y0[dy] = sy < 0 ? 0 : (sy > last_y ? last_y : sy);
         job->row_y1[dy] = sy + 1 < 0 ? 0 : (sy + 1 > last_y ? last_y : sy + 1);
         weight_pair(fy, &job->row_w0[dy], &job->row_w1[dy]);
@@ -340,7 +378,7 @@ static ALWAYS_INLINE void gather_taps(int format, int two_taps, source_row r, in
 /* One worker's share of the output rows and its own buffers. */
 typedef struct {
     const lb_job *job;
-    int32_t *hrow[2];   /* two source rows after the horizontal pass: R, G, B x new_w */
+    int32_t *hrow[2];   /* two source rows after the horizontal pass: R, G, B x vis_w */
     uint32_t *ta, *tb;  /* one source row's tap words */
     int32_t *chroma;    /* YUV: the chroma terms of row chroma_row (chroma_terms) */
     int chroma_row;     /* -1: none yet */
@@ -483,7 +521,7 @@ static ALWAYS_INLINE void weigh_yuv(int two_taps, int n, const uint32_t *restric
 }
 
 /* Horizontal pass over source row y: per output column and channel, tap0*w0 + tap1*w1,
- * into out as three planes (R, G, B) of new_w. First the gather (scalar loads), then the
+ * into out as three planes (R, G, B) of vis_w. First the gather (scalar loads), then the
  * arithmetic on contiguous arrays, which vectorises. */
 static ALWAYS_INLINE void horizontal_pass(lb_worker *wk, int format, int two_taps,
                                           int y, int32_t *out)
@@ -492,34 +530,36 @@ static ALWAYS_INLINE void horizontal_pass(lb_worker *wk, int format, int two_tap
     const source_row r = row_planes(job, format, y);
     if ((format == VAS_NV12 || format == VAS_I420) && job->chroma_cache) {
         if (wk->chroma_row != y >> 1) {
-            gather_chroma(job, format, two_taps, r, job->new_w, job->col_x0, wk->ta);
-            chroma_terms(format, two_taps, job->new_w, wk->ta, job->col_x0, wk->chroma);
+            gather_chroma(job, format, two_taps, r, job->vis_w, job->col_x0, wk->ta);
+            chroma_terms(format, two_taps, job->vis_w, wk->ta, job->col_x0, wk->chroma);
             wk->chroma_row = y >> 1;
         }
         if (two_taps && job->col_pairs)
-            copy_luma_pairs(r.luma + job->col_x0[0], job->new_w, wk->ta);
+            copy_luma_pairs(r.luma + job->col_x0[0], job->vis_w, wk->ta);
         else
-            gather_luma(two_taps, r.luma, job->new_w, job->col_x0, wk->ta);
-        weigh_yuv(two_taps, job->new_w, wk->ta, wk->chroma, job->col_w0, job->col_w1, out);
+            gather_luma(two_taps, r.luma, job->vis_w, job->col_x0, wk->ta);
+        weigh_yuv(two_taps, job->vis_w, wk->ta, wk->chroma, job->col_w0, job->col_w1, out);
         return;
     }
-    gather_taps(format, two_taps, row_planes(job, format, y), job->new_w, job->col_x0, wk->ta,
+    gather_taps(format, two_taps, row_planes(job, format, y), job->vis_w, job->col_x0, wk->ta,
                 wk->tb);
-    weigh_taps(format, two_taps, job->new_w, wk->ta, wk->tb, job->col_w0, job->col_w1, out);
+    weigh_taps(format, two_taps, job->vis_w, wk->ta, wk->tb, job->col_w0, job->col_w1, out);
 }
 
-/* Vertical blend of two horizontal-pass rows into one output row, then /255. The
- * rounding is OpenCV's SIMD path (VResizeLinearVec_32s8u): each product is taken as a
- * 16x16-bit multiply-high of the row value >> 4, then (sum + 2) >> 2. The float is
- * value / 255.0f, the same float numpy's astype(float32) / 255 gives. */
+/* Vertical blend of two horizontal-pass rows into one output row, then /255 and the
+ * plane's normalization. The rounding is OpenCV's SIMD path (VResizeLinearVec_32s8u):
+ * each product is taken as a 16x16-bit multiply-high of the row value >> 4, then
+ * (sum + 2) >> 2. value / 255.0f is the float numpy's astype(float32) / 255 gives; a
+ * subtraction then a multiplication (no a*b+c for the compiler to fuse) keep it exact
+ * for mean 0, inv_std 1. */
 static ALWAYS_INLINE void vertical_pass(const int32_t *restrict h0,
                                         const int32_t *restrict h1, int w0, int w1,
-                                        float *restrict dst, int n)
+                                        float mean, float inv_std, float *restrict dst, int n)
 {
     for (int i = 0; i < n; i++) {
         int v = (((w0 * (h0[i] >> 4)) >> 16) + ((w1 * (h1[i] >> 4)) >> 16) + 2) >> 2;
         v = v > 255 ? 255 : v;
-        dst[i] = (float)v / 255.0f;
+        dst[i] = ((float)v / 255.0f - mean) * inv_std;
     }
 }
 
@@ -552,24 +592,27 @@ static ALWAYS_INLINE const int32_t *source_hrow(lb_worker *wk, int format, int t
 static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
 {
     const lb_job *job = wk->job;
-    const float pad = 114.0f / 255.0f;  /* copyMakeBorder(114), then /255 */
     const size_t out_w = (size_t)job->out_w, plane = out_w * (size_t)job->out_h;
-    const int nw = job->new_w, left = job->left, right = job->out_w - job->left - job->new_w;
+    const int nw = job->vis_w, left = job->vis_left, right = job->out_w - left - nw;
+    /* The horizontal pass yields R, G, B: channel c goes to output plane p[c]. */
+    int p[3];
+    for (int c = 0; c < 3; c++)
+        p[c] = job->order == LB_BGR ? 2 - c : c;
     hrow_cache cache = {{-1, -1}};
 
     for (int oy = wk->begin; oy < wk->end; oy++) {
         float *dst[3];
         for (int c = 0; c < 3; c++)
-            dst[c] = job->out + c * plane + (size_t)oy * out_w;
-        const int dy = oy - job->top;
-        if (dy < 0 || dy >= job->new_h) {
+            dst[c] = job->out + (size_t)p[c] * plane + (size_t)oy * out_w;
+        const int dy = oy - job->vis_top;
+        if (dy < 0 || dy >= job->vis_h) {
             for (int c = 0; c < 3; c++)
-                fill(dst[c], out_w, pad);
+                fill(dst[c], out_w, job->pad[p[c]]);
             continue;
         }
         for (int c = 0; c < 3; c++) {
-            fill(dst[c], (size_t)left, pad);
-            fill(dst[c] + left + nw, (size_t)right, pad);
+            fill(dst[c], (size_t)left, job->pad[p[c]]);
+            fill(dst[c] + left + nw, (size_t)right, job->pad[p[c]]);
         }
 
         const int y0 = job->row_y0[dy], y1 = job->row_y1[dy];
@@ -580,7 +623,8 @@ static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
                                 ? h0
                                 : source_hrow(wk, format, two_taps, &cache, y1, y0);
         for (int c = 0; c < 3; c++)
-            vertical_pass(h0 + c * nw, h1 + c * nw, w0, w1, dst[c] + left, nw);
+            vertical_pass(h0 + c * nw, h1 + c * nw, w0, w1, job->mean[p[c]], job->inv_std[p[c]],
+                          dst[c] + left, nw);
     }
 }
 
@@ -780,25 +824,26 @@ int lb_run(lb_job *job, int *install_errno)
     enum { MAX_THREADS = LB_MAX_THREADS };
     guarded_worker slots[MAX_THREADS];
     const int threads = job->threads;
-    const size_t words = worker_words(job);
+    const size_t words = worker_words(job->vis_w);
     int32_t *base = job->workers;
-    VAS_DEBUG_ASSERT(threads >= 1 && threads <= MAX_THREADS && threads <= job->new_h);
+    VAS_DEBUG_ASSERT(threads >= 1 && threads <= MAX_THREADS && threads <= job->vis_h);
 
-    /* Worker k takes the resized rows [top + new_h*k/T, top + new_h*(k+1)/T); the first
-     * also takes the top border, the last the bottom one. */
+    /* Worker k takes the visible resized rows [vis_top + vis_h*k/T, vis_top +
+     * vis_h*(k+1)/T); the first also takes the top border, the last the bottom one. */
     for (int k = 0; k < threads; k++) {
         lb_worker *wk = &slots[k].worker;
         int32_t *p = base + (size_t)k * words;
         wk->job = job;
-        wk->hrow[0] = p; p += 3 * job->new_w;
-        wk->hrow[1] = p; p += 3 * job->new_w;
-        wk->ta = (uint32_t *)p; p += job->new_w;
-        wk->tb = (uint32_t *)p; p += job->new_w;
+        wk->hrow[0] = p; p += 3 * job->vis_w;
+        wk->hrow[1] = p; p += 3 * job->vis_w;
+        wk->ta = (uint32_t *)p; p += job->vis_w;
+        wk->tb = (uint32_t *)p; p += job->vis_w;
         wk->chroma = p;
         wk->chroma_row = -1;
-        wk->begin = k == 0 ? 0 : job->top + (int)((int64_t)job->new_h * k / threads);
-        wk->end = k == threads - 1 ? job->out_h
-                                   : job->top + (int)((int64_t)job->new_h * (k + 1) / threads);
+        wk->begin = k == 0 ? 0 : job->vis_top + (int)((int64_t)job->vis_h * k / threads);
+        wk->end = k == threads - 1
+                      ? job->out_h
+                      : job->vis_top + (int)((int64_t)job->vis_h * (k + 1) / threads);
         slots[k].rc = VAS_GUARD_OK;
         slots[k].err = 0;
     }

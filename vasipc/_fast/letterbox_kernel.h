@@ -1,12 +1,16 @@
-/* letterbox_kernel.h: the fused letterbox pass, frame pixels -> float32 NCHW RGB in [0, 1].
+/* letterbox_kernel.h: the fused preprocessing pass, frame pixels -> float32 NCHW planes.
  *
  * One pass over the output rows: bilinear taps with OpenCV's INTER_LINEAR geometry and
  * fixed-point weights, colour conversion at the taps only (BT.601 limited range for
  * NV12/I420, exactly as OpenCV's COLOR_YUV2RGB_NV12/_I420; a channel swap for BGR24),
- * the blend, /255, written straight into three planes; the border is filled with 114/255.
- * The arithmetic is OpenCV's (converted taps are uint8, the blend is its SIMD fixed-point
- * formula), so the result equals cvtColor -> resize -> copyMakeBorder -> /255 bit for bit
- * (OpenCV 5.0; an OpenCV whose scalar tail loop rounds differently: within 1/255).
+ * the blend, /255, then per plane (v - mean) * inv_std, written straight into three
+ * planes in RGB or BGR order; what the resized image does not cover is the pad value,
+ * normalized the same way. The placement is general: the frame resized to new_w x new_h
+ * at (left, top), which may be negative or overhang the output (a centre crop), so one
+ * kernel serves letterbox, stretch and centre crop. The arithmetic is OpenCV's (converted
+ * taps are uint8, the blend is its SIMD fixed-point formula), so with mean 0 and inv_std 1
+ * the result equals cvtColor -> resize -> copyMakeBorder -> /255 bit for bit (OpenCV 5.0;
+ * an OpenCV whose scalar tail loop rounds differently: within 1/255).
  *
  * Use: fill the frame and output fields of an lb_job, lb_plan() it into
  * lb_scratch_nbytes() bytes of scratch, then lb_run() it (the only step that reads the
@@ -27,6 +31,9 @@ extern "C" {
 /* The frame header's pixel_format codes (CONTRACT 5.1). */
 enum vas_pixel_format { VAS_NV12 = 0, VAS_I420 = 1, VAS_BGR24 = 2, VAS_RGB24 = 3 };
 
+/* The order of the output planes. */
+enum lb_channel_order { LB_RGB = 0, LB_BGR = 1 };
+
 typedef struct lb_job {
     /* The source frame: its first byte, layout per CONTRACT 5.3. */
     const uint8_t *frame;
@@ -34,18 +41,28 @@ typedef struct lb_job {
     int width, height;      /* pixels; even for NV12/I420 */
     size_t stride;          /* bytes per row of the first plane; I420 chroma rows are stride/2 */
 
-    /* The destination: 3 C-contiguous float planes (R, G, B) of out_h rows x out_w. */
+    /* The destination: 3 C-contiguous float planes of out_h rows x out_w, in `order`. */
     float *out;
     int out_w, out_h;
-    /* The resized image occupies rows [top, top+new_h) and columns [left, left+new_w). */
+    /* The resized image occupies rows [top, top+new_h) and columns [left, left+new_w);
+     * only the part inside the output is computed (left, top may be negative). */
     int new_w, new_h, left, top;
+    int order;              /* enum lb_channel_order */
+    /* Per output plane: value = (v / 255 - mean) * inv_std; mean 0, inv_std 1 give v / 255
+     * exactly. The pad value (0..255) goes through the same formula. */
+    float mean[3], inv_std[3];
+    int pad_value;
 
-    /* Set by lb_plan(), pointing into the scratch. Per output column: source columns of
-     * the two taps and their weights (sum 2048); per output row: same for source rows. */
+    /* Set by lb_plan(). The visible window: resized columns [vis_x, vis_x + vis_w) land
+     * at output columns [vis_left, vis_left + vis_w), rows likewise. */
+    int vis_x, vis_w, vis_left, vis_y, vis_h, vis_top;
+    float pad[3];           /* per output plane */
+    /* Pointing into the scratch, per visible column: source columns of the two taps and
+     * their weights (sum 2048); per visible row: same for source rows. */
     int32_t *col_x0, *col_x1, *col_w0, *col_w1;
     int32_t *row_y0, *row_y1, *row_w0, *row_w1;
     int32_t *workers;       /* per worker thread: its row buffers */
-    int threads;            /* workers, 1..LB_MAX_THREADS and <= new_h */
+    int threads;            /* workers, 1..LB_MAX_THREADS and <= vis_h */
     int one_col_tap;        /* every col_w1 is 0 (e.g. an exact 3x downscale): skip tap 2 */
     int chroma_wide;        /* NV12/I420: columns [0, chroma_wide) read chroma in one load */
     int chroma_cache;       /* NV12/I420: convert chroma once per chroma row (lb_plan) */
@@ -58,12 +75,12 @@ size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride);
 /* Most worker threads one job may use. */
 #define LB_MAX_THREADS 64
 
-/* Scratch lb_plan() needs for this job's new_w x new_h and `threads` workers
- * (int32-aligned, e.g. malloc). */
+/* Scratch lb_plan() needs for this job's placement and `threads` workers (int32-aligned,
+ * e.g. malloc). The resized image must overlap the output by at least one pixel. */
 size_t lb_scratch_nbytes(const lb_job *job, int threads);
 
-/* Computes the tap tables into scratch. Reads no pixels. threads: 1..LB_MAX_THREADS and
- * at most new_h. */
+/* Computes the visible window, the pad values and the tap tables into scratch. Reads no
+ * pixels. threads: 1..LB_MAX_THREADS; at most one per visible row is used. */
 void lb_plan(lb_job *job, void *scratch, int threads);
 
 /* Runs the planned job: the output rows split in `threads` ranges, one per thread (the
