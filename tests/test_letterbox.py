@@ -1,17 +1,23 @@
-"""The fused letterbox kernel (vasipc._fast.letterbox, CONTRACT 5.3 and 6) on a real photo.
+"""The fused preprocessing kernel (vasipc._fast.letterbox, CONTRACT 5.3 and 6) and
+vasipc.preprocess on a real photo.
 
 `_LetterboxBehaviour` runs against the compiled kernel and the numpy reference
 (tests/reference_kernels.py): both must match an independent OpenCV pipeline
-(cvtColor -> resize INTER_LINEAR -> copyMakeBorder 114 -> /255 -> CHW) in all four pixel
-formats, with padded strides, frames inside bigger buffers, tiny and huge frames, wide
-and tall pictures, square and non-square models. Then what only the compiled kernel
-promises: bit-identical to the reference, the SIGBUS guard (a frame file truncated under
-its mapping raises FrameBusError and the process lives on), any buffer as source.
+(cvtColor -> resize INTER_LINEAR -> crop / copyMakeBorder -> /255 -> normalize -> CHW) in
+all four pixel formats, with padded strides, frames inside bigger buffers, tiny and huge
+frames, wide and tall pictures, square and non-square models; for every resize mode
+(letterbox, stretch, centre crop: negative offsets, an image larger than the output), RGB
+and BGR planes, mean/std and pad values. Then what only the compiled kernel promises:
+bit-identical to the reference, the SIGBUS guard (a frame file truncated under its mapping
+raises FrameBusError and the process lives on), any buffer as source. Last,
+vasipc.preprocess: each mode's placement in exact numbers, model.yaml validation, and
+Preprocess.into on a real frame file.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import mmap
 import os
 import signal
@@ -31,6 +37,10 @@ import pytest
 import reference_kernels
 
 from vasipc._fast import letterbox
+from vasipc.frame_source import FrameOpener, FrameRoots
+from vasipc.frames import write_frame_dir
+from vasipc.preprocess import IMAGENET, Geometry, Preprocess
+from vasipc.schema import FrameMetadata
 
 cv2 = pytest.importorskip("cv2")
 
@@ -137,13 +147,34 @@ def opencv_letterbox(rgb: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
     return np.ascontiguousarray((padded.astype(np.float32) / 255).transpose(2, 0, 1))
 
 
-def assert_matches_opencv(out: np.ndarray, expected: np.ndarray) -> None:
-    diff = np.abs(out.astype(np.float64) - expected)
+def opencv_preprocess(rgb: np.ndarray, dst_w: int, dst_h: int, placement: tuple[int, ...],
+                      pad_value: int = 114, bgr: bool = False, mean=(0.0, 0.0, 0.0),
+                      std=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Any placement, written with OpenCV and numpy: resize, cut what lies outside the
+    output, copyMakeBorder the rest, /255, plane order, (x - mean) / std, CHW."""
+    new_w, new_h, left, top = placement
+    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    x0, y0 = max(0, -left), max(0, -top)
+    visible = resized[y0:min(new_h, dst_h - top), x0:min(new_w, dst_w - left)]
+    at_x, at_y = left + x0, top + y0
+    padded = cv2.copyMakeBorder(visible, at_y, dst_h - at_y - visible.shape[0], at_x,
+                                dst_w - at_x - visible.shape[1], cv2.BORDER_CONSTANT,
+                                value=(pad_value,) * 3)
+    x = padded.astype(np.float32) / 255
+    if bgr:
+        x = x[..., ::-1]
+    x = (x - np.float32(mean)) / np.float32(std)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def assert_matches_opencv(out: np.ndarray, expected: np.ndarray, std=(1.0,)) -> None:
+    diff = np.abs(out.astype(np.float64) - expected) * min(std)  # in units of v / 255
     # The contract: mean <= 2/255, 99.9% of elements within 8/255. The kernel does
-    # OpenCV's integer arithmetic, so it is held to 1/255 everywhere (it is exact here).
+    # OpenCV's integer arithmetic, so it is held to 1/255 everywhere (it is exact here;
+    # 1e-6: (x - mean) * (1 / std) against numpy's (x - mean) / std).
     assert diff.mean() <= 2 / 255
-    assert np.mean(diff <= 8 / 255 + 1e-7) >= 0.999
-    assert diff.max() <= 1 / 255 + 1e-7, f"max diff {diff.max() * 255:.3f}/255"
+    assert np.mean(diff <= 8 / 255 + 1e-6) >= 0.999
+    assert diff.max() <= 1 / 255 + 1e-6, f"max diff {diff.max() * 255:.3f}/255"
 
 
 # (name, source size, crop, model size W x H, stride padding per format kind, offset)
@@ -178,14 +209,51 @@ def _case_frame(fmt: int, case: tuple) -> tuple[Frame, np.ndarray]:
 
 
 def _run_case(kernel: types.ModuleType, fmt: int, case: tuple, out: np.ndarray | None = None,
-              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+              threads: int = 1, **options) -> tuple[np.ndarray, np.ndarray]:
     _, (w, h), _, (dst_w, dst_h), _, _ = case
     frame, expected = _case_frame(fmt, case)
     _, new_w, new_h, left, top = reference_kernels.letterbox_geometry(w, h, dst_w, dst_h)
     if out is None:
         out = np.full((3, dst_h, dst_w), np.nan, np.float32)
     kernel.letterbox_into(frame.src, fmt, w, h, frame.stride, out, new_w, new_h, left, top,
-                          threads=threads)
+                          threads=threads, **options)
+    return out, expected
+
+
+# Cases for the resize modes: a subset of CASES, plus square classifier-sized inputs
+# (centre crop cuts a wide or tall frame; upscales and downscales).
+MODE_CASES = [c for c in CASES if c[0] in ("photo-320", "wide-640", "tall-320x256",
+                                           "720p-640", "1080p-640", "tiny-2x4")] + [
+    ("720p-224", (1280, 720), "full", (224, 224), 14, 0),
+    ("tall-224", (256, 512), "tall", (224, 224), 2, 5),
+    ("photo-up-700x500", (700, 500), "full", (224, 224), 0, 0),  # crop offset 44.5 -> 44
+]
+# (id, Preprocess fields): channel order, mean/std, pad value
+OPTIONS = [
+    ("bgr", {"channel_order": "bgr"}),
+    ("imagenet", {"mean": IMAGENET.mean, "std": IMAGENET.std}),
+    ("bgr-imagenet-pad0", {"channel_order": "bgr", "mean": IMAGENET.mean[::-1],
+                           "std": IMAGENET.std[::-1], "pad_value": 0}),
+    ("pad255-odd-mean", {"pad_value": 255, "mean": (0.5, -0.25, 1.0), "std": (0.5, 2.0, 0.125)}),
+]
+
+
+def _kernel_options(pre: Preprocess) -> dict:
+    return {"bgr": pre.channel_order == "bgr", "pad_value": pre.pad_value, "mean": pre.mean,
+            "std": pre.std}
+
+
+def _run_mode(kernel: types.ModuleType, fmt: int, case: tuple, pre: Preprocess,
+              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The case's frame through `pre` (its placement and options), and OpenCV's tensor."""
+    _, (w, h), _, (dst_w, dst_h), _, _ = case
+    frame, _ = _case_frame(fmt, case)
+    _, placement = pre.placement(w, h, dst_w, dst_h)
+    out = np.full((3, dst_h, dst_w), np.nan, np.float32)
+    kernel.letterbox_into(frame.src, fmt, w, h, frame.stride, out, *placement, threads=threads,
+                          **_kernel_options(pre))
+    expected = opencv_preprocess(frame.rgb_opencv, dst_w, dst_h, placement, pre.pad_value,
+                                 pre.channel_order == "bgr", pre.mean, pre.std)
     return out, expected
 
 
@@ -278,12 +346,87 @@ class _LetterboxBehaviour:
                                        64, 48, 0, 8)
 
     @pytest.mark.parametrize("placement", [
-        (65, 48, 0, 8), (64, 48, 1, 8), (64, 48, 0, 17), (0, 48, 0, 8), (64, 0, 0, 8),
-        (64, 48, -1, 8), (64, 48, 0, -1)])
-    def test_placement_must_fit(self, placement: tuple[int, int, int, int]) -> None:
+        (0, 48, 0, 8), (64, 0, 0, 8), (64, 48, 64, 0), (64, 48, -64, 0), (64, 48, 0, 64),
+        (64, 48, 0, -48), (-5, 48, 0, 0)])
+    def test_placement_must_overlap(self, placement: tuple[int, int, int, int]) -> None:
         out = np.empty((3, 64, 64), np.float32)
         with pytest.raises(ValueError):
             self.kernel.letterbox_into(bytes(64 * 48 * 3), 2, 64, 48, 192, out, *placement)
+
+    # --- the general placement and output transform ---------------------------------------
+
+    @pytest.mark.parametrize("case", MODE_CASES, ids=[c[0] for c in MODE_CASES])
+    @pytest.mark.parametrize("resize", ["letterbox", "stretch", "center_crop"])
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_modes_match_opencv(self, fmt_name: str, resize: str, case: tuple) -> None:
+        out, expected = _run_mode(self.kernel, FORMATS[fmt_name], case, Preprocess(resize=resize))
+        assert_matches_opencv(out, expected)
+
+    @pytest.mark.parametrize("options", OPTIONS, ids=[o[0] for o in OPTIONS])
+    @pytest.mark.parametrize("resize", ["letterbox", "center_crop"])
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_order_mean_std_pad_match_opencv(self, fmt_name: str, resize: str,
+                                             options: tuple) -> None:
+        pre = Preprocess(resize=resize, **options[1])
+        for case in (MODE_CASES[1], MODE_CASES[4]):
+            out, expected = _run_mode(self.kernel, FORMATS[fmt_name], case, pre)
+            assert_matches_opencv(out, expected, pre.std)
+
+    @pytest.mark.parametrize("placement", [
+        (96, 80, -10, -5),      # larger than out both ways, cropped on all four sides
+        (80, 70, -16, -6),      # cropped left/top, padded right/bottom
+        (90, 40, 3, 20),        # overhangs the right edge only
+        (40, 90, 20, 3),        # overhangs the bottom edge only
+        (200, 30, -70, 10),     # a band: crop left and right, pad above and below
+        (1, 1, 63, 63),         # one pixel in the last corner
+        (64, 64, 0, 0),         # stretch
+    ], ids=str)
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_any_placement_matches_opencv(self, fmt_name: str, placement: tuple) -> None:
+        frame = make_frame(photo(128, 96), FORMATS[fmt_name], stride_pad=6, offset=3)
+        out = np.full((3, 64, 64), np.nan, np.float32)
+        self.kernel.letterbox_into(frame.src, frame.fmt, 128, 96, frame.stride, out, *placement)
+        assert_matches_opencv(out, opencv_preprocess(frame.rgb_opencv, 64, 64, placement))
+
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_bgr_is_the_planes_reversed_and_mean_std_exact(self, fmt_name: str) -> None:
+        """BGR gives the RGB planes in reverse, bit for bit; mean/std give
+        (rgb - float32(mean)) * float32(1 / std), bit for bit, pads included."""
+        rgb, _ = _run_case(self.kernel, FORMATS[fmt_name], CASES[2])  # wide: pad bands
+        bgr, _ = _run_case(self.kernel, FORMATS[fmt_name], CASES[2], bgr=True)
+        assert np.array_equal(bgr, rgb[::-1])
+        norm, _ = _run_case(self.kernel, FORMATS[fmt_name], CASES[2], mean=IMAGENET.mean,
+                            std=IMAGENET.std)
+        mean = np.array(IMAGENET.mean, np.float32)[:, None, None]
+        inv_std = np.array([1 / s for s in IMAGENET.std], np.float32)[:, None, None]
+        assert np.array_equal(norm, (rgb - mean) * inv_std)
+        both, _ = _run_case(self.kernel, FORMATS[fmt_name], CASES[2], bgr=True,
+                            mean=IMAGENET.mean[::-1], std=IMAGENET.std[::-1])
+        assert np.array_equal(both, norm[::-1])
+
+    @pytest.mark.parametrize("pad_value", [0, 1, 114, 255])
+    def test_pad_values(self, pad_value: int) -> None:
+        out, _ = _run_case(self.kernel, FORMATS["RGB24"], CASES[2], pad_value=pad_value)
+        inside = np.zeros(out.shape, bool)
+        inside[:, 160:480, :] = True  # wide-640: the picture is rows 160..479
+        assert np.all(out[~inside] == np.float32(pad_value) / np.float32(255))
+        default, _ = _run_case(self.kernel, FORMATS["RGB24"], CASES[2])
+        assert np.array_equal(out[inside], default[inside])
+        norm, _ = _run_case(self.kernel, FORMATS["RGB24"], CASES[2], pad_value=pad_value,
+                            mean=IMAGENET.mean, std=IMAGENET.std)
+        pad = Preprocess(pad_value=pad_value, mean=IMAGENET.mean, std=IMAGENET.std).pad_pixel
+        for c in range(3):
+            assert np.all(norm[c][~inside[c]] == pad[c])
+
+    @pytest.mark.parametrize("bad", [
+        {"pad_value": -1}, {"pad_value": 256}, {"mean": (0.0, 0.0)}, {"std": (1.0, 1.0, 1.0, 1.0)},
+        {"std": (1.0, 0.0, 1.0)}, {"std": (1.0, -1.0, 1.0)}, {"std": (float("nan"), 1.0, 1.0)},
+        {"mean": (float("inf"), 0.0, 0.0)}], ids=str)
+    def test_bad_output_transform(self, bad: dict) -> None:
+        out = np.empty((3, 64, 64), np.float32)
+        with pytest.raises(ValueError):
+            self.kernel.letterbox_into(bytes(64 * 48 * 3), 2, 64, 48, 192, out, 64, 48, 0, 8,
+                                       **bad)
 
 
 class TestCompiledLetterbox(_LetterboxBehaviour):
@@ -320,6 +463,113 @@ def test_letterbox_geometry_known_values() -> None:
         letterbox.letterbox_geometry(0, 10, 640, 640)
 
 
+# --- vasipc.preprocess ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("resize", "sizes", "geometry", "placement"), [
+    ("letterbox", (1920, 1080, 640, 640), (1 / 3, 1 / 3, 0, 140), (640, 360, 0, 140)),
+    ("letterbox", (512, 256, 320, 256), (0.625, 0.625, 0, 48), (320, 160, 0, 48)),
+    ("stretch", (1920, 1080, 640, 640), (1 / 3, 640 / 1080, 0, 0), (640, 640, 0, 0)),
+    ("stretch", (333, 211, 320, 256), (320 / 333, 256 / 211, 0, 0), (320, 256, 0, 0)),
+    # torchvision Resize(224): int(224 * 1920 / 1080) = 398; CenterCrop: round(174 / 2) = 87
+    ("center_crop", (1920, 1080, 224, 224), (398 / 1920, 224 / 1080, -87, 0), (398, 224, -87, 0)),
+    ("center_crop", (1080, 1920, 224, 224), (224 / 1080, 398 / 1920, 0, -87), (224, 398, 0, -87)),
+    # int(224 * 700 / 500) = 313; round(89 / 2.0) = round(44.5) = 44 (Python's, to even)
+    ("center_crop", (700, 500, 224, 224), (313 / 700, 224 / 500, -44, 0), (313, 224, -44, 0)),
+    ("center_crop", (100, 50, 224, 224), (448 / 100, 224 / 50, -112, 0), (448, 224, -112, 0)),
+    ("center_crop", (640, 640, 224, 224), (0.35, 0.35, 0, 0), (224, 224, 0, 0)),
+    # a non-square input: Ultralytics' Resize((h, w)) stretches, its crop cuts nothing
+    ("center_crop", (1920, 1080, 320, 256), (320 / 1920, 256 / 1080, 0, 0), (320, 256, 0, 0)),
+])
+def test_preprocess_placement(resize: str, sizes: tuple, geometry: tuple, placement: tuple) -> None:
+    src_w, src_h = sizes[:2]
+    got = Preprocess(resize=resize).placement(*sizes)
+    assert got == (Geometry(*geometry, src_w, src_h), placement)
+    assert all(type(v) is int for v in got[1])
+
+
+def test_preprocess_defaults_and_describe() -> None:
+    pre = Preprocess()
+    assert (pre.resize, pre.pad_value, pre.channel_order) == ("letterbox", 114, "rgb")
+    assert pre.mean == (0.0, 0.0, 0.0) and pre.std == (1.0, 1.0, 1.0)
+    assert np.array_equal(pre.pad_pixel, np.full(3, np.float32(114) / np.float32(255)))
+    assert Preprocess("stretch", 114, "rgb", (0.485, 0.456, 0.406),
+                      (0.229, 0.224, 0.225)) == IMAGENET
+    assert json.loads(json.dumps(IMAGENET.describe())) == {
+        "resize": "stretch", "pad_value": 114, "channel_order": "rgb",
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert Preprocess(mean=[0, 0, 0]) == pre and hash(Preprocess(mean=[0, 0, 0])) == hash(pre)
+
+
+def test_preprocess_from_mapping() -> None:
+    assert Preprocess.from_mapping({}, IMAGENET) == IMAGENET
+    got = Preprocess.from_mapping({"resize": "center_crop", "channel_order": "BGR",
+                                   "pad_value": 0, "mean": [0.5, 0.5, 0.5]}, IMAGENET)
+    assert got == Preprocess("center_crop", 0, "bgr", (0.5, 0.5, 0.5), IMAGENET.std)
+
+
+@pytest.mark.parametrize(("mapping", "lines"), [
+    ({"resise": "stretch"}, ["preprocess.resise: unknown key"]),
+    ({"resize": "fit"}, ["preprocess.resize: expected one of letterbox, stretch, center_crop"]),
+    ({"pad_value": 256}, ["preprocess.pad_value: expected an integer in 0..255"]),
+    ({"pad_value": 1.5}, ["preprocess.pad_value"]),
+    ({"pad_value": True}, ["preprocess.pad_value"]),
+    ({"channel_order": "rgba"}, ["preprocess.channel_order: expected rgb or bgr"]),
+    ({"mean": [0.5, 0.5]}, ["preprocess.mean: expected 3 numbers"]),
+    ({"mean": "0.5"}, ["preprocess.mean: expected a list of 3 numbers"]),
+    ({"std": [1, 0, 1]}, ["preprocess.std: values must be > 0"]),
+    ({"std": [1, "a", 1]}, ["preprocess.std: expected numbers"]),
+    ({"std": [1, float("nan"), 1]}, ["preprocess.std: values must be finite"]),
+    ({"foo": 1, "resize": "x", "std": [0, 1, 1]},
+     ["preprocess.foo: unknown key", "preprocess.resize", "preprocess.std"]),
+], ids=str)
+def test_preprocess_from_mapping_errors(mapping: dict, lines: list[str]) -> None:
+    with pytest.raises(ValueError) as err:
+        Preprocess.from_mapping(mapping, Preprocess())
+    got = str(err.value).split("\n")
+    assert len(got) == len(lines)
+    for line, start in zip(got, lines, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+def test_preprocess_rejects_bad_fields_and_mappings() -> None:
+    with pytest.raises(ValueError, match=r"preprocess\.resize"):
+        Preprocess(resize="letterbox2")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        Preprocess.from_mapping(["resize"], Preprocess())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Preprocess().placement(0, 10, 640, 640)
+
+
+@pytest.mark.parametrize("pre", [Preprocess(), Preprocess(resize="center_crop", channel_order="bgr"),
+                                 IMAGENET], ids=lambda p: p.resize)
+def test_preprocess_into_a_frame_file(pre: Preprocess, tmp_path: Path) -> None:
+    """Preprocess.into on an OpenFrame from the server's own opener: the kernel with the
+    mode's placement and options, and the geometry that maps source boxes to the input."""
+    rgb = photo(640, 480)
+    frame = make_frame(rgb, FORMATS["NV12"])
+    data = np.asarray(frame.src)[:frame.stride * 720]
+    write_frame_dir(tmp_path / "f", data, width=640, height=480, pixel_format="NV12",
+                    frame_id=3)
+    opener = FrameOpener(FrameRoots([str(tmp_path)]), 8192)
+    opened = opener.open(str(tmp_path / "f"), FrameMetadata())
+    out = np.empty((3, 224, 224), np.float32)
+    try:
+        geometry = pre.into(opened, out, threads=2)
+    finally:
+        opened.close()
+    expected_geometry, placement = pre.placement(640, 480, 224, 224)
+    assert geometry == expected_geometry
+    assert_matches_opencv(out, opencv_preprocess(
+        frame.rgb_opencv, 224, 224, placement, pre.pad_value, pre.channel_order == "bgr",
+        pre.mean, pre.std), pre.std)
+    # the geometry maps the source's corners onto the resized image's
+    x0, y0 = geometry.pad_left, geometry.pad_top
+    x1, y1 = 640 * geometry.scale_x + x0, 480 * geometry.scale_y + y0
+    new_w, new_h, left, top = placement
+    assert (x0, y0) == (left, top)
+    assert (x1, y1) == pytest.approx((left + new_w, top + new_h), abs=0.6)
+
+
 # --- compiled only ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -332,6 +582,33 @@ def test_compiled_equals_reference_bit_for_bit(fmt_name: str, case: tuple) -> No
     # it exactly; older versions round their scalar row tails differently (1/255 above).
     if int(cv2.__version__.split(".")[0]) >= 5:
         assert np.array_equal(compiled, expected)
+
+
+@pytest.mark.parametrize("options", [("default", {}), *OPTIONS], ids=lambda o: o[0])
+@pytest.mark.parametrize("resize", ["letterbox", "stretch", "center_crop"])
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_modes_compiled_equals_reference_bit_for_bit(fmt_name: str, resize: str,
+                                                     options: tuple) -> None:
+    pre = Preprocess(resize=resize, **options[1])
+    for case in MODE_CASES:
+        if case[0] in ("1080p-640", "720p-640") and options[0] != "default":
+            continue  # the big frames once per mode: the reference is slow
+        compiled, _ = _run_mode(letterbox, FORMATS[fmt_name], case, pre)
+        reference, _ = _run_mode(reference_kernels, FORMATS[fmt_name], case, pre)
+        assert np.array_equal(compiled, reference), case[0]
+
+
+@pytest.mark.parametrize("resize", ["stretch", "center_crop"])
+@pytest.mark.parametrize("fmt_name", ["NV12", "RGB24"])
+def test_modes_threads_bit_for_bit(fmt_name: str, resize: str) -> None:
+    """Row ranges over the visible rows only (a centre crop's rows start inside the
+    resized image)."""
+    pre = Preprocess(resize=resize, channel_order="bgr", mean=IMAGENET.mean, std=IMAGENET.std)
+    for case in MODE_CASES:
+        one, _ = _run_mode(letterbox, FORMATS[fmt_name], case, pre)
+        for threads in (2, 3, 64):
+            many, _ = _run_mode(letterbox, FORMATS[fmt_name], case, pre, threads=threads)
+            assert np.array_equal(many, one), (case[0], threads)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] != "4k-640"], ids=lambda c: c[0])

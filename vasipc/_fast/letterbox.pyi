@@ -1,4 +1,6 @@
-"""Letterbox one frame into one slot of the model's input tensor. See letterbox.pyx."""
+"""Preprocess one frame into one slot of the model's input tensor. See letterbox.pyx."""
+
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -30,5 +32,9 @@ def letterbox_into(
     top: int,
     *,
     threads: int = 1,
+    bgr: bool = False,
+    pad_value: int = 114,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> None: ...
 def copy_frame_guarded(src: Buffer, dst_address: int, nbytes: int) -> None: ...
