@@ -1,11 +1,13 @@
-"""vasipc.preprocess_graph: the letterbox as an ONNX graph, against the CPU kernel.
+"""vasipc.preprocess_graph: preprocessing as an ONNX graph, against the CPU kernel.
 
 The graph (colour conversion, bilinear resize, pad, / 255) runs on ONNX Runtime's CPU
 provider here and must match `_fast.letterbox.letterbox_into` (itself bit-exact with the
 contract's OpenCV reference) within the contract's tolerance: mean |diff| <= 2/255 and
 99.9% of elements within 8/255 (CONTRACT 6). Frames are the astronaut photo resized to
 each geometry, with garbage in the stride padding, so a graph reading padding bytes or
-misplacing a plane fails. The CUDA test at the end runs only where a GPU is usable.
+misplacing a plane fails. Every family's Preprocess (letterbox, stretch, centre crop; RGB
+or BGR, mean/std, pad value) runs on the graph and is held to the same bounds against
+the kernel, in units of v / 255. The CUDA test at the end runs only where a GPU is usable.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vasipc._fast.letterbox import (  # noqa: E402
     min_stride,
 )
 from vasipc.frames import BGR24, I420, NV12, RGB24  # noqa: E402
+from vasipc.preprocess import IMAGENET, LETTERBOX, Preprocess  # noqa: E402
 from vasipc.preprocess_graph import (  # noqa: E402
     GEOMETRY_FIELDS,
     INPUT_FRAME,
@@ -75,13 +78,15 @@ def _threads_options() -> ort.SessionOptions:
 
 @pytest.fixture(scope="module")
 def session_for():
-    """One CPU session per (format, model size), reused by every test and frame size."""
-    cache: dict[tuple[int, int, int], PreprocessSession] = {}
+    """One CPU session per (format, model size, preprocessing), reused by every test and
+    frame size."""
+    cache: dict[tuple[int, int, int, Preprocess], PreprocessSession] = {}
 
-    def get(fmt: int, in_w: int, in_h: int) -> PreprocessSession:
-        key = (fmt, in_w, in_h)
+    def get(fmt: int, in_w: int, in_h: int, pre: Preprocess = LETTERBOX) -> PreprocessSession:
+        key = (fmt, in_w, in_h, pre)
         if key not in cache:
-            cache[key] = PreprocessSession(fmt, in_w, in_h, sess_options=_threads_options())
+            cache[key] = PreprocessSession(fmt, in_w, in_h, sess_options=_threads_options(),
+                                           preprocess=pre)
         return cache[key]
 
     return get
@@ -306,7 +311,8 @@ def test_tolerance_catches_a_one_pixel_shift(session_for):
 
 # Ops with kernels in both ORT's CPU and CUDA providers for the types used here.
 PORTABLE_OPS = {"Slice", "Reshape", "Concat", "Cast", "Mul", "Add", "Sub", "Div", "Relu",
-                "MatMul", "Transpose", "Unsqueeze", "Gather", "Resize", "Round", "Clip", "Pad"}
+                "MatMul", "Transpose", "Unsqueeze", "Gather", "Resize", "Round", "Clip", "Pad",
+                "Max", "Min", "Neg"}
 
 
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
@@ -330,6 +336,81 @@ def test_graph_is_standard_and_small(fmt):
     resize = [n for n in model.graph.node if n.op_type == "Resize"][-1]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in resize.attribute}
     assert attrs == {"mode": b"linear", "coordinate_transformation_mode": b"half_pixel"}
+
+
+# --- every family's preprocessing ---------------------------------------------------------------
+
+MODES = {
+    "letterbox": LETTERBOX,
+    "stretch": Preprocess(resize="stretch"),
+    "center_crop": Preprocess(resize="center_crop"),
+    "imagenet": IMAGENET,
+    "crop-bgr-pad0-norm": Preprocess(resize="center_crop", channel_order="bgr", pad_value=0,
+                                     mean=(0.5, 0.25, 0.0), std=(0.25, 0.5, 2.0)),
+    "letterbox-bgr-pad255-norm": Preprocess(channel_order="bgr", pad_value=255,
+                                            mean=IMAGENET.mean, std=IMAGENET.std),
+}
+MODE_GEOMETRIES = [g for g in GEOMETRIES if g[0] in ("1080p", "tall", "upscale-stride", "tiny")]
+
+
+def kernel_preprocess(frame: np.ndarray, fmt: int, width: int, height: int, stride: int,
+                      in_w: int, in_h: int, pre: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """The C kernel's tensor for `pre`, and the mask of what the picture covers."""
+    out = np.empty((3, in_h, in_w), np.float32)
+    _, (new_w, new_h, left, top) = pre.placement(width, height, in_w, in_h)
+    letterbox_into(frame, fmt, width, height, stride, out, new_w, new_h, left, top,
+                   bgr=pre.channel_order == "bgr", pad_value=pre.pad_value, mean=pre.mean,
+                   std=pre.std)
+    mask = np.zeros((in_h, in_w), bool)
+    mask[max(top, 0):top + new_h, max(left, 0):left + new_w] = True
+    return out, mask
+
+
+@pytest.mark.parametrize("in_size", [(224, 224), (320, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("geometry", MODE_GEOMETRIES, ids=lambda g: g[0])
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_every_mode_matches_cpu_kernel(session_for, fmt, mode, geometry, in_size):
+    _, width, height, extra = geometry
+    in_w, in_h = in_size
+    pre = MODES[mode]
+    stride = _stride(fmt, width, extra)
+    frame = make_frame(_photo(width, height), fmt, stride)
+    got = session_for(fmt, in_w, in_h, pre).run(frame, width, height, stride)
+    want, mask = kernel_preprocess(frame, fmt, width, height, stride, in_w, in_h, pre)
+    assert got.shape == (1, 3, in_h, in_w) and got.dtype == np.float32
+    # in units of v / 255: the normalization scales differences by 1 / std
+    unit = np.float32(min(pre.std))
+    assert_within_contract(got[0] * unit, want * unit, MAX_TOL_CPU)
+    assert_within_contract(got[0][:, mask] * unit, want[:, mask] * unit, MAX_TOL_CPU)
+    # the pads: the kernel's value for each plane, to float32 rounding
+    assert np.allclose(got[0][:, ~mask], want[:, ~mask], rtol=0, atol=1e-6)
+    assert np.allclose(want[:, ~mask], pre.pad_pixel[:, None], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_bgr_graph_is_the_rgb_planes_reversed(session_for, fmt):
+    width, height, stride = 250, 180, _stride(fmt, 250, 0)
+    frame = make_frame(_photo(width, height), fmt, stride)
+    for resize in ("letterbox", "center_crop"):
+        rgb = session_for(fmt, 224, 224, Preprocess(resize=resize)).run(frame, width, height,
+                                                                      stride)
+        bgr = session_for(fmt, 224, 224, Preprocess(resize=resize, channel_order="bgr")).run(
+            frame, width, height, stride)
+        assert np.array_equal(bgr, rgb[:, ::-1])
+
+
+def test_centre_crop_graph_crops_both_axes(session_for):
+    """A 224x224 crop of a wide and of a tall frame: the picture fills the whole input
+    (no pad), cut on the long axis."""
+    for width, height in [(1280, 720), (480, 1280)]:
+        stride = _stride(NV12, width, 0)
+        frame = make_frame(_photo(width, height), NV12, stride)
+        pre = MODES["center_crop"]
+        got = session_for(NV12, 224, 224, pre).run(frame, width, height, stride)
+        want, mask = kernel_preprocess(frame, NV12, width, height, stride, 224, 224, pre)
+        assert mask.all()
+        assert_within_contract(got[0], want, MAX_TOL_CPU)
 
 
 def test_non_square_model_input(session_for):

@@ -193,4 +193,5 @@ def _placement(resize: str, src_w: int, src_h: int, dst_w: int, dst_h: int
     return Geometry(dst_w / src_w, dst_h / src_h, 0, 0, src_w, src_h), (dst_w, dst_h, 0, 0)
 
 
+LETTERBOX = Preprocess()  # yolo*, yolov5; today's tensor
 IMAGENET = Preprocess(resize="stretch", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

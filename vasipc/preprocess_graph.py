@@ -1,4 +1,4 @@
-"""The letterbox as an ONNX graph, for GPU serving (issue 4).
+"""Preprocessing as an ONNX graph, for GPU serving (issue 4; every family: issue 10).
 
 On a GPU the frame should travel to the device as its raw bytes (NV12 is 1.5 bytes a
 pixel against the 12 bytes a pixel of the float tensor) and colour conversion, resize,
@@ -7,22 +7,28 @@ ONNX graph that ONNX Runtime runs before the model, from standard opset-17 ops t
 implements on both the CPU and the CUDA execution providers, so that it needs no new
 dependency and is tested here on the CPU provider.
 
-One graph per pixel format and model input size; the frame geometry is a runtime input,
-so one session serves every camera resolution:
+One graph per pixel format, model input size and :class:`~vasipc.preprocess.Preprocess`
+(resize mode, channel order, mean/std, pad value: what the C kernel takes); the frame
+geometry is a runtime input, so one session serves every camera resolution:
 
 - ``frame``: uint8 ``[N]``, the frame's bytes exactly as in the file (CONTRACT 5.3):
   ``height`` rows of ``stride`` bytes, then the chroma rows for NV12 / I420. Bytes past
   the frame's end are ignored.
 - ``geometry``: int64 ``[7]``: ``width, height, stride, new_w, new_h, left, top``
-  (:data:`GEOMETRY_FIELDS`), the last four from ``letterbox_geometry``.
-- ``images``: float32 ``[1, 3, in_h, in_w]``, RGB in [0, 1], letterboxed (CONTRACT 6).
+  (:data:`GEOMETRY_FIELDS`), the last four from ``Preprocess.placement`` (a centre crop's
+  left/top are negative and its resized image overhangs the input).
+- ``images``: float32 ``[1, 3, in_h, in_w]``: the model's input (CONTRACT 6), RGB or BGR
+  planes, each ``(v / 255 - mean) / std``.
 
 The graph follows the contract's OpenCV reference in float: BT.601 limited-range YUV ->
 RGB with each chroma sample covering its 2x2 luma block (a nearest 2x ``Resize`` of the
 chroma terms), rounded and clamped to 0..255 as cvtColor's uint8 output is; then bilinear
-``Resize`` (``half_pixel``, no antialias: INTER_LINEAR's source positions); then ``/ 255``
-and ``Pad`` with 114 / 255. It matches the CPU kernel (``_fast.letterbox``) within the
-contract's tolerance, not bit for bit.
+``Resize`` (``half_pixel``, no antialias: INTER_LINEAR's source positions); then ``/ 255``,
+a ``Slice`` of what lies inside the input (centre crop only), ``Pad`` with
+``pad_value / 255``, and ``(x - mean) * (1 / std)`` per plane (left out when mean is 0 and
+std 1). The plane order costs nothing: YUV's colour coefficients and a packed frame's
+byte gather are written in the wanted order. It matches the CPU kernel
+(``_fast.letterbox``) within the contract's tolerance, not bit for bit.
 
 :class:`PreprocessSession` runs the graph by itself: for tests, and as the reference for
 the integration. Serving on CUDA (feeding the frame through IO binding straight from the
@@ -40,12 +46,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vasipc.frames import BGR24, I420, NV12, RGB24
+from vasipc.preprocess import LETTERBOX, Preprocess
 
 if TYPE_CHECKING:
     import onnx
 
 OPSET = 17
-PAD_VALUE = 114
 GEOMETRY_FIELDS = ("width", "height", "stride", "new_w", "new_h", "left", "top")
 INPUT_FRAME, INPUT_GEOMETRY, OUTPUT = "frame", "geometry", "images"
 
@@ -96,9 +102,11 @@ class _GraphBuilder:
         return self.op("Slice", *inputs)
 
 
-def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.ModelProto:
-    """The letterbox graph for frames in `pixel_format` (a ``vasipc.frames.PIXEL_FORMATS``
-    code) and a model input of `in_w` x `in_h` (see the module docstring)."""
+def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int,
+                           preprocess: Preprocess = LETTERBOX) -> onnx.ModelProto:
+    """The preprocessing graph for frames in `pixel_format` (a
+    ``vasipc.frames.PIXEL_FORMATS`` code), a model input of `in_w` x `in_h` and
+    `preprocess` (see the module docstring)."""
     try:
         from onnx import TensorProto, checker, helper
     except ImportError:
@@ -118,6 +126,7 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.Mode
     width, height, stride = field["width"], field["height"], field["stride"]
     zero = g.ints(0)
     luma_bytes = g.op("Mul", stride, height)
+    bgr = preprocess.channel_order == "bgr"
 
     if pixel_format in (BGR24, RGB24):
         # [height, stride] rows -> [height, width, 3] -> [3, height, width], RGB order.
@@ -126,7 +135,7 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.Mode
         hwc = g.op("Reshape", g.slice(rows, zero, g.op("Mul", width, g.ints(3)), [1]),
                    g.op("Concat", height, width, g.ints(3), axis=0))
         chw = g.op("Transpose", hwc, perm=[2, 0, 1])
-        if pixel_format == BGR24:
+        if (pixel_format == BGR24) != bgr:  # the bytes' order is not the wanted one
             chw = g.op("Gather", chw, g.ints(2, 1, 0), axis=0)
         rgb = g.op("Cast", g.op("Unsqueeze", chw, g.ints(0)), to=TensorProto.FLOAT)
     else:
@@ -138,8 +147,10 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.Mode
         y = g.op("Cast", g.slice(y_rows, zero, width, [1]), to=TensorProto.FLOAT)
         y = g.op("Reshape", y, g.op("Concat", one, one, height, width, axis=0))
         y_term = g.op("Mul", g.op("Relu", g.op("Sub", y, g.const(16, f32))), g.const(_CY, f32))
-        # Chroma terms (R, G, B) at chroma resolution: [3, height/2, width/2].
+        # Chroma terms (R, G, B, or B, G, R) at chroma resolution: [3, height/2, width/2].
         u_coeff, v_coeff = (0.0, _CUG, _CUB), (_CVR, _CVG, 0.0)
+        if bgr:
+            u_coeff, v_coeff = u_coeff[::-1], v_coeff[::-1]
         if pixel_format == NV12:
             # [height/2, width/2, 2] interleaved U, V, centred on 128, times [2, 3].
             uv_end = g.op("Add", luma_bytes, g.op("Mul", stride, half_h))
@@ -181,14 +192,31 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.Mode
     resized = g.op("Resize", rgb, "", "", sizes, mode="linear",
                    coordinate_transformation_mode="half_pixel")
     scaled = g.op("Div", resized, g.const(255, f32))
+    if preprocess.resize == "center_crop":
+        # Only a centre crop places the image at negative offsets or past the input's
+        # edges: keep resized rows/columns [max(-top, 0), min(new_h, in_h - top)), ...
+        crop_y, crop_x = (g.op("Max", g.op("Neg", v), zero) for v in (top, left))
+        end_y = g.op("Min", new_h, g.op("Sub", g.ints(in_h), top))
+        end_x = g.op("Min", new_w, g.op("Sub", g.ints(in_w), left))
+        scaled = g.slice(scaled, g.op("Concat", crop_y, crop_x, axis=0),
+                         g.op("Concat", end_y, end_x, axis=0), [2, 3])
+        # ... which land at output (max(top, 0), max(left, 0)), new_* now what is kept
+        top, left = g.op("Add", top, crop_y), g.op("Add", left, crop_x)
+        new_h, new_w = g.op("Sub", end_y, crop_y), g.op("Sub", end_x, crop_x)
     bottom = g.op("Sub", g.op("Sub", g.ints(in_h), new_h), top)
     right = g.op("Sub", g.op("Sub", g.ints(in_w), new_w), left)
     pads = g.op("Concat", g.ints(0, 0), top, left, g.ints(0, 0), bottom, right, axis=0)
-    pad_value = g.const(np.float32(PAD_VALUE) / np.float32(255), f32)
-    g.nodes.append(helper.make_node("Pad", [scaled, pads, pad_value], [OUTPUT], mode="constant"))
+    pad_value = g.const(np.float32(preprocess.pad_value) / np.float32(255), f32)
+    padded = g.op("Pad", scaled, pads, pad_value, mode="constant")
+    if preprocess.mean != (0.0, 0.0, 0.0) or preprocess.std != (1.0, 1.0, 1.0):
+        # (x - mean) * (1 / std) with the kernel's float32 constants
+        mean = g.const(np.reshape(preprocess.mean, (1, 3, 1, 1)), f32)
+        inv_std = g.const(np.reshape([1.0 / v for v in preprocess.std], (1, 3, 1, 1)), f32)
+        padded = g.op("Mul", g.op("Sub", padded, mean), inv_std)
+    g.nodes[-1].output[0] = OUTPUT  # the last node's result is the graph's output
 
     graph = helper.make_graph(
-        g.nodes, f"vasipc_letterbox_fmt{pixel_format}_{in_w}x{in_h}",
+        g.nodes, f"vasipc_preprocess_fmt{pixel_format}_{in_w}x{in_h}_{preprocess.resize}",
         [helper.make_tensor_value_info(INPUT_FRAME, TensorProto.UINT8, ["frame_bytes"]),
          helper.make_tensor_value_info(INPUT_GEOMETRY, TensorProto.INT64, [len(GEOMETRY_FIELDS)])],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, 3, in_h, in_w])],
@@ -200,29 +228,34 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int) -> onnx.Mode
     return model
 
 
+def geometry_input(preprocess: Preprocess, width: int, height: int, stride: int, in_w: int,
+                   in_h: int) -> np.ndarray:
+    """The ``geometry`` input for a frame (see GEOMETRY_FIELDS)."""
+    _, (new_w, new_h, left, top) = preprocess.placement(width, height, in_w, in_h)
+    return np.array([width, height, stride, new_w, new_h, left, top], dtype=np.int64)
+
+
 class PreprocessSession:
-    """An ONNX Runtime session of one letterbox graph: ``run`` takes a frame's bytes and
-    returns the model's input tensor ``[1, 3, in_h, in_w]``."""
+    """An ONNX Runtime session of one preprocessing graph: ``run`` takes a frame's bytes
+    and returns the model's input tensor ``[1, 3, in_h, in_w]``."""
 
     def __init__(self, pixel_format: int, in_w: int, in_h: int,
                  providers: Sequence[Any] = ("CPUExecutionProvider",),
-                 sess_options: Any = None) -> None:
+                 sess_options: Any = None, preprocess: Preprocess = LETTERBOX) -> None:
         import onnxruntime as ort
 
         self.pixel_format, self.in_w, self.in_h = pixel_format, in_w, in_h
-        model = build_preprocess_graph(pixel_format, in_w, in_h)
+        self.preprocess = preprocess
+        model = build_preprocess_graph(pixel_format, in_w, in_h, preprocess)
         self.session = ort.InferenceSession(model.SerializeToString(), sess_options=sess_options,
                                             providers=list(providers))
 
     def geometry(self, width: int, height: int, stride: int) -> np.ndarray:
         """The ``geometry`` input for a frame (see GEOMETRY_FIELDS)."""
-        from vasipc._fast.letterbox import letterbox_geometry
-
-        _, new_w, new_h, left, top = letterbox_geometry(width, height, self.in_w, self.in_h)
-        return np.array([width, height, stride, new_w, new_h, left, top], dtype=np.int64)
+        return geometry_input(self.preprocess, width, height, stride, self.in_w, self.in_h)
 
     def run(self, frame_bytes: np.ndarray, width: int, height: int, stride: int) -> np.ndarray:
-        """Letterbox one frame: `frame_bytes` a uint8 1-D array (a view is used as is, not
+        """Preprocess one frame: `frame_bytes` a uint8 1-D array (a view is used as is, not
         copied), holding at least the frame's bytes. ValueError on a bad size or stride."""
         from vasipc._fast.letterbox import frame_nbytes
 
