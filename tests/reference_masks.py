@@ -13,6 +13,7 @@ CHAIN_APPROX_SIMPLE, on the largest 8-connected part found by a breadth-first fi
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Callable
 
@@ -230,9 +231,7 @@ def segment_masks(protos, coeffs, boxes, src_w: int, src_h: int, mask_format: in
         raise ValueError(f"coeffs must be [k, {protos.shape[0]}], got {coeffs.shape}")
     if boxes.shape != (coeffs.shape[0], 4):
         raise ValueError(f"boxes must be [{coeffs.shape[0]}, 4], got {boxes.shape}")
-    if not (isinstance(src_w, int) and isinstance(src_h, int)
-            and isinstance(mask_format, int)):
-        raise TypeError("src_w, src_h and mask_format must be integers")
+    src_w, src_h, mask_format = (operator.index(v) for v in (src_w, src_h, mask_format))
     if src_w < 1 or src_h < 1:
         raise ValueError(f"source size must be positive, got {src_w}x{src_h}")
     if mask_format not in (MASK_RLE, MASK_POLYGON):
