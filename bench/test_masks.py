@@ -1,0 +1,107 @@
+"""Segment post-processing: our `segment_masks` vs the numpy + OpenCV code a user would write.
+
+    python -m pytest bench/test_masks.py --benchmark-only
+
+A 1280x720 frame, 30 instances, prototypes [32, 160, 160] (a 640x640 input letterboxed:
+rows 35..125 hold the frame). Prototypes are smooth random fields (Gaussian-blurred noise,
+as real prototypes are smooth), boxes 40-400 px. One group per output:
+- `rle`: `vasipc` = `segment_masks(..., MASK_RLE)` (the logits of the cells each box reads,
+  bilinear inside the box, runs straight to the COCO string, nogil C); `opencv` = logits
+  `coeffs @ protos`, the pad cut, `cv2.resize` (INTER_LINEAR) of each logit map to the
+  frame, sigmoid > 0.5 inside the box, a vectorized numpy RLE and pycocotools' string
+  encoding in Python;
+- `polygon`: `vasipc` = `segment_masks(..., MASK_POLYGON)`; `opencv` = the same masks,
+  `cv2.connectedComponentsWithStats` (8-connected), the largest part's
+  `cv2.findContours(RETR_EXTERNAL, CHAIN_APPROX_SIMPLE)`.
+Each test first asserts that both give the same masks (RLE strings, polygons).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from _common import REPO  # noqa: F401  (puts tests/ on sys.path for reference_masks)
+from reference_masks import pad_cut, rle_counts, rle_string
+
+from vasipc._fast.masks import MASK_POLYGON, MASK_RLE, segment_masks
+
+W, H, K, C, MH, MW = 1280, 720, 30, 32, 160, 160
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(2026)
+    noise = rng.standard_normal((C, MH, MW)).astype(np.float32)
+    protos = np.stack([cv2.GaussianBlur(p, (0, 0), 4) for p in noise])
+    protos /= protos.std()
+    coeffs = rng.standard_normal((K, C)).astype(np.float32) * np.float32(0.4)
+    size = rng.uniform(40, 400, (K, 2))
+    x0 = rng.uniform(0, W - size[:, 0])
+    y0 = rng.uniform(0, H - size[:, 1])
+    boxes = np.stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]], axis=1).astype(np.float32)
+    return protos, coeffs, boxes
+
+
+def opencv_masks(protos, coeffs, boxes):
+    """Each instance's H x W uint8 mask, the numpy + OpenCV way."""
+    logits = (coeffs @ protos.reshape(C, -1)).reshape(-1, MH, MW)
+    top, bottom, left, right = pad_cut(MH, MW, H, W)
+    for logit, box in zip(logits, boxes, strict=True):
+        full = cv2.resize(logit[top:bottom, left:right], (W, H), interpolation=cv2.INTER_LINEAR)
+        x0, y0, x1, y1 = (min(max(math.ceil(v), 0), n) for v, n in zip(box, (W, H, W, H), strict=True))
+        mask = np.zeros((H, W), np.uint8)
+        mask[y0:y1, x0:x1] = 1 / (1 + np.exp(-full[y0:y1, x0:x1])) > 0.5
+        yield mask
+
+
+def opencv_rle(protos, coeffs, boxes):
+    return [rle_string(rle_counts(m)) for m in opencv_masks(protos, coeffs, boxes)]
+
+
+def opencv_polygons(protos, coeffs, boxes):
+    out = []
+    for mask in opencv_masks(protos, coeffs, boxes):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if n == 1:
+            out.append(np.zeros((0, 2), np.float32))
+            continue
+        best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        contours, _ = cv2.findContours((labels == best).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        out.append(contours[0].reshape(-1, 2).astype(np.float32) / np.array([W, H], np.float32))
+    return out
+
+
+def vasipc_rle(protos, coeffs, boxes):
+    return segment_masks(protos, coeffs, boxes, W, H, MASK_RLE)
+
+
+def vasipc_polygons(protos, coeffs, boxes):
+    return segment_masks(protos, coeffs, boxes, W, H, MASK_POLYGON)
+
+
+def _group(case) -> str:
+    boxes = case[2]
+    area = float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum())
+    return f"{W}x{H}, {K} instances, protos [{C}, {MH}, {MW}], {area / (W * H):.1f} frames of box"
+
+
+@pytest.mark.parametrize("fn", [vasipc_rle, opencv_rle], ids=["vasipc", "opencv"])
+def test_rle(benchmark, case, fn):
+    benchmark.group = f"masks rle: {_group(case)}"
+    expected = opencv_rle(*case)
+    assert sum(len(s) for s in expected) > K * 20  # real masks, not empty ones
+    assert benchmark(fn, *case) == expected
+
+
+@pytest.mark.parametrize("fn", [vasipc_polygons, opencv_polygons], ids=["vasipc", "opencv"])
+def test_polygon(benchmark, case, fn):
+    benchmark.group = f"masks polygon: {_group(case)}"
+    expected = opencv_polygons(*case)
+    got = benchmark(fn, *case)
+    assert sum(len(p) for p in expected) > K * 4
+    for a, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, e)
