@@ -5,6 +5,8 @@ copied (guarded) to a staging buffer, the letterbox graph writing into the batch
 slot through IO binding, the model run IO-bound. The graph matches the C kernel within the
 contract's tolerance, not bit for bit, so its detections are compared with the default
 server's within a tolerance; batched against unbatched on the same path, within 1e-4.
+Every family's Preprocess runs on the path (its geometry, its pad slots), and a run
+returns all the model's outputs in their own dtypes with its extra inputs fed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vasipc.device_path import DeviceBatch, DevicePath, resolve_preprocess
 from vasipc.errors import FrameChanged
 from vasipc.frame_source import FrameOpener, FrameRoots
 from vasipc.model import ModelError, ModelSpec, batch_sizes_for, load_model
+from vasipc.preprocess import IMAGENET, LETTERBOX, Preprocess
 from vasipc.preprocess_graph import PreprocessSession
 from vasipc.runtime import Device
 from vasipc.schema import parse_infer
@@ -142,28 +145,26 @@ def test_padded_batch_equals_unpadded_requests(models, nv12_frames):
     for mode in ("cpu", "graph"):
         four, one = models[4, mode], models[1, mode]
         assert four.run_size(3) == 4
-        geom = lb.letterbox_geometry(w, h, four.input_width, four.input_height)
+        _, placement = LETTERBOX.placement(w, h, four.input_width, four.input_height)
         x = four.new_input(3)
         for i, nv12 in enumerate(nv12s):
-            lb.letterbox_into(nv12, lb.NV12, w, h, w, x[i], *geom[1:])
-        padded = four.run(x)  # copies into a padded batch
+            lb.letterbox_into(nv12, lb.NV12, w, h, w, x[i], *placement)
         buf = four.new_buffer()
         if mode == "cpu":
             buf[:3] = x
         else:
             for i, nv12 in enumerate(nv12s):
                 four.device_path.letterbox(_staged(four, buf, nv12, w, h), buf[i])
-        in_buffer = four.run_batch(buf, 3)  # runs the buffer's first 4 slots
-        assert padded.shape == in_buffer.shape == (3, 4 + four.num_classes, padded.shape[2])
-        for i in range(3):
-            alone = one.run(x[i:i + 1])[0]
-            assert np.abs(padded[i] - alone).max() <= 1e-4
+        (in_buffer,) = four.run_batch(buf, 3)  # runs the buffer's first 4 slots
+        assert in_buffer.shape == (3, 4 + four.num_classes, in_buffer.shape[2])
+        for i in range(3):  # each alone in a batch-1 buffer of the same path
+            b1 = one.new_buffer()
             if mode == "cpu":
-                assert np.abs(in_buffer[i] - alone).max() <= 1e-4
-            else:  # its own slot, letterboxed by the graph, run alone
-                b1 = one.new_buffer()
+                b1[0] = x[i]
+            else:
                 one.device_path.letterbox(_staged(one, b1, nv12s[i], w, h), b1[0])
-                assert np.abs(in_buffer[i] - one.run_batch(b1, 1)[0]).max() <= 1e-4
+            (alone,) = one.run_batch(b1, 1)
+            assert np.abs(in_buffer[i] - alone[0]).max() <= 1e-4
 
 
 # --- the device path in process --------------------------------------------------------------
@@ -195,14 +196,112 @@ def test_slot_is_the_graph_output(models, astronaut_rgb, fmt_name):
     before = buf.value.numpy()
     geom = model.device_path.letterbox(_staged(model, buf, data, w, h, fmt, stride), buf[2])
     after = buf.value.numpy()
-    assert geom == lb.letterbox_geometry(w, h, model.input_width, model.input_height)
+    expected_geom, placement = LETTERBOX.placement(w, h, model.input_width, model.input_height)
+    assert geom == expected_geom
     assert np.array_equal(np.delete(after, 2, axis=0), np.delete(before, 2, axis=0))
     ref = PreprocessSession(fmt, model.input_width, model.input_height).run(data, w, h, stride)
     assert np.array_equal(after[2], ref[0])
     kernel = np.empty_like(ref[0])
-    lb.letterbox_into(data, fmt, w, h, stride, kernel, *geom[1:])
+    lb.letterbox_into(data, fmt, w, h, stride, kernel, *placement)
     assert np.abs(after[2] - kernel).mean() <= 1 / 255
     assert fmt in model.device_path.formats()
+
+
+MODES = [Preprocess(resize="stretch"), Preprocess(resize="center_crop", channel_order="bgr"),
+         IMAGENET, Preprocess(pad_value=0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 2.0))]
+
+
+@pytest.mark.parametrize("pre", MODES, ids=lambda p: f"{p.resize}-{p.channel_order}-{p.pad_value}")
+def test_every_family_preprocess_on_the_path(models, astronaut_rgb, pre):
+    """A DevicePath for each family's preprocessing: its pad slots start at that family's
+    pad value, a slot holds what PreprocessSession gives for it (and the C kernel within
+    the contract's tolerance), and letterbox() returns the mode's Geometry."""
+    model = models[1, "graph"]
+    path = DevicePath(Device("cpu"), model.input_width, model.input_height, 1, pre)
+    buf = path.new_batch(model)
+    assert np.array_equal(buf.value.numpy(), np.broadcast_to(
+        pre.pad_pixel[None, :, None, None], buf.value.numpy().shape))
+    rgb = astronaut_rgb[:300, :402]
+    h, w = rgb.shape[:2]
+    data = frames.rgb_to_nv12(rgb)
+    staged = path.stage(_Frame(data, lb.NV12, w, h, w), buf)
+    geom = path.letterbox(staged, buf[0])
+    expected_geom, placement = pre.placement(w, h, model.input_width, model.input_height)
+    assert geom == expected_geom
+    got = buf.value.numpy()[0]
+    ref = PreprocessSession(lb.NV12, model.input_width, model.input_height,
+                            preprocess=pre).run(data, w, h, w)
+    assert np.array_equal(got, ref[0])
+    kernel = np.empty_like(got)
+    lb.letterbox_into(data, lb.NV12, w, h, w, kernel, *placement, bgr=pre.channel_order == "bgr",
+                      pad_value=pre.pad_value, mean=pre.mean, std=pre.std)
+    assert np.abs(got - kernel).mean() * min(pre.std) <= 1 / 255
+
+
+@dataclasses.dataclass
+class _TwoOutputModel:
+    """What DevicePath reads of a LoadedModel, for a real session of a tiny D-FINE-shaped
+    graph: inputs images and orig_target_sizes, outputs labels (int64), boxes, scores."""
+
+    session: object
+    input_width: int = 8
+    input_height: int = 6
+    batch_sizes: tuple = (1, 2, 4)
+    input_name: str = "images"
+    output_names: tuple = ("labels", "boxes", "scores")
+    extra_calls: list = dataclasses.field(default_factory=list)
+
+    def run_size(self, n: int) -> int:
+        return next(s for s in self.batch_sizes if s >= n)
+
+    def extra_inputs(self, size: int) -> dict:
+        self.extra_calls.append(size)
+        return {"orig_target_sizes": np.tile(np.array([[640, 480]], np.int64), (size, 1)) * (
+            np.arange(size, dtype=np.int64)[:, None] + 1)}
+
+
+def _two_output_session():
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Mul", ["orig_target_sizes", "two"], ["labels"]),
+        helper.make_node("Cast", ["orig_target_sizes"], ["sizes_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["images"], ["scores"], axes=[2, 3], keepdims=0),
+        helper.make_node("Concat", ["sizes_f", "sizes_f"], ["boxes"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "dfine_like",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 6, 8]),
+         helper.make_tensor_value_info("orig_target_sizes", TensorProto.INT64, ["n", 2])],
+        [helper.make_tensor_value_info("labels", TensorProto.INT64, ["n", 2]),
+         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])],
+        initializer=[helper.make_tensor("two", TensorProto.INT64, [], [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_run_returns_every_output_with_extra_inputs():
+    """DevicePath.run: every output in output_names order, cut to n, C-contiguous, int64
+    kept and floats float32; the extra inputs fed for the padded size."""
+    model = _TwoOutputModel(_two_output_session())
+    path = DevicePath(Device("cpu"), 8, 6, 1, IMAGENET)
+    buf = path.new_batch(model)
+    images = np.arange(4 * 3 * 6 * 8, dtype=np.float32).reshape(4, 3, 6, 8) / 100
+    buf.value.update_inplace(images)
+    labels, boxes, scores = path.run(model, buf, 3)
+    assert model.extra_calls == [4]  # run at the padded size 4, cut to 3
+    sizes = np.array([[640, 480]], np.int64) * np.arange(1, 4)[:, None]
+    assert labels.dtype == np.int64 and np.array_equal(labels, 2 * sizes)
+    assert boxes.dtype == np.float32 and np.array_equal(boxes, np.hstack([sizes, sizes]))
+    assert np.allclose(scores, images[:3].mean(axis=(2, 3)), atol=1e-5)
+    assert all(o.flags.c_contiguous and o.shape[0] == 3 for o in (labels, boxes, scores))
+    labels, _, _ = path.run(model, buf, 1)  # size 1: its own binding, its own extra inputs
+    assert model.extra_calls == [4, 1] and np.array_equal(labels, [[1280, 960]])
 
 
 def test_staging_buffers_are_reused(models, nv12_frames):
@@ -314,9 +413,9 @@ def test_graph_preprocess_of_a_truncated_frame_is_frame_changed(models, shm_dir,
         frame.close()
     assert signal.SIGBUS not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     write_dir(path, astronaut_rgb, "NV12", frame_id=8)
-    (_, w, h), frame_id = b._preprocess(model, req, buf[0])
-    assert frame_id == 8 and (w, h) == astronaut_rgb.shape[1::-1]
-    assert model.run_batch(buf, 1).shape[0] == 1
+    geom, frame_id = b._preprocess(model, req.frame_reference, req.frame_metadata, buf[0])
+    assert frame_id == 8 and (geom.src_w, geom.src_h) == astronaut_rgb.shape[1::-1]
+    assert model.run_batch(buf, 1)[0].shape[0] == 1
 
 
 def test_graph_mode_reads_no_frame_copy_in_python(models, shm_dir):
@@ -333,10 +432,10 @@ def test_graph_mode_reads_no_frame_copy_in_python(models, shm_dir):
                 batch_timeout_s=0, respond=lambda *a: None, on_fatal=lambda t: None)
     req = parse_infer(wire.infer_request(str(path), MODEL_ID), MODEL_ID)
     buf = model.new_buffer()
-    b._preprocess(model, req, buf[0])  # warm: the staging buffer exists
+    b._preprocess(model, req.frame_reference, req.frame_metadata, buf[0])  # warm: the staging buffer exists
     tracemalloc.start()
     try:
-        b._preprocess(model, req, buf[0])
+        b._preprocess(model, req.frame_reference, req.frame_metadata, buf[0])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -494,5 +593,5 @@ def test_mapping_is_released(models, shm_dir, astronaut_rgb):
     b = Batcher(model, FrameOpener(FrameRoots([str(shm_dir)]), 8192), max_queue=1,
                 batch_timeout_s=0, respond=lambda *a: None, on_fatal=lambda t: None)
     req = parse_infer(wire.infer_request(str(path), MODEL_ID), MODEL_ID)
-    b._preprocess(model, req, model.new_buffer()[0])
+    b._preprocess(model, req.frame_reference, req.frame_metadata, model.new_buffer()[0])
     assert str(path / "frame.data") not in Path("/proc/self/maps").read_text()

@@ -4,8 +4,9 @@ Used when serving on CUDA (``--preprocess auto``), and on the CPU provider only 
 (``--preprocess graph``), so that CI runs this path. One :class:`DevicePath` per
 `LoadedModel` owns:
 
-- one preprocessing session per pixel format met (``build_preprocess_graph``, created on
-  first use; NV12's at warm-up), with the model's providers;
+- one preprocessing session per pixel format met (``build_preprocess_graph`` for the
+  model family's :class:`~vasipc.preprocess.Preprocess`, created on first use; NV12's at
+  warm-up), with the model's providers;
 - the IO-bound model runs on :class:`DeviceBatch` buffers.
 
 A :class:`DeviceBatch` is one worker's input buffer: an ``OrtValue`` ``[S, 3, H, W]``
@@ -16,14 +17,17 @@ staging buffers and IO bindings. A request goes through it in two steps:
    a host staging ``OrtValue`` (pinned memory on CUDA where this onnxruntime can allocate
    it, else pageable), by ``copy_frame_guarded``: no GIL, under the SIGBUS guard, so a
    frame file truncated while it is copied raises ``FrameBusError``, never a crash.
-2. :meth:`DevicePath.letterbox`: the preprocessing graph runs from the staging buffer
+2. :meth:`DevicePath.letterbox`: the preprocessing graph (any resize mode, despite the
+   name) runs from the staging buffer
    (ORT uploads it: the raw frame, 1.5 bytes a pixel for NV12) and writes its ``images``
    output straight into the request's slot of the device batch buffer (the output is
    bound to the slot's address), so the float tensor never travels to the host.
 
 :meth:`DevicePath.run` runs the first ``size`` slots (``size`` the padded batch size) with
-the input bound to the batch buffer and the output bound to the device, and copies the
-output to the host (``copy_outputs_to_cpu``) for the CPU decode: ``[n, 4+nc, N]``.
+the image input bound to the batch buffer, the model's other inputs (D-FINE's
+``orig_target_sizes``) fed from the host, and every output bound to the device, then
+copies the outputs to the host (``copy_outputs_to_cpu``) for the CPU decode, each cut to
+the batch's n images.
 
 Threads: the two batcher workers each own one DeviceBatch (its bindings and staging
 buffers are used by one thread at a time); the sessions are shared (ORT's ``Run`` is
@@ -49,10 +53,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vasipc._fast.letterbox import copy_frame_guarded, frame_nbytes, letterbox_geometry
+from vasipc._fast.letterbox import copy_frame_guarded, frame_nbytes
 from vasipc.errors import first_line
 from vasipc.frames import NV12
-from vasipc.preprocess_graph import INPUT_FRAME, INPUT_GEOMETRY, OUTPUT, build_preprocess_graph
+from vasipc.preprocess import LETTERBOX, Geometry, Preprocess
+from vasipc.preprocess_graph import (
+    INPUT_FRAME,
+    INPUT_GEOMETRY,
+    OUTPUT,
+    build_preprocess_graph,
+    geometry_input,
+)
 from vasipc.runtime import Device, import_onnxruntime, usable_cpus
 
 if TYPE_CHECKING:
@@ -114,7 +125,9 @@ class DeviceBatch:
         self.value = ort.OrtValue.ortvalue_from_shape_and_type(
             shape, np.float32, path.device_type, path.device_index)
         # Pad slots are never read back, but start them as padding rather than garbage.
-        self.value.update_inplace(np.full(shape, path.pad_value, np.float32))
+        pad = np.empty(shape, np.float32)
+        pad[...] = path.preprocess.pad_pixel[:, None, None]
+        self.value.update_inplace(pad)
         self.address = self.value.data_ptr()
         self._runs: dict[int, Any] = {}  # padded size -> the model's IO binding
         self._pre: dict[int, Any] = {}   # pixel format -> the preprocessing IO binding
@@ -141,13 +154,16 @@ class DeviceBatch:
         return value
 
     def run_binding(self, size: int) -> Any:
+        """The model's IO binding for a run of `size` slots: the image input bound to the
+        buffer, every output to the device (the extra inputs are bound per run)."""
         binding = self._runs.get(size)
         if binding is None:
             m, p = self.model, self.path
             binding = m.session.io_binding()
             binding.bind_input(m.input_name, p.device_type, p.device_index, np.float32,
                                [size, *self.slot_shape[1:]], self.address)
-            binding.bind_output(m.output_name, p.device_type, p.device_index)
+            for name in output_names(m):
+                binding.bind_output(name, p.device_type, p.device_index)
             self._runs[size] = binding
         return binding
 
@@ -159,14 +175,20 @@ class DeviceBatch:
         return binding
 
 
+def output_names(model: LoadedModel) -> tuple[str, ...]:
+    """The model's outputs in order (`LoadedModel.output_names`; a model without that
+    attribute has its one `output_name`)."""
+    return tuple(getattr(model, "output_names", None) or (model.output_name,))
+
+
 class DevicePath:
     """Graph preprocessing and IO-bound runs for one LoadedModel (see the module doc)."""
 
-    pad_value = np.float32(114) / np.float32(255)
-
-    def __init__(self, device: Device, in_w: int, in_h: int, intra_op_threads: int = 0) -> None:
+    def __init__(self, device: Device, in_w: int, in_h: int, intra_op_threads: int = 0,
+                 preprocess: Preprocess = LETTERBOX) -> None:
         self.ort = import_onnxruntime()
         self.device = device
+        self.preprocess = preprocess
         self.device_type = "cuda" if device.kind == "cuda" else "cpu"
         self.device_index = device.index if device.kind == "cuda" else 0
         self.in_w, self.in_h = in_w, in_h
@@ -235,7 +257,8 @@ class DevicePath:
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 opts.intra_op_num_threads = self.intra_op_threads or usable_cpus()
                 opts.log_severity_level = 3
-                graph = build_preprocess_graph(pixel_format, self.in_w, self.in_h)
+                graph = build_preprocess_graph(pixel_format, self.in_w, self.in_h,
+                                               self.preprocess)
                 session = ort.InferenceSession(graph.SerializeToString(), sess_options=opts,
                                                providers=self.device.providers())
                 self._sessions[pixel_format] = session
@@ -257,13 +280,12 @@ class DevicePath:
         copy_frame_guarded(frame.view, value.data_ptr(), nbytes)
         return Staged(value, frame.pixel_format, frame.width, frame.height, frame.stride)
 
-    def letterbox(self, staged: Staged, slot: DeviceSlot) -> tuple:
+    def letterbox(self, staged: Staged, slot: DeviceSlot) -> Geometry:
         """Run the preprocessing graph from the staging buffer into `slot`; returns the
-        geometry (r, new_w, new_h, left, top) as ``letterbox_geometry``."""
-        geom = letterbox_geometry(staged.width, staged.height, self.in_w, self.in_h)
-        _, new_w, new_h, left, top = geom
-        geometry = np.array([staged.width, staged.height, staged.stride, new_w, new_h, left, top],
-                            dtype=np.int64)
+        frame's Geometry (``Preprocess.placement``)."""
+        geom, _ = self.preprocess.placement(staged.width, staged.height, self.in_w, self.in_h)
+        geometry = geometry_input(self.preprocess, staged.width, staged.height, staged.stride,
+                                  self.in_w, self.in_h)
         batch = slot.batch
         session = self.preprocess_session(staged.pixel_format)
         binding = batch.preprocess_binding(staged.pixel_format)
@@ -275,14 +297,27 @@ class DevicePath:
         return geom
 
     # ---- per batch -------------------------------------------------------------------
-    def run(self, model: LoadedModel, batch: DeviceBatch, n: int, options: Any = None) -> np.ndarray:
-        """Run slots [0, n) of `batch`, padded to the model's run size for n; returns the
-        host output [n, 4+nc, N] float32 (C-contiguous)."""
+    def run(self, model: LoadedModel, batch: DeviceBatch, n: int,
+            options: Any = None) -> list[np.ndarray]:
+        """Run slots [0, n) of `batch`, padded to the model's run size for n, with the
+        model's extra inputs (``model.extra_inputs(size)``: name -> host array, if it has
+        them); returns every output in ``model.output_names`` order, each cut to the first
+        n images, on the host, C-contiguous, in its own dtype (float outputs as float32,
+        integer ones as they are)."""
         size = model.run_size(n)
         binding = batch.run_binding(size)
+        extra_inputs = getattr(model, "extra_inputs", None)
+        # Kept referenced until the run returns: the binding may point at their memory.
+        feeds = ({} if extra_inputs is None else
+                 {name: np.ascontiguousarray(v) for name, v in extra_inputs(size).items()})
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
         model.session.run_with_iobinding(binding, options)
-        out = binding.copy_outputs_to_cpu()[0]
-        return np.ascontiguousarray(out[:n], dtype=np.float32)
+        outs = []
+        for out in binding.copy_outputs_to_cpu():
+            dtype = np.float32 if out.dtype.kind == "f" else out.dtype
+            outs.append(np.ascontiguousarray(out[:n], dtype=dtype))
+        return outs
 
     def warm_up(self, model: LoadedModel, batch: DeviceBatch) -> None:
         """Run NV12 preprocessing once (its session made now, and the staging memory
