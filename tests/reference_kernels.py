@@ -1,4 +1,5 @@
-"""Pure numpy references of the compiled kernels: vasipc._fast.letterbox and .yolo.
+"""Pure numpy reference of the compiled letterbox kernel, vasipc._fast.letterbox
+(the decoder's is tests/reference_decode.py).
 
 Written from the formulas (CONTRACT 5.3, 6), not from the C, and with no OpenCV: the
 tests run one set of assertions against both the compiled kernel and these (uvloop's
@@ -18,7 +19,6 @@ import numpy as np
 NV12, I420, BGR24, RGB24 = 0, 1, 2, 3
 FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
 PAD_VALUE = 114
-MAX_NMS = 30000
 
 # OpenCV's YUV420 -> RGB coefficients, scaled by 2**20 (1.164, 2.018, -0.391, -0.813, 1.596).
 _YUV_SHIFT = 20
@@ -179,118 +179,3 @@ def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
         out[c] = (np.float32(pad_value) / np.float32(255) - mean32[c]) * inv_std32[c]
         out[c, vy + top:vy + top + vh, vx + left:vx + left + vw] = (
             value[c].astype(np.float32) / np.float32(255) - mean32[c]) * inv_std32[c]
-
-
-# --- YOLO decode + NMS ---------------------------------------------------------------------
-
-def decode_yolo(pred, conf_threshold: float, iou_threshold: float, max_detections: int,
-                classes, scale: float, pad_left: float, pad_top: float, src_w: int,
-                src_h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not isinstance(pred, np.ndarray) or pred.dtype != np.float32 or pred.ndim != 2:
-        raise ValueError("pred must be a 2-D float32 array")
-    if pred.shape[0] < 5:
-        raise ValueError("pred must be [4 + nc, N] with nc >= 1")
-    if np.isnan(conf_threshold) or np.isnan(iou_threshold):
-        raise ValueError("thresholds must not be NaN")
-    if max_detections < 0:
-        raise ValueError("max_detections must be >= 0")
-    if not (np.isfinite(scale) and scale > 0) or not np.isfinite([pad_left, pad_top]).all():
-        raise ValueError("bad scale or padding")
-    if src_w < 1 or src_h < 1:
-        raise ValueError("bad source size")
-    if classes is not None:
-        classes = np.asarray(classes)
-        if classes.ndim != 1:
-            raise ValueError("classes must be 1-D")
-        if classes.size and not np.issubdtype(classes.dtype, np.integer):
-            raise ValueError("classes must be integer ids")
-    empty = (np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32))
-    n = pred.shape[1]
-    if n == 0 or max_detections == 0:
-        return empty
-
-    class_scores = pred[4:]
-    best_class = class_scores.argmax(axis=0)                 # first maximum
-    best = class_scores[best_class, np.arange(n)]
-    keep = best >= np.float32(conf_threshold)               # float32 comparison
-    if classes is not None:
-        keep &= np.isin(best_class, classes)                 # before NMS, as Ultralytics
-    anchors = np.flatnonzero(keep)
-    # Score descending, ties by anchor; then Ultralytics' max_nms cap.
-    order = anchors[np.lexsort((anchors, -best[anchors]))][:MAX_NMS]
-
-    half_w, half_h = pred[2] / np.float32(2), pred[3] / np.float32(2)
-    x1, y1 = pred[0] - half_w, pred[1] - half_h
-    x2, y2 = pred[0] + half_w, pred[1] + half_h
-    area = (x2 - x1) * (y2 - y1)
-
-    kept: list[int] = []
-    kept_by_class: dict[int, list[int]] = {}
-    for a in order:
-        if len(kept) == max_detections:
-            break
-        same = np.asarray(kept_by_class.get(int(best_class[a]), []), dtype=np.int64)
-        if same.size:
-            iw = np.minimum(x2[a], x2[same]) - np.maximum(x1[a], x1[same])
-            ih = np.minimum(y2[a], y2[same]) - np.maximum(y1[a], y1[same])
-            inter = np.maximum(iw, np.float32(0)) * np.maximum(ih, np.float32(0))
-            iou = inter / (area[same] + area[a] - inter)
-            with np.errstate(invalid="ignore"):
-                if (iou.astype(np.float64) > iou_threshold).any():
-                    continue
-        kept.append(int(a))
-        kept_by_class.setdefault(int(best_class[a]), []).append(int(a))
-    if not kept:
-        return empty
-
-    k = np.asarray(kept)
-    boxes = np.stack([x1[k], y1[k], x2[k], y2[k]], axis=1).astype(np.float64)
-    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad_left) / scale / src_w
-    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_top) / scale / src_h
-    boxes = np.clip(boxes.astype(np.float32), 0, 1)
-    return boxes, best[k].astype(np.float32), best_class[k].astype(np.int32)
-
-
-# --- test data shared with bench/test_decode.py ---------------------------------------------
-
-def stress_prediction(n: int = 8400, nc: int = 80, seed: int = 7) -> np.ndarray:
-    """Thousands of candidates in tight clusters (heavy overlap), many classes, close scores."""
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform(40, 600, (60, 2))
-    which = rng.integers(0, len(centres), n)
-    pred = np.empty((4 + nc, n), np.float32)
-    pred[0:2] = (centres[which] + rng.normal(0, 6, (n, 2))).T
-    pred[2:4] = rng.uniform(20, 160, (2, n))
-    pred[4:] = rng.uniform(0, 0.2, (nc, n))
-    hot = rng.integers(0, nc // 4, n)  # a few classes dominate, so clusters share classes
-    pred[4 + hot, np.arange(n)] = rng.uniform(0.05, 1.0, n)
-    return pred
-
-
-def opencv_decode(pred: np.ndarray, conf: float, iou: float, max_det: int, classes,
-                  scale: float, pad_left: float, pad_top: float, src_w: int, src_h: int):
-    """The same rules built from numpy and OpenCV's batched (per-class) NMS: the baseline
-    decode_yolo is tested and benchmarked against (cv2 is imported here, on use)."""
-    import cv2
-
-    scores = pred[4:].max(axis=0)
-    cls = pred[4:].argmax(axis=0)
-    keep = scores >= np.float32(conf)
-    if classes is not None:
-        keep &= np.isin(cls, np.asarray(classes, dtype=np.int64))
-    idx = np.flatnonzero(keep)
-    idx = idx[np.lexsort((idx, -scores[idx]))][:30000]
-    cx, cy, w, h = (pred[k, idx].astype(np.float64) for k in range(4))
-    x1, y1 = cx - w / 2, cy - h / 2
-    rects = np.stack([x1, y1, w, h], axis=1)
-    kept = cv2.dnn.NMSBoxesBatched(rects, scores[idx], cls[idx].astype(np.int32),
-                                   -1.0, iou) if idx.size else []
-    kept = np.asarray(kept, dtype=np.int64).ravel()[:max_det]
-    sel = idx[kept]
-    cx, cy, w, h = (pred[k, sel].astype(np.float64) for k in range(4))
-    boxes = np.stack([(cx - w / 2 - pad_left) / scale / src_w,
-                      (cy - h / 2 - pad_top) / scale / src_h,
-                      (cx + w / 2 - pad_left) / scale / src_w,
-                      (cy + h / 2 - pad_top) / scale / src_h], axis=1)
-    return (np.clip(boxes, 0, 1).astype(np.float32).reshape(-1, 4),
-            scores[sel].astype(np.float32), cls[sel].astype(np.int32))
