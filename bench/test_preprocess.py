@@ -12,12 +12,24 @@ One group per source resolution, so each comparison prints side by side:
 - `opencv_blob`: OpenCV at its best: cvtColor, resize into the centre of a preallocated
   114-filled canvas (no border copy), then dnn.blobFromImage (scale + CHW in one C++ pass).
 
+- `vasipc_old`: the same call on a build of the kernel before issue 10 (the general
+  placement, plane order and mean/std), loaded from the .so file that
+  `VASIPC_BENCH_OLD_LETTERBOX` names (skipped without it): the no-regression check. Build
+  it with `git worktree add /tmp/old <commit> && cd /tmp/old && python build.py --only
+  letterbox` and point the variable at /tmp/old/vasipc/_fast/letterbox*.so;
+- `vasipc_imagenet_stretch`, `vasipc_center_crop_224`: other families' preprocessing
+  (RF-DETR's stretch with ImageNet mean/std into 640x640; the classifier's centre crop
+  into 224x224, listed for scale, not a like-for-like comparison).
+
 A last group, `tiny`, letterboxes a 64x48 frame into 64x64 with threads=1 and 2: the work
 is a few microseconds, so threads=2 shows what handing a range to another thread costs (a pool
 thread's wake-up, formerly a pthread_create + join per call).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import cv2
 import numpy as np
@@ -26,6 +38,7 @@ from _common import RESOLUTIONS as _RESOLUTIONS
 from _common import nv12_photo
 
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
+from vasipc.preprocess import IMAGENET, Preprocess
 
 SIZE = 640
 # 1440p: 4:1, the general two-tap path with no source row shared between output rows
@@ -72,6 +85,36 @@ def test_vasipc(benchmark, frame):
     got = benchmark(vasipc_letterbox, nv12, w, h, geom, out)
     # same work as the reference (CONTRACT 6 tolerance), so the timings compare like with like
     assert np.abs(got - opencv_letterbox(nv12, w, h, geom)).mean() < 2 / 255
+
+
+@pytest.fixture(scope="module")
+def old_kernel():
+    path = os.environ.get("VASIPC_BENCH_OLD_LETTERBOX")
+    if not path:
+        pytest.skip("VASIPC_BENCH_OLD_LETTERBOX names no old letterbox build")
+    spec = importlib.util.spec_from_file_location("letterbox", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vasipc_old(benchmark, frame, old_kernel):
+    name, nv12, w, h, geom = frame
+    _group(benchmark, name)
+    _, nw, nh, left, top = geom
+    out = np.empty((3, SIZE, SIZE), np.float32)
+    benchmark(old_kernel.letterbox_into, nv12, NV12, w, h, w, out, nw, nh, left, top)
+    assert np.array_equal(out, vasipc_letterbox(nv12, w, h, geom, np.empty_like(out)))
+
+
+@pytest.mark.parametrize(("pre", "size"), [(IMAGENET, SIZE), (Preprocess(resize="center_crop"), 224)],
+                         ids=["imagenet_stretch", "center_crop_224"])
+def test_vasipc_family(benchmark, frame, pre, size):
+    name, nv12, w, h, _ = frame
+    _group(benchmark, name)
+    _, placement = pre.placement(w, h, size, size)
+    out = np.empty((3, size, size), np.float32)
+    benchmark(letterbox_into, nv12, NV12, w, h, w, out, *placement, mean=pre.mean, std=pre.std)
 
 
 def test_vasipc_threads2(benchmark, frame):

@@ -57,6 +57,7 @@ typedef struct lb_job {
      * at output columns [vis_left, vis_left + vis_w), rows likewise. */
     int vis_x, vis_w, vis_left, vis_y, vis_h, vis_top;
     float pad[3];           /* per output plane */
+    int plain;              /* every mean 0 and inv_std 1: values are v / 255 */
     /* Pointing into the scratch, per visible column: source columns of the two taps and
      * their weights (sum 2048); per visible row: same for source rows. */
     int32_t *col_x0, *col_x1, *col_w0, *col_w1;
