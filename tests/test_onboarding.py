@@ -108,7 +108,7 @@ INVALID = {
     "names-file-count": (W + "output_schema:\n  class_names_file: names.txt\n",
                          {"names.txt": names(17)}, [],
                          ["output_schema.class_names_file", "names.txt has 17 class names",
-                          "has 18 classes (22 output channels - 4)"]),
+                          "has 18 classes"]),
     "labels-count": (W, {"labels.txt": names(19)}, ["--labels", "{d}/labels.txt"],
                      ["labels file", "labels.txt has 19 class names", "has 18 classes"]),
     "labels-count-over-yaml": (W + "output_schema:\n  class_names_file: names.txt\n",

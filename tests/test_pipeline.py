@@ -24,11 +24,12 @@ import pytest
 import wire
 
 from vasipc import frames
+from vasipc._fast.decode import Decoded, DecodeLayout, decode_detections
 from vasipc._fast.frameview import FrameView
-from vasipc._fast.yolo import decode_yolo
-from vasipc.batcher import BUFFERS, Batcher, Pending, _round6
+from vasipc.batcher import BUFFERS, Batcher, Pending
 from vasipc.errors import Overloaded
 from vasipc.frame_source import FrameOpener, FrameRoots
+from vasipc.heads.detection import detection_dicts
 from vasipc.model import ModelSpec, load_model
 from vasipc.runtime import Device
 from vasipc.schema import parse_infer
@@ -338,35 +339,24 @@ def test_pending_on_complete_hook_alone():
 
 def _postprocess_reference(model, req, pred, geom):
     """The numpy formulation of the detection list (np.round to 6 decimals)."""
-    (r, _, _, left, top), src_w, src_h = geom
     cfg, spec = req.config, model.spec
     max_det = spec.max_detections if cfg.max_detections is None else cfg.max_detections
-    classes = None if cfg.classes is None else np.asarray(
-        [c for c in cfg.classes if c < model.num_classes], dtype=np.int32)
-    boxes, scores, class_ids = decode_yolo(
-        pred,
+    mask = None
+    if cfg.classes is not None:
+        mask = np.zeros(model.num_classes, np.uint8)
+        mask[[c for c in cfg.classes if c < model.num_classes]] = 1
+    layout = DecodeLayout(num_fields=pred.shape[0], num_classes=pred.shape[0] - 4)
+    found = decode_detections(
+        layout, pred.T,
         spec.confidence_threshold if cfg.confidence_threshold is None else cfg.confidence_threshold,
         spec.nms_iou_threshold if cfg.nms_iou_threshold is None else cfg.nms_iou_threshold,
-        min(max_det, pred.shape[1]), classes, r, left, top, src_w, src_h)
+        max_det, mask, *geom)
     return [
         {"class_id": c, "class_name": model.class_names[c], "confidence": s, "bbox": b,
          "track_id": None}
-        for c, s, b in zip(class_ids.tolist(), np.round(scores.astype(np.float64), 6).tolist(),
-                           np.round(boxes.astype(np.float64), 6).tolist(), strict=True)
+        for c, s, b in zip(found.class_ids.tolist(), np.round(found.scores.astype(np.float64), 6).tolist(),
+                           np.round(found.boxes.astype(np.float64), 6).tolist(), strict=True)
     ]
-
-
-def test_round6_is_numpy_round():
-    rng = np.random.default_rng(7)
-    xs = [0.0, -0.0, 5e-7, -5e-7, 4e-7, -4e-7, 1.5e-6, 2.5e-6, 0.1234565, 1.0, 0.9999995]
-    for scale in (1e-7, 1e-6, 1e-3, 1.0, 1e3):
-        xs += (rng.standard_normal(2000).astype(np.float32) * scale).tolist()
-    want = np.round(np.asarray(xs, np.float64), 6).tolist()
-    got = [_round6(x * 1e6) for x in xs]
-    assert json.dumps(got) == json.dumps(want)  # equal, signs of zero included
-    for bad in (math.nan, math.inf):
-        with pytest.raises((ValueError, OverflowError)):
-            _round6(bad)
 
 
 @pytest.mark.parametrize("config", [{}, {"confidence_threshold": 0.0, "max_detections": 50},
@@ -382,44 +372,34 @@ def test_postprocess_output_is_unchanged(models, frame_dirs, config):
     rng = np.random.default_rng(3)
     for ref in paths[:3]:
         req = parse_infer(wire.infer_request(ref, MODEL_ID, config=config), MODEL_ID)
-        x = model.new_input(1)
-        geom, _ = b._preprocess(model, req, x[0])
-        pred = model.run(x)[0]
+        x = model.new_buffer()
+        geom, _ = b._preprocess(model, req.frame_reference, req.frame_metadata, x[0])
+        pred = model.run_batch(x, 1)[0][0]
         edge = pred.copy()  # boxes spilling over every edge: clipped to 0 and 1
         edge[:4] += rng.standard_normal(edge[:4].shape).astype(np.float32) * 400
         for p in (pred, edge):
-            got = b._postprocess(model, req, p, geom)
+            got = model.head.decode([p[None]], 0, geom, req.config, model.spec)["detections"]
             assert json.dumps(got) == json.dumps(_postprocess_reference(model, req, p, geom))
             assert all(list(d) == ["class_id", "class_name", "confidence", "bbox", "track_id"]
                        for d in got)
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 20])
-def test_postprocess_rounds_as_numpy_for_any_count(models, monkeypatch, k):
+def test_detections_round_as_numpy_for_any_count(k):
     """Few or many detections, zeros of either sign, NaN and inf: the floats are those of
     np.round(x.astype(float64), 6)."""
-    import vasipc.batcher as batcher_mod
-
     rng = np.random.default_rng(k)
-    model = models[1]
+    names = tuple(f"c{i}" for i in range(5))
     boxes = rng.random((k, 4), dtype=np.float32)
     scores = rng.random(k, dtype=np.float32)
-    class_ids = rng.integers(0, model.num_classes, k).astype(np.int32)
+    class_ids = rng.integers(0, len(names), k).astype(np.int32)
     boxes[0, :2] = [-0.0, -4e-7]
-    req = parse_infer(wire.infer_request("/dev/shm/x", MODEL_ID), MODEL_ID)
-    geom = ((1.0, 320, 320, 0, 0), 320, 320)
-
-    def fake_decode(*_):
-        return boxes, scores, class_ids
-
-    monkeypatch.setattr(batcher_mod, "decode_yolo", fake_decode)
-    b = Batcher(model, None, max_queue=1, batch_timeout_s=0, respond=lambda *a: None,
-                on_fatal=lambda t: None)
     for special in (None, math.nan, math.inf):
         if special is not None:
             boxes[-1, 2] = special
-        got = b._postprocess(model, req, model.new_input(1)[0], geom)
-        want = [{"class_id": c, "class_name": model.class_names[c], "confidence": s, "bbox": bb,
+        found = Decoded(boxes, scores, class_ids, np.arange(k, dtype=np.int32), None, None)
+        got = detection_dicts(found, names)
+        want = [{"class_id": c, "class_name": names[c], "confidence": s, "bbox": bb,
                  "track_id": None}
                 for c, s, bb in zip(class_ids.tolist(), np.round(scores.astype(np.float64), 6).tolist(),
                                     np.round(boxes.astype(np.float64), 6).tolist(), strict=True)]
@@ -542,10 +522,10 @@ def test_cpu_path_reads_the_frame_in_place(models, shm_dir):
     finally:
         f.close()
     slot = models[1].new_input(1)[0]
-    b._preprocess(models[1], req, slot)  # warm
+    b._preprocess(models[1], req.frame_reference, req.frame_metadata, slot)  # warm
     tracemalloc.start()
     try:
-        b._preprocess(models[1], req, slot)
+        b._preprocess(models[1], req.frame_reference, req.frame_metadata, slot)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -7,7 +7,7 @@ replaced). A worker loops:
 1. it waits for the *fill role* (no other worker filling) and a queued request;
 2. filling, it takes requests off the queue (never mixing models: a batch captures the
    current `LoadedModel` once, when it starts), checks each deadline as the request leaves
-   the queue and opens and letterboxes its frame straight into its slot of the worker's
+   the queue and opens and preprocesses its frame straight into its slot of the worker's
    buffer. It keeps filling while the device is busy (up to max_batch) and goes at once
    when the device is idle, unless `batch_timeout_s` lets a first request that waited for
    the busy device wait a little longer for company;
@@ -17,7 +17,7 @@ replaced). A worker loops:
 
 So at concurrency 1 a request is handed over once (submitting thread -> a worker) and is
 prepared, run and answered on that worker's thread; under load, batch k+1 is opened and
-letterboxed while batch k runs (`letterbox_into` and ORT release the GIL). At most two
+preprocessed while batch k runs (the C kernel and ORT release the GIL). At most two
 batches are out of the queue (one running, one prepared or filling); the rest wait in
 the real queue, where `--max-queue` counts them and their deadline is checked. Requests
 complete in no set order (an early error, or batch k+1 answered before the end of batch
@@ -29,9 +29,9 @@ idle) and `_device` (a prepared batch: the device is free).
 
 Buffers: `model.new_buffer()`, with a slot per request of the model's largest run size
 (batches run padded to 1, 2, 4, ... max_batch: `LoadedModel.run_batch`). With the C kernel
-(`--preprocess cpu`) it is a numpy array, each frame letterboxed into its slot on the
+(`--preprocess cpu`) it is a numpy array, each frame resized into its slot on the
 host; in graph mode (CUDA, or `--preprocess graph`) it is a `device_path.DeviceBatch` on
-the model's device: each frame is copied to a staging buffer and letterboxed by the
+the model's device: each frame is copied to a staging buffer and resized by the
 preprocessing graph straight into its device slot, and the batch runs IO-bound.
 
 Semantics (CONTRACT 3.1, 4):
@@ -42,7 +42,7 @@ Semantics (CONTRACT 3.1, 4):
 - `queue_ms` is all the time a request waited before its batch's inference started,
   except its own preprocessing: (inference start - arrival) - preprocess_ms. For a
   request answered before inference (deadline, frame errors) it is the time until it
-  left the queue. `preprocess_ms` is its own open + letterbox, `inference_ms` its batch's
+  left the queue. `preprocess_ms` is its own open + resize, `inference_ms` its batch's
   `model.run`, `postprocess_ms` its own decode, `batch_size` the requests in its batch.
 """
 
@@ -58,12 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from vasipc._fast.letterbox import (
-    FrameBusError,
-    letterbox_geometry,
-    letterbox_into,
-)
-from vasipc._fast.yolo import decode_yolo
+from vasipc._fast.letterbox import FrameBusError
 from vasipc.device_path import DeviceSlot
 from vasipc.errors import (
     DeadlineExceeded,
@@ -76,6 +71,7 @@ from vasipc.errors import (
 )
 from vasipc.frame_source import FrameOpener, OpenFrame
 from vasipc.model import LoadedModel
+from vasipc.preprocess import Geometry
 from vasipc.schema import InferRequest
 
 log = logging.getLogger("vasipc")
@@ -151,16 +147,9 @@ class _Batch:
         self.model = model  # captured once: the whole batch runs on it
         self.x = x
         # (request, geometry, frame_id, preprocess_ms) of each prepared slot, in order
-        self.items: list[tuple[Pending, tuple, int | None, float]] = []
+        self.items: list[tuple[Pending, Geometry, int | None, float]] = []
         self.current: Pending | None = None  # taken off the queue, not yet in items
         self.eager = False  # its first request found the device idle
-
-
-def _round6(y: float) -> float:
-    """`np.round(x, 6)` of a float64 x, given y = x * 1e6: rint(y) / 1e6, the sign of a zero
-    kept. Raises ValueError / OverflowError for NaN / inf."""
-    r = round(y)  # round half to even, as rint
-    return r / 1e6 if r else y * 0.0
 
 
 class Batcher:
@@ -336,7 +325,7 @@ class Batcher:
                 self._fill.wait()  # the device is busy: keep filling the batch
 
     def _admit(self, batch: _Batch, p: Pending) -> None:
-        """Check the deadline, then open and letterbox the frame into the next slot; a
+        """Check the deadline, then open and preprocess the frame into the next slot; a
         request that fails here is answered at once."""
         t0 = _now()
         req, model = p.request, batch.model
@@ -347,7 +336,8 @@ class Batcher:
                 f"waited {queue_ms:.1f} ms in the queue, deadline_ms {req.deadline_ms:g}"), stage, model)
             return
         try:
-            geom, frame_id = self._preprocess(model, req, batch.x[len(batch.items)])
+            geom, frame_id = self._preprocess(model, req.frame_reference, req.frame_metadata,
+                                              batch.x[len(batch.items)])
         except VasipcError as err:
             self._respond(p, err, stage, model)
             return
@@ -394,39 +384,38 @@ class Batcher:
         n = len(live)
         if self._on_batch is not None:
             self._on_batch(n)
+        head, spec = model.head, model.spec
         for i, (p, geom, frame_id, pre_ms) in enumerate(live):
             t0 = _now()
-            detections = self._postprocess(model, p.request, out[i], geom)
-            self._respond(p, {"frame_id": frame_id, "detections": detections}, {
+            result = head.decode(out, i, geom, p.request.config, spec)
+            result["frame_id"] = frame_id
+            self._respond(p, result, {
                 "queue_ms": max(0.0, (t_run - p.arrival) * 1e3 - pre_ms), "preprocess_ms": pre_ms,
                 "inference_ms": inference_ms, "postprocess_ms": (_now() - t0) * 1e3,
                 "batch_size": n}, model)
 
-    def _preprocess(self, model: LoadedModel, req: InferRequest,
-                    slot: np.ndarray | DeviceSlot) -> tuple[tuple, int | None]:
-        frame = self.opener.open(req.frame_reference, req.frame_metadata)
+    def _preprocess(self, model: LoadedModel, reference: str, metadata: Any,
+                    slot: np.ndarray | DeviceSlot) -> tuple[Geometry, int | None]:
+        """Open the frame and resize it into `slot` as the model's family wants."""
+        frame = self.opener.open(reference, metadata)
         self.frame_bytes_read += frame.view.length
         try:
             if model.device_path is not None:  # graph mode: `slot` is a DeviceSlot
-                return self._preprocess_graph(model, frame, slot)
-            geom = letterbox_geometry(frame.width, frame.height, model.input_width, model.input_height)
-            _, new_w, new_h, left, top = geom
+                return self._preprocess_graph(model, frame, slot), frame.frame_id
             try:
-                letterbox_into(frame.view, frame.pixel_format, frame.width, frame.height,
-                               frame.stride, slot, new_w, new_h, left, top, threads=self.preprocess_threads)
+                geom = model.family.preprocess.into(frame, slot, self.preprocess_threads)
             except FrameBusError:
                 raise FrameChanged("the frame file was truncated while it was read",
                                    frame_id=frame.frame_id) from None
             frame.check_unchanged()  # a header replaced during the read is a torn read
-            return (geom, frame.width, frame.height), frame.frame_id
+            return geom, frame.frame_id
         finally:
             frame.close()
 
     @staticmethod
-    def _preprocess_graph(model: LoadedModel, frame: OpenFrame,
-                          slot: DeviceSlot) -> tuple[tuple, int | None]:
+    def _preprocess_graph(model: LoadedModel, frame: OpenFrame, slot: DeviceSlot) -> Geometry:
         """The device path: the frame's bytes to a staging buffer (guarded copy), checked
-        unchanged, then letterboxed by the preprocessing graph into the device slot."""
+        unchanged, then resized by the preprocessing graph into the device slot."""
         path = model.device_path
         try:
             staged = path.stage(frame, slot.batch)
@@ -434,48 +423,4 @@ class Batcher:
             raise FrameChanged("the frame file was truncated while it was read",
                                frame_id=frame.frame_id) from None
         frame.check_unchanged()  # a header replaced during the copy is a torn read
-        geom = path.letterbox(staged, slot)
-        return (geom, frame.width, frame.height), frame.frame_id
-
-    def _postprocess(self, model: LoadedModel, req: InferRequest, pred: np.ndarray,
-                     geom: tuple) -> list[dict[str, Any]]:
-        (r, _, _, left, top), src_w, src_h = geom
-        cfg, spec = req.config, model.spec
-        max_det = spec.max_detections if cfg.max_detections is None else cfg.max_detections
-        # Any int >= 0 and any class id is valid on the wire: cap to what the kernel takes
-        # (no more detections than anchors; ids beyond the model's classes match nothing).
-        classes = cfg.classes
-        if classes is not None:
-            nc = model.num_classes
-            classes = np.asarray([c for c in classes if c < nc], dtype=np.int32)
-        boxes, scores, class_ids = decode_yolo(
-            pred,
-            spec.confidence_threshold if cfg.confidence_threshold is None else cfg.confidence_threshold,
-            spec.nms_iou_threshold if cfg.nms_iou_threshold is None else cfg.nms_iou_threshold,
-            min(max_det, pred.shape[1]), classes, r, left, top, src_w, src_h)
-        k = len(scores)
-        if not k:
-            return []
-        names = model.class_names
-        ids = class_ids.tolist()
-        if k <= 3:  # a few: np.round(x, 6) of each float in plain Python is cheaper
-            try:
-                return [
-                    {"class_id": c, "class_name": names[c], "confidence": _round6(s * 1e6),
-                     "bbox": [_round6(x0 * 1e6), _round6(y0 * 1e6), _round6(x1 * 1e6),
-                              _round6(y1 * 1e6)], "track_id": None}
-                    for c, s, (x0, y0, x1, y1) in zip(ids, scores.tolist(), boxes.tolist(), strict=True)
-                ]
-            except (ValueError, OverflowError):  # NaN or inf: rounded as numpy does, below
-                pass
-        rounded = np.empty((k, 5))  # [score, x_min, y_min, x_max, y_max] as float64
-        rounded[:, 0] = scores
-        rounded[:, 1:] = boxes
-        rounded *= 1e6  # np.round(x, 6) is exactly this: x * 1e6, rint, / 1e6
-        np.rint(rounded, out=rounded)
-        rounded /= 1e6
-        return [
-            {"class_id": c, "class_name": names[c], "confidence": row[0], "bbox": row[1:],
-             "track_id": None}
-            for c, row in zip(ids, rounded.tolist(), strict=True)
-        ]
+        return path.letterbox(staged, slot)

@@ -125,7 +125,7 @@ def run_synthetic(model: Any, runs: int = RUNS) -> tuple[list[dict[str, float]],
                     raise CheckError(f"inference on a synthetic {FRAME_WIDTH}x{FRAME_HEIGHT} NV12 "
                                      f"frame failed: {result.message.splitlines()[0]}")
                 timings.append({**stage, "total_ms": total_ms})
-                detections = len(result["detections"])
+                detections = len(result.get("classifications", result["detections"]))
         finally:
             batcher.stop()
     finally:
@@ -157,7 +157,9 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
     return {
         "model_id": model_id, "model_name": spec.model_name, "model_version": spec.model_version,
         "weights": spec.path,
-        "input": {"width": model.input_width, "height": model.input_height},
+        **model.head.info(),  # architecture, task, nms (+ keypoints)
+        "input": {"width": model.input_width, "height": model.input_height,
+                  **model.family.preprocess.describe()},
         "num_classes": model.num_classes, "classes": list(model.class_names),
         "class_names_source": spec.class_names_source,  # null: the model's metadata / class_{id}
         "confidence_threshold": spec.confidence_threshold,
@@ -182,7 +184,10 @@ def format_report(r: dict[str, Any]) -> str:
     rows = [
         ("model", f"{r['model_id']} (name {r['model_name']}, version {r['model_version']})"),
         ("weights", r["weights"]),
-        ("input", f"{r['input']['width']}x{r['input']['height']}"),
+        ("family", f"{r['architecture']}, task {r['task']}, NMS in the "
+                   f"{'server' if r['nms'] == 'server' else 'model'}"),
+        ("input", f"{r['input']['width']}x{r['input']['height']}, "
+                  + ", ".join(f"{k} {v}" for k, v in r["input"].items() if k not in ("width", "height"))),
         ("classes", f"{r['num_classes']}: {shown}"),
         ("class names", r["class_names_source"] or "the model's ONNX metadata (else class_{id})"),
         ("thresholds", f"confidence {r['confidence_threshold']:g}, NMS IoU "
@@ -195,9 +200,15 @@ def format_report(r: dict[str, Any]) -> str:
         ("one run", f"{r['run_ms']:.2f} ms, median of {r['runs']} (preprocess "
                     f"{st['preprocess']:.2f}, inference {st['inference']:.2f}, postprocess "
                     f"{st['postprocess']:.2f} ms)"),
-        ("detections", f"{r['detections']} on a synthetic {r['synthetic_frame']['width']}x"
-                       f"{r['synthetic_frame']['height']} NV12 frame"),
+        ("classifications" if r["task"] == "classify" else "detections",
+         f"{r['detections']} on a synthetic {r['synthetic_frame']['width']}x"
+         f"{r['synthetic_frame']['height']} NV12 frame"),
     ]
+    kp = r.get("keypoints")
+    if kp is not None:
+        rows.insert(4, ("keypoints", f"{kp['count']}: " + (", ".join(kp["names"]) if kp["names"]
+                                                            else "unnamed (no kpt_names)")
+                        + (f"; skeleton of {len(kp['skeleton'])} edges" if kp["skeleton"] else "")))
     if r["ignored_yaml_keys"]:
         rows.append(("note", "model.yaml keys not used: " + ", ".join(r["ignored_yaml_keys"])))
     return "\n".join(f"{k:<12} {v}" for k, v in rows) + "\nok"

@@ -1,4 +1,4 @@
-"""Client library for vasipc model servers (CONTRACT sections 1-4), pure Python.
+"""Client library for vasipc model servers (docs/contract.md sections 1-4), pure Python.
 
     with Client("/tmp/vas_model_yolov8n.sock") as client:
         result = client.infer("/dev/shm/cam1/frame_000042", camera_id="cam1")
@@ -42,19 +42,79 @@ def default_socket_dir() -> str:
 
 # --- typed results ---------------------------------------------------------------------------
 
+def rle_counts(counts: str) -> list[int]:
+    """COCO's compressed RLE string -> run lengths (pycocotools' rleFrString): 5 bits a
+    character from 48, a continuation bit, the sign bit last; from the fourth run on,
+    each value is a difference to the run two before."""
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value = shift = 0
+        more = True
+        while more:
+            c = ord(counts[pos]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+@dataclass(frozen=True, slots=True)
+class Mask:
+    """An instance mask over the whole source frame, COCO compressed RLE (column-major)."""
+
+    size: tuple[int, int]  # height, width of the source frame
+    counts: str
+
+    def to_array(self) -> Any:
+        """The mask as a numpy bool array [height, width] (what pycocotools.mask.decode gives)."""
+        import numpy as np
+
+        h, w = self.size
+        runs = rle_counts(self.counts)
+        if sum(runs) != h * w:
+            raise ValueError(f"RLE covers {sum(runs)} pixels, the mask {h}x{w}")
+        values = np.zeros(len(runs), np.bool_)
+        values[1::2] = True  # runs alternate, zeros first
+        flat = np.repeat(values, runs)
+        return flat.reshape(w, h).T  # column-major
+
+
 @dataclass(frozen=True, slots=True)
 class Detection:
     class_id: int
     class_name: str
     confidence: float
     bbox: tuple[float, float, float, float]  # x_min, y_min, x_max, y_max, normalized 0..1
-    track_id: None = None  # always null: servers keep no state (CONTRACT 4)
+    track_id: None = None  # always null: servers keep no state (docs/contract.md 4)
+    mask: Mask | None = None  # segment, mask_format "rle"
+    polygon: list[tuple[float, float]] | None = None  # segment ("polygon") or obb: normalized points
+    keypoints: list[tuple[float, float, float | None]] | None = None  # pose: x, y normalized, visibility
+    rotated_box: tuple[float, float, float, float, float] | None = None  # obb: cx, cy, w, h px, angle rad
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Detection:
         x0, y0, x1, y1 = d["bbox"]
+        mask, poly, kpts, rbox = d.get("mask"), d.get("polygon"), d.get("keypoints"), d.get("rotated_box")
         return cls(int(d["class_id"]), str(d["class_name"]), float(d["confidence"]),
-                   (float(x0), float(y0), float(x1), float(y1)))
+                   (float(x0), float(y0), float(x1), float(y1)),
+                   mask=None if mask is None else Mask(tuple(mask["size"]), str(mask["counts"])),
+                   polygon=None if poly is None else [tuple(p) for p in poly],
+                   keypoints=None if kpts is None else [tuple(k) for k in kpts],
+                   rotated_box=None if rbox is None else tuple(rbox))
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    class_id: int
+    class_name: str
+    confidence: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +126,11 @@ class InferResult:
     metadata: dict[str, Any]
     request_id: str | int | None
     raw: dict[str, Any]  # the response as received
+    classifications: list[Classification] | None = None  # classifiers: the top-k classes
 
     @classmethod
     def from_response(cls, resp: dict[str, Any]) -> InferResult:
+        classes = resp.get("classifications")
         return cls(
             model_id=resp.get("model_id"),
             camera_id=resp.get("camera_id"),
@@ -77,6 +139,9 @@ class InferResult:
             metadata=resp.get("metadata") or {},
             request_id=resp.get("request_id"),
             raw=resp,
+            classifications=None if classes is None else [
+                Classification(int(c["class_id"]), str(c["class_name"]), float(c["confidence"]))
+                for c in classes],
         )
 
 

@@ -1,8 +1,10 @@
-"""End-to-end demo: `python -m vasipc.demo [--image FILE] [--out PNG] [--keep-server]`.
+"""End-to-end demo: `python -m vasipc.demo [--model FILE] [--image FILE] [--out PNG] [--keep-server]`.
 
-Starts a real server on nudenet's detector, exports a photo as an NV12 frame in /dev/shm
-the way a video pipeline would, asks for detections with `vasipc.Client`, prints them and
-saves the photo annotated with them.
+Starts a real server on nudenet's detector (or `--model`, any family the server serves),
+exports a photo as an NV12 frame in /dev/shm the way a video pipeline would, asks for its
+answer with `vasipc.Client`, prints it and saves the photo annotated with it: boxes, and
+per task masks, keypoints (joined by the skeleton when the model has one), rotated boxes
+or the top classes.
 """
 
 from __future__ import annotations
@@ -92,12 +94,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(model: Path, workdir: Path, *, detached: bool) -> ServerProcess:
+def start_server(model: Path, model_id: str, workdir: Path, *, detached: bool) -> ServerProcess:
     socket_path = str(workdir / "demo.sock")
     stderr_path = workdir / "server.stderr"
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vasipc.serve", "--model", str(model), "--model-id", MODEL_ID,
+            [sys.executable, "-m", "vasipc.serve", "--model", str(model), "--model-id", model_id,
              "--socket", socket_path],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
             start_new_session=detached)  # a kept server outlives this terminal's Ctrl-C
@@ -151,27 +153,61 @@ def pixel_box(bbox: tuple[float, float, float, float], width: int,
 
 
 def print_table(result: InferResult, width: int, height: int) -> None:
-    print(f"{len(result.detections)} detections "
-          f"({result.metadata.get('total_ms', 0):.1f} ms on {result.metadata.get('device')})")
+    timing = f"({result.metadata.get('total_ms', 0):.1f} ms on {result.metadata.get('device')})"
+    if result.classifications is not None:
+        print(f"top {len(result.classifications)} classes {timing}")
+        for c in result.classifications:
+            print(f"{c.class_name:<24} {c.confidence:5.3f}")
+        return
+    print(f"{len(result.detections)} detections {timing}")
     print(f"{'class':<24} {'conf':>5}  {'x_min':>5} {'y_min':>5} {'x_max':>5} {'y_max':>5}")
     for det in result.detections:
         box = pixel_box(det.bbox, width, height)
         print(f"{det.class_name:<24} {det.confidence:5.2f}  " + " ".join(f"{v:5d}" for v in box))
 
 
+COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128)]
+
+
 def save_annotated(rgb: np.ndarray, result: InferResult, frame_size: tuple[int, int],
-                   out: str) -> None:
+                   out: str, skeleton: list[list[int]] | None = None) -> None:
     from PIL import Image, ImageDraw
 
-    image = Image.fromarray(rgb)
+    width, height = frame_size
+    canvas = rgb[:height, :width].astype(np.float32)
+    for i, det in enumerate(result.detections):  # masks first, blended under the outlines
+        if det.mask is not None:
+            m = det.mask.to_array()
+            canvas[m] = canvas[m] * 0.5 + np.array(COLOURS[i % len(COLOURS)], np.float32) * 0.5
+    image = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for det in result.detections:
+    for i, det in enumerate(result.detections):
+        colour = COLOURS[i % len(COLOURS)]
         box = pixel_box(det.bbox, *frame_size)
-        draw.rectangle(box, outline=(255, 0, 0), width=2)
+        if det.rotated_box is not None and det.polygon is not None:
+            draw.polygon([(x * width, y * height) for x, y in det.polygon], outline=colour, width=2)
+        else:
+            draw.rectangle(box, outline=colour, width=2)
+            if det.polygon is not None and len(det.polygon) > 1:
+                draw.line([(x * width, y * height) for x, y in [*det.polygon, det.polygon[0]]],
+                          fill=colour, width=1)
+        if det.keypoints is not None:
+            points = [(x * width, y * height, v) for x, y, v in det.keypoints]
+            for a, b in skeleton or ():
+                (xa, ya, va), (xb, yb, vb) = points[a], points[b]
+                if (va is None or va >= 0.5) and (vb is None or vb >= 0.5):
+                    draw.line([(xa, ya), (xb, yb)], fill=colour, width=2)
+            for x, y, v in points:
+                if v is None or v >= 0.5:
+                    draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
         label = f"{det.class_name} {det.confidence:.2f}"
         left, top, right, bottom = draw.textbbox((box[0] + 3, box[1] + 2), label)
-        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(255, 0, 0))
+        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=colour)
         draw.text((box[0] + 3, box[1] + 2), label, fill=(255, 255, 255))
+    for row, c in enumerate(result.classifications or ()):
+        draw.text((8, 8 + 14 * row), f"{c.class_name} {c.confidence:.3f}", fill=(255, 255, 255),
+                  stroke_width=2, stroke_fill=(0, 0, 0))
     try:
         image.save(out, format="PNG")
     except OSError as exc:
@@ -183,7 +219,9 @@ def save_annotated(rgb: np.ndarray, result: InferResult, frame_size: tuple[int, 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vasipc.demo",
-        description="Serve nudenet's detector with vasipc and run it on a photo.")
+        description="Serve a model (nudenet's detector by default) with vasipc and run it on a photo.")
+    parser.add_argument("--model", metavar="FILE",
+                        help="ONNX model of any family the server serves (default: nudenet's 320n)")
     parser.add_argument("--image", metavar="FILE",
                         help="photo to detect on (default: skimage's astronaut)")
     parser.add_argument("--out", metavar="PNG", default="vasipc-demo.png",
@@ -194,7 +232,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = nudenet_model_path()
+    if args.model is not None:
+        model = Path(args.model)
+        if not model.is_file():
+            raise DemoError(f"model file {model} does not exist")
+        model_id = "".join(c if c.isalnum() or c in "._-" else "-" for c in model.stem)[:64] or "model"
+    else:
+        model, model_id = nudenet_model_path(), MODEL_ID
     try:
         import PIL  # noqa: F401  (needed only at the end: fail before starting anything)
     except ImportError:
@@ -209,10 +253,11 @@ def run(args: argparse.Namespace) -> None:
     server = None
     keep_server = False
     try:
-        server = start_server(model, workdir, detached=args.keep_server)
+        server = start_server(model, model_id, workdir, detached=args.keep_server)
         with exported_frame(frame_rgb) as frame_dir, \
-                Client(server.socket, model_id=MODEL_ID) as client:
+                Client(server.socket, model_id=model_id) as client:
             result = client.infer(frame_dir, camera_id="demo")
+            skeleton = (client.info().get("keypoints") or {}).get("skeleton")
         keep_server = args.keep_server
     except (VasipcError, OSError) as exc:
         died = server is not None and server.proc.poll() is not None
@@ -225,7 +270,7 @@ def run(args: argparse.Namespace) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print_table(result, width, height)
-    save_annotated(rgb, result, (width, height), args.out)
+    save_annotated(frame_rgb, result, (width, height), args.out, skeleton)
     print(f"annotated image: {args.out}")
     if args.keep_server:
         print(f"server still running: pid {server.proc.pid}, socket {server.socket}, "

@@ -28,6 +28,11 @@ PRECEDENCE: tuple[str, ...] = (
 )
 
 
+class ModelError(ValueError):
+    """The model cannot be served: missing, unreadable, or not a family this server
+    understands (one line, exit code 2; never a wire error)."""
+
+
 class VasipcError(Exception):
     """Base of every error carrying a contract `error_code`."""
 

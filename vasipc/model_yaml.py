@@ -3,7 +3,9 @@
 The one place that reads `model.yaml` (the original onboarding format, CONTRACT 8):
 `model_id`, `model_name`, `model_version`, `model_weights`, `confidence_threshold`,
 `nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file`,
-`resource_requirements.gpu_required` / `cpu_fallback_allowed`. Every problem is one
+`resource_requirements.gpu_required` / `cpu_fallback_allowed`, and for models without
+Ultralytics metadata `architecture`, `task`, `preprocess`, `keypoint_names`, `skeleton`
+(docs/contract.md 6). Every problem is one
 `ModelSourceError` line naming the file and the key; what can only be checked against the
 loaded model (the class count, `expected_resolution` against the input size) is checked by
 `model.load_model`, from the `ModelSpec` that `model_spec` builds.
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vasipc.heads import ARCHITECTURES, TASKS, Declared
 from vasipc.model import ModelSpec
 
 if TYPE_CHECKING:
@@ -26,7 +29,8 @@ MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would allow a tr
 VERSION_RE = re.compile(r"^[0-9]+\Z")
 KNOWN_KEYS = frozenset({
     "model_id", "model_name", "model_version", "model_weights", "confidence_threshold",
-    "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements"})
+    "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements",
+    "architecture", "task", "preprocess", "keypoint_names", "skeleton"})
 
 
 class ModelSourceError(ValueError):
@@ -48,6 +52,7 @@ class ModelSource:
     cpu_fallback_allowed: bool = True
     expected_resolution: tuple[int, int] | None = None  # (width, height): must be the model's
     ignored_keys: tuple[str, ...] = ()  # model.yaml keys this format does not have (typos?)
+    declared: Declared = field(default_factory=Declared)  # architecture, task, preprocess, keypoints
 
 
 def _show(value: Any) -> str:
@@ -163,6 +168,40 @@ def _mapping(doc: dict, key: str, where: str) -> dict:
     return v
 
 
+def _choice(doc: dict, key: str, choices: tuple[str, ...], where: str) -> str | None:
+    v = doc.get(key)
+    if v is None:
+        return None
+    if v not in choices:
+        raise ModelSourceError(f"{where}: {key} must be one of {', '.join(choices)}, got {_show(v)}")
+    return v
+
+
+def _declared(doc: dict, where: str) -> Declared:
+    """What model.yaml says of the model's family (checked against the model at load)."""
+    preprocess = doc.get("preprocess")
+    if preprocess is not None and not isinstance(preprocess, dict):
+        raise ModelSourceError(f"{where}: preprocess must be a mapping (resize, pad_value, "
+                               f"channel_order, mean, std), got {_show(preprocess)}")
+    names = doc.get("keypoint_names")
+    if names is not None and not (isinstance(names, list) and names
+                                  and all(isinstance(n, str) and n for n in names)):
+        raise ModelSourceError(f"{where}: keypoint_names must be a list of names, got {_show(names)}")
+    skeleton = doc.get("skeleton")
+    if skeleton is not None and not (
+            isinstance(skeleton, list) and all(
+                isinstance(e, list) and len(e) == 2 and all(type(i) is int and i >= 0 for i in e)
+                for e in skeleton)):
+        raise ModelSourceError(f"{where}: skeleton must be a list of [i, j] keypoint index "
+                               f"pairs, got {_show(skeleton)}")
+    return Declared(
+        architecture=_choice(doc, "architecture", ARCHITECTURES, where),
+        task=_choice(doc, "task", TASKS, where),
+        keypoint_names=None if names is None else tuple(names),
+        skeleton=None if skeleton is None else tuple((a, b) for a, b in skeleton),
+        preprocess=preprocess)
+
+
 def from_model_file(path: str) -> ModelSource:
     weights = _weights(path, "model file")
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -251,6 +290,7 @@ def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
         cpu_fallback_allowed=cpu_fallback,
         expected_resolution=_resolution(doc, where),
         ignored_keys=tuple(sorted(str(k) for k in doc if k not in KNOWN_KEYS)),
+        declared=_declared(doc, where),
     )
 
 
@@ -309,5 +349,6 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
         model_version=source.model_version, class_names=names,
         class_names_source=f"{what} {names_file}" if names is not None else None,
         expected_resolution=source.expected_resolution,
+        declared=source.declared,
         **{k: v for k, v in given.items() if v is not None},  # the rest: ModelSpec's defaults
     )

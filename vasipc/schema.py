@@ -1,4 +1,4 @@
-"""Request validation and response shapes (CONTRACT sections 3 and 4).
+"""Request validation and response shapes (docs/contract.md sections 3 and 4).
 
 Validation turns a decoded JSON object into a typed request or raises InvalidRequest /
 ModelMismatch; nothing here touches the filesystem or the model. Responses are plain
@@ -16,6 +16,7 @@ from vasipc.errors import InvalidRequest, ModelMismatch, VasipcError
 MAX_REQUEST_ID_CHARS = 128
 MAX_CAMERA_ID_CHARS = 256
 OPS = ("infer", "health", "info")
+MASK_FORMATS = ("rle", "polygon", "none")
 
 
 # Immutable records as NamedTuples: a frozen dataclass costs ~2 µs per construction
@@ -27,6 +28,8 @@ class InferConfig(NamedTuple):
     nms_iou_threshold: float | None = None
     max_detections: int | None = None
     classes: tuple[int, ...] | None = None
+    mask_format: str | None = None  # segment: "rle" (default), "polygon" or "none"
+    top_k: int | None = None  # classify: how many classes (default 5, at most the model's)
 
 
 class FrameMetadata(NamedTuple):
@@ -147,7 +150,7 @@ def _parse_frame_metadata(fm: Any) -> FrameMetadata:
     )
 
 
-def _parse_config(cfg: Any) -> InferConfig:
+def _parse_config(cfg: Any, num_classes: int) -> InferConfig:
     if type(cfg) is not dict:  # present but null is a wrong type too (CONTRACT 3)
         raise InvalidRequest("config must be an object")
     classes = None
@@ -157,17 +160,27 @@ def _parse_config(cfg: Any) -> InferConfig:
             raise InvalidRequest("config.classes must be a list of non-negative class ids")
         classes = tuple(cl)
     w = "config."
+    mask_format = cfg.get("mask_format")
+    if "mask_format" in cfg and mask_format not in MASK_FORMATS:
+        raise InvalidRequest(f"config.mask_format must be one of {', '.join(MASK_FORMATS)}")
+    top_k = cfg.get("top_k")
+    if "top_k" in cfg and (not _is_int(top_k) or top_k < 1 or top_k > num_classes):
+        raise InvalidRequest(f"config.top_k must be an integer in 1..{num_classes} (the model's classes)")
     return InferConfig(
         confidence_threshold=_unit_interval(cfg, "confidence_threshold", w),
         nms_iou_threshold=_unit_interval(cfg, "nms_iou_threshold", w),
         max_detections=_non_negative_int(cfg, "max_detections", w),
         classes=classes,
+        mask_format=mask_format,
+        top_k=top_k,
     )
 
 
 def parse_infer(msg: dict, server_model_id: str,
-                is_raw_file: Callable[[str], bool] | None = None) -> InferRequest:
-    """Validate an `infer` request (CONTRACT 3.1). Field errors come before model_mismatch.
+                is_raw_file: Callable[[str], bool] | None = None,
+                num_classes: int = 1 << 31) -> InferRequest:
+    """Validate an `infer` request (docs/contract.md 3.1). Field errors come before
+    model_mismatch; `num_classes` bounds `config.top_k`.
 
     Whether `width`, `height` and `format` are required depends on the frame's form, so
     when one is missing `is_raw_file(frame_reference)` (the server's cheap stat) decides.
@@ -191,7 +204,7 @@ def parse_infer(msg: dict, server_model_id: str,
     ts = msg.get("timestamp")
     if not _is_number(ts) or ts <= 0:
         raise InvalidRequest("timestamp is required: a number > 0 (Unix seconds)")
-    config = _parse_config(msg["config"]) if "config" in msg else NO_CONFIG
+    config = _parse_config(msg["config"], num_classes) if "config" in msg else NO_CONFIG
     deadline = msg.get("deadline_ms")
     if "deadline_ms" in msg and (not _is_number(deadline) or deadline <= 0):
         raise InvalidRequest("deadline_ms must be a number > 0")

@@ -251,7 +251,8 @@ class Server:
                 self.stats.count(op, "ok")
                 return self._encode(self._with_request_id(self._info(), msg))
             self.requests_total += 1  # only this (the I/O) thread writes it
-            req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file)
+            req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file,
+                              self.model.num_classes)
             if (self.draining and not conn.read_before_drain) or self.fatal is not None:
                 raise ShuttingDown("the server is shutting down")
         except VasipcError as err:
@@ -325,11 +326,14 @@ class Server:
             p.fulfil(error_response(result, p.msg, self.model_id, md))
             return
         req = p.request
-        p.fulfil({
+        resp = {
             "model_id": req.model_id, "camera_id": req.camera_id,
             "frame_id": result["frame_id"], "detections": result["detections"],
             "metadata": md, "error": None, "error_code": None, "request_id": req.request_id,
-        })
+        }
+        if "classifications" in result:
+            resp["classifications"] = result["classifications"]
+        p.fulfil(resp)
 
     def _health(self) -> dict:
         ready = self.ready()
@@ -346,7 +350,7 @@ class Server:
         return {
             "op": "info", "protocol_version": 1, "server_version": __version__,
             "model_id": self.model_id, "model_name": m.spec.model_name,
-            "model_version": m.spec.model_version, "task": "detect",
+            "model_version": m.spec.model_version, **m.head.info(),
             "input": {"width": m.input_width, "height": m.input_height},
             "classes": list(m.class_names), "providers": list(m.providers),
             "max_batch_size": m.max_batch, "socket": self.config.socket_path,

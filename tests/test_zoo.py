@@ -1,0 +1,94 @@
+"""Real Ultralytics 8.4 exports of every task (../shared/models/zoo/, random weights that
+still give a few to a few hundred results) through a real server socket, against the
+numpy reference: OpenCV preprocessing as each family wants it, ONNX Runtime in-process,
+tests/reference_heads.py post-processing. Skipped, with the reason, where ../shared is
+absent (the zoo is for tests, never shipped)."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference_heads
+import wire
+from conftest import REPO_ROOT
+from contract_util import write_dir
+from test_families import assert_same_answer
+
+cv2 = pytest.importorskip("cv2")
+ort = pytest.importorskip("onnxruntime")
+
+ZOO = REPO_ROOT.parent / "shared" / "models" / "zoo"
+MODELS = ["yolo11n-320-detect", "yolo11n-320-nms", "yolo26n-320-end2end", "yolo11n-320-seg",
+          "yolo26n-320-seg-end2end", "yolo11n-320-pose", "yolo26n-320-pose-end2end",
+          "yolo11n-320-obb", "yolo11n-224-cls"]
+ARCHITECTURE = {"yolo11n-320-nms": "yolo-end2end", "yolo26n-320-end2end": "yolo-end2end",
+                "yolo26n-320-seg-end2end": "yolo-end2end",
+                "yolo26n-320-pose-end2end": "yolo-end2end", "yolo11n-224-cls": "yolo-classify"}
+
+
+@dataclass
+class ZooCase:
+    architecture: str
+    task: str
+    names: dict
+    kpt_shape: tuple[int, int] | None
+    size: int
+
+
+def zoo_case(name: str, session) -> ZooCase:
+    meta = session.get_modelmeta().custom_metadata_map
+    kpt = ast.literal_eval(meta["kpt_shape"]) if "kpt_shape" in meta else None
+    return ZooCase(ARCHITECTURE.get(name, "yolo"), meta["task"], ast.literal_eval(meta["names"]),
+                   None if kpt is None else tuple(kpt), ast.literal_eval(meta["imgsz"])[0])
+
+
+def reference_input(rgb: np.ndarray, geom: reference_heads.Geom, size: int) -> np.ndarray:
+    """The family's input tensor with OpenCV: resize to the placement, then pad (114) or
+    crop, /255, NCHW."""
+    h, w = rgb.shape[:2]
+    nw, nh = round(w * geom.scale_x), round(h * geom.scale_y)
+    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    canvas = np.full((size, size, 3), 114, np.uint8)
+    left, top = int(geom.pad_left), int(geom.pad_top)
+    src = img[max(0, -top):max(0, -top) + size, max(0, -left):max(0, -left) + size]
+    canvas[max(0, top):max(0, top) + src.shape[0], max(0, left):max(0, left) + src.shape[1]] = src
+    return np.ascontiguousarray(canvas.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255))
+
+
+def frames_for(rgb: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """The model's own input size (any implementation reproduces its input exactly), an
+    exact 2x pixel-replicated upscale of it, and a 16:9 crop (letterboxed)."""
+    own = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    return {"own-size": own, "2x": np.repeat(np.repeat(own, 2, axis=0), 2, axis=1),
+            "16:9": np.ascontiguousarray(rgb[64:352, :512])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_model_through_the_socket(name: str, server_factory, shm_dir: Path,
+                                      astronaut_rgb: np.ndarray) -> None:
+    path = ZOO / f"{name}.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the model zoo lives in ../shared, outside the project)")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    case = zoo_case(name, session)
+    server = server_factory(model=str(path), model_id="zoo")
+    info = wire.roundtrip(server.socket, {"op": "info"})
+    assert (info["architecture"], info["task"]) == (case.architecture, case.task)
+    resize = "center_crop" if case.task == "classify" else "letterbox"
+    answered = 0
+    for label, rgb in frames_for(astronaut_rgb, case.size).items():
+        frame = write_dir(shm_dir / label.replace(":", "x"), rgb, "RGB24")
+        h, w = rgb.shape[:2]
+        geom = reference_heads.input_geometry(resize, w, h, case.size, case.size)
+        outs = session.run(None, {"images": reference_input(rgb, geom, case.size)})
+        want = reference_heads.answer(case, [o[0] for o in outs], geom, (case.size, case.size))
+        resp = wire.roundtrip(server.socket, wire.infer_request(str(frame), "zoo"))
+        assert resp["error_code"] is None, resp
+        assert_same_answer({k: resp[k] for k in want}, want)
+        answered += len(want.get("classifications") or want["detections"])
+    assert answered > 0, "the zoo models give results on real frames"
