@@ -131,11 +131,16 @@ def batch_probiou(obb1: np.ndarray, obb2: np.ndarray, exact: bool = True) -> np.
 
 
 def fast_nms_rotated(rboxes: np.ndarray, classes: np.ndarray, iou_threshold: float,
-                     exact: bool = True, block: int = 2048) -> np.ndarray:
+                     exact: bool = True, strict_classes: bool = True,
+                     block: int = 2048) -> np.ndarray:
     """TorchNMS.fast_nms(iou_func=batch_probiou) on boxes already in score order, classes
     offset by 7680 px as non_max_suppression(rotated=True) does: the positions kept.
     Candidate j is dropped when ProbIoU >= threshold (float32) with any i < j (the upper
-    triangle), suppressed or not. Column blocks bound the memory."""
+    triangle), suppressed or not. Column blocks bound the memory.
+
+    strict_classes: only pairs of one class count. The offset alone separates classes for
+    every box but the degenerate: two boxes of zero size have a ProbIoU of ~1 however far
+    apart, so Ultralytics lets them suppress each other across classes; we do not."""
     boxes = rboxes.astype(_F32)
     offset = classes.astype(_F32) * _F32(MAX_WH)
     boxes[:, 0] += offset
@@ -147,6 +152,8 @@ def fast_nms_rotated(rboxes: np.ndarray, classes: np.ndarray, iou_threshold: flo
         j1 = min(m, j0 + block)
         ious = batch_probiou(boxes[:j1], boxes[j0:j1], exact)
         ious[np.arange(j1)[:, None] >= np.arange(j0, j1)[None, :]] = 0  # triu_(diagonal=1)
+        if strict_classes:
+            ious[classes[:j1, None] != classes[None, j0:j1]] = 0
         suppressed[j0:j1] = (ious >= thr).any(axis=0)
     return np.flatnonzero(~suppressed)
 
@@ -381,5 +388,7 @@ def numpy_rotated_decode(pred: np.ndarray, conf: float, iou: float, max_det: int
     idx = np.flatnonzero(scores >= np.float32(conf))
     idx = idx[np.argsort(-scores[idx], kind="stable")][:MAX_NMS]
     boxes = np.concatenate([pred[idx, :4], pred[idx, -1:]], axis=1)
-    kept = idx[fast_nms_rotated(boxes, cls[idx], iou, exact=False, block=len(idx) or 1)[:max_det]]
+    kept = fast_nms_rotated(boxes, cls[idx], iou, exact=False, strict_classes=False,
+                            block=len(idx) or 1)
+    kept = idx[kept[:max_det]]
     return kept.astype(np.int32), scores[kept], cls[kept].astype(np.int32)

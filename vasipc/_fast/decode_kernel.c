@@ -330,8 +330,10 @@ static int greedy_nms(const dk_layout *layout, const dk_prediction *pred, const 
  * (float32 comparison, as torch compares a float32 tensor with a Python float). The
  * upper-triangular matrix is never built: each candidate is compared with the earlier
  * ones of its class until one suppresses it. Ultralytics offsets classes by 7680 px
- * instead; the offset is kept in the arithmetic, and across classes ProbIoU is then ~0
- * for any box smaller than thousands of pixels. */
+ * instead; the offset is kept in the arithmetic, and across classes ProbIoU is then 0
+ * for any box smaller than thousands of pixels, except between two boxes of zero size
+ * (ProbIoU ~1 however far apart): those suppress each other across classes in
+ * Ultralytics and not here. */
 static int rotated_fast_nms(const dk_layout *layout, const dk_prediction *pred,
                             const dk_params *params, const uint64_t *order, int num_candidates,
                             int capacity, const int32_t *best_class, char *scratch,
