@@ -5,7 +5,7 @@
 1080p NV12 frame-export directories (the astronaut photo, shifted per frame) in /dev/shm.
 Per round, each for `--duration` seconds, closed loop:
 - `session.run`: in-process, on the frames already letterboxed (the ceiling);
-- `in-process pipeline`: letterbox_into + session.run + decode_yolo, no socket;
+- `in-process pipeline`: letterbox_into + session.run + decode_detections, no socket;
 - `server c1` / `server cN`: `python -m vasipc.serve` on the same model, infer requests
   from 1 and `--concurrency` client processes (persistent connections);
 - `baseline c1` / `baseline cN` (with `--baseline DIR`): the same, served by the vasipc
@@ -51,8 +51,8 @@ from _common import (
     write_frames,
 )
 
+from vasipc._fast.decode import DecodeLayout, decode_detections
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
-from vasipc._fast.yolo import decode_yolo
 from vasipc.runtime import Device, create_session, import_onnxruntime
 
 WIDTH, HEIGHT, SIZE = 1920, 1080, 640
@@ -219,9 +219,13 @@ def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray
         letterbox_into(nv12, NV12, WIDTH, HEIGHT, WIDTH, out[0], nw, nh, left, top)
         return out
 
+    fields = session.get_outputs()[0].shape[1]
+    layout = DecodeLayout(num_fields=fields, num_classes=fields - 4)  # the raw YOLO layout
+
     def pipeline(nv12: np.ndarray) -> object:
         pred = session.run([out_name], {in_name: preprocess(nv12, slot)})[0]
-        return decode_yolo(pred[0], 0.25, 0.45, 300, None, r, left, top, WIDTH, HEIGHT)
+        return decode_detections(layout, pred[0].T, 0.25, 0.45, 300, None, r, r, left, top,
+                                 WIDTH, HEIGHT)
 
     def runs_on(sess) -> Callable[[], Load]:
         return lambda: timed_loop(lambda x: sess.run([out_name], {in_name: x}), tensors, d)

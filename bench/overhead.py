@@ -136,11 +136,11 @@ def run(args: argparse.Namespace, shm: str, model_path: str,
                                     frame_bytes_read=0)
     x = model.new_input(1)
     req = parse_infer(infer_msg(frames["320x240"][0]), "bench", opener.is_raw_file)
-    Batcher._preprocess(batcher, model, req, x[0])  # fills x
+    Batcher._preprocess(batcher, model, req.frame_reference, req.frame_metadata, x[0])  # fills x
     feeds = {model.input_name: x}
 
     def session_run() -> object:
-        return session.run([model.output_name], feeds)
+        return session.run(list(model.output_names), feeds)
 
     payloads = {"health": [encode({"op": "health"})]}
     payloads.update({f"infer {n}": [encode(infer_msg(p)) for p in paths]
@@ -194,9 +194,9 @@ def breakdown(args, model, batcher, frames, feeds, rows) -> None:
         body = encode(infer_msg(paths[0]))[4:]
         req = parse_infer(infer_msg(paths[0]), "bench", batcher.opener.is_raw_file)
         x = model.new_input(1)
-        geom, _ = Batcher._preprocess(batcher, model, req, x[0])
-        out = model.run(x)
-        dets = Batcher._postprocess(None, model, req, out[0], geom)
+        geom, _ = Batcher._preprocess(batcher, model, req.frame_reference, req.frame_metadata, x[0])
+        out = model.run_batch(x, 1)
+        dets = model.head.decode(out, 0, geom, req.config, model.spec)["detections"]
         resp = {"model_id": "bench", "camera_id": "c", "frame_id": 0, "detections": dets,
                 "metadata": {"preprocess_ms": 0.1, "inference_ms": 0.1, "postprocess_ms": 0.1,
                              "queue_ms": 0.0, "total_ms": 0.3, "batch_size": 1,
@@ -211,14 +211,15 @@ def breakdown(args, model, batcher, frames, feeds, rows) -> None:
         fns = {
             "decode + validate request (wirejson.loads, parse_op, parse_infer)": decode,
             "open frame + letterbox + close (Batcher._preprocess)":
-                lambda req=req, x=x: Batcher._preprocess(batcher, model, req, x[0]),
+                lambda req=req, x=x: Batcher._preprocess(batcher, model, req.frame_reference,
+                                                         req.frame_metadata, x[0]),
             "  of which: open + close the frame (FrameOpener.open, OpenFrame.close)":
                 lambda req=req: batcher.opener.open(req.frame_reference,
                                                     req.frame_metadata).close(),
-            "model.run (session.run + contiguous copy)": lambda x=x: model.run(x),
-            f"postprocess: decode_yolo + detection dicts ({len(dets)} detections)":
-                lambda req=req, out=out, geom=geom: Batcher._postprocess(None, model, req,
-                                                                         out[0], geom),
+            "model.run (session.run + contiguous copy)": lambda x=x: model.run_batch(x, 1),
+            f"postprocess: head.decode, detection dicts ({len(dets)} detections)":
+                lambda req=req, out=out, geom=geom: model.head.decode(out, 0, geom, req.config,
+                                                                      model.spec),
             "encode response (wirejson.dumps)": lambda resp=resp: wirejson.dumps(resp),
         }
         for label, fn in fns.items():

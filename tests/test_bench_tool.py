@@ -143,3 +143,30 @@ def test_no_matplotlib_is_one_line(monkeypatch, capsys) -> None:
         bench.main(["--socket", "/tmp/x.sock", "--plot", os.devnull])
     assert exc.value.code == 2
     assert "matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("case_name", "config"), [("yolo-classify", '{"top_k": 1}'),
+                                                   ("yolo-segment", '{"mask_format": "polygon"}'),
+                                                   ("yolo-segment", '{"mask_format": "bitmap"}')])
+def test_any_task_with_a_request_config(case_name: str, config: str, server_factory, child_env,
+                                        frame_dir: Path, tmp_path: Path) -> None:
+    """Every task is measured the same way; --config is sent as each request's `config`
+    (a value the server refuses shows up as errors, by code)."""
+    from family_models import build
+
+    _, model = build(case_name, tmp_path / "model")
+    server = server_factory(model=str(model), model_id="m")
+    res = run_bench("--socket", server.socket, "--requests", "20", "--width", "320",
+                    "--height", "240", "--frame-dir", str(frame_dir), "--config", config,
+                    env=child_env)
+    task = "classify" if case_name == "yolo-classify" else "segment"
+    assert f"model m (yolo-classify {task}" in res.stdout or f"model m (yolo {task}" in res.stdout
+    assert res.returncode == 0, res.stderr
+    want = "errors:     invalid_request 20" if "bitmap" in config else "errors:     none"
+    assert want in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("config", ["[1]", "{not json"])
+def test_config_must_be_a_json_object(config: str, child_env) -> None:
+    res = run_bench("--socket", "/nonexistent.sock", "--config", config, env=child_env)
+    assert res.returncode == 2 and "--config" in res.stderr and "Traceback" not in res.stderr

@@ -158,6 +158,7 @@ class Config:
     ring: int
     timeout: float
     deadline_ms: float | None
+    request_config: dict[str, Any] | None  # the requests' `config` (mask_format, top_k, ...)
     warmup: int
     frame_dir: str
     progress: bool
@@ -292,6 +293,8 @@ def _call(client: Client, camera: Camera, cfg: Config, model_id: str) -> Sample:
                                "timestamp": time.time()}
     if cfg.deadline_ms is not None:
         message["deadline_ms"] = cfg.deadline_ms
+    if cfg.request_config is not None:
+        message["config"] = cfg.request_config
     t = time.perf_counter()
     try:
         resp = client.request(message, cfg.timeout)
@@ -529,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--warmup", type=int, default=2,
                       help="untimed requests per connection first (default 2)")
     load.add_argument("--deadline-ms", type=_positive(float), help="send this deadline_ms")
+    load.add_argument("--config", metavar="JSON",
+                      help='the requests\' config object, e.g. \'{"mask_format": "polygon"}\' '
+                           "for a segment model or '{\"top_k\": 1}' for a classifier")
     load.add_argument("--timeout", type=_positive(float), default=30.0,
                       help="client timeout per request, s (default 30)")
     frames = ap.add_argument_group("frames")
@@ -576,6 +582,14 @@ def parse_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
             raise UsageError(f"--format: {exc}") from None
         if fmt in ("NV12", "I420") and (a.width % 2 or a.height % 2):
             raise UsageError(f"{fmt} needs an even --width and --height")
+        request_config = None
+        if a.config is not None:
+            try:
+                request_config = json.loads(a.config)
+            except ValueError:
+                raise UsageError(f"--config is not JSON: {a.config}") from None
+            if not isinstance(request_config, dict):
+                raise UsageError("--config must be a JSON object")
         if not os.path.isdir(a.frame_dir):
             raise UsageError(f"--frame-dir {a.frame_dir} is not a directory")
         if a.plot:
@@ -593,7 +607,8 @@ def parse_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         connections=a.connections or (min(64, 2 * cameras) if cameras else 0),
         duration=a.duration if a.duration or a.requests else 10.0, requests=a.requests,
         width=a.width, height=a.height, pixel_format=fmt, ring=a.ring, timeout=a.timeout,
-        deadline_ms=a.deadline_ms, warmup=a.warmup, frame_dir=a.frame_dir,
+        deadline_ms=a.deadline_ms, request_config=request_config, warmup=a.warmup,
+        frame_dir=a.frame_dir,
         progress=not a.quiet and sys.stderr.isatty())
     return cfg, a
 
@@ -615,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     slots = cfg.ring
     variants = make_variants(rgb, cfg.width, cfg.height, cfg.pixel_format, min(slots, 4))
     print(f"vasipc bench: {cfg.socket}, model {model_id} "
-          f"({', '.join(info.get('providers') or []) or '?'}, max batch "
+          f"({info.get('architecture', '?')} {info.get('task', '?')}, "
+          f"{', '.join(info.get('providers') or []) or '?'}, max batch "
           f"{info.get('max_batch_size', '?')}); image: {source}", flush=True)
 
     summaries: list[dict[str, Any]] = []
