@@ -1,20 +1,24 @@
-"""YOLOv8 decode + per-class NMS: our `decode_yolo` vs numpy + cv2.dnn.NMSBoxesBatched.
+"""Detection decode: our `decode_detections` vs numpy + OpenCV, and rotated NMS vs numpy.
 
     python -m pytest bench/test_decode.py --benchmark-only
 
 One group per input, so each comparison prints side by side:
-- `vasipc`: `decode_yolo` (one nogil C call: best class, threshold, sort, NMS, top-k,
-  letterbox undone);
-- `opencv`: the same rules as a Python server would write them: numpy best class and
-  threshold scan, score sort, xywh -> x, y, w, h rects, `cv2.dnn.NMSBoxesBatched` (per-class
-  NMS), top-k, unletterbox + clip in numpy.
+- `vasipc`: `decode_detections` (one nogil C call: scores, threshold, sort, NMS, top-k,
+  geometry undone);
+- `opencv` (detect): the same rules as a Python server would write them: numpy best class
+  and threshold scan, score sort, xywh -> x, y, w, h rects, `cv2.dnn.NMSBoxesBatched`
+  (per-class NMS), top-k, unletterbox + clip in numpy;
+- `numpy` (rotated): Ultralytics' `non_max_suppression(rotated=True)` ported to vectorized
+  numpy float32: best class, threshold, score sort, ProbIoU over the whole candidate
+  matrix with classes offset by 7680 px, fast NMS (upper triangle), top-k.
 
 Inputs: (a) real outputs: nudenet's `320n.onnx` on the astronaut letterboxed to 320
 (conf 0.25), and the benchmark model (`yolov8n-640-random.onnx`, random weights) on the
 same photo at 640 with a threshold low enough for its tiny scores (2e-5: about a
-thousand candidates, 120x120 boxes on the anchor grid); (b) a stress case,
-8400 anchors x 80 classes, tight clusters of heavily overlapping boxes (conf 0.05). Each
-test first asserts that both give the same detections.
+thousand candidates, 120x120 boxes on the anchor grid); (b) a stress case, 8400 anchors x
+80 classes, tight clusters of heavily overlapping boxes (conf 0.05); (c) rotated: 2,000
+OBB candidates x 15 classes in overlapping clusters, every one above conf 0.05. Each test
+first asserts that both give the same detections (rotated: the same kept rows).
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import os
 import numpy as np
 import pytest
 from _common import BENCH_MODEL, nudenet_model
-from reference_kernels import opencv_decode, stress_prediction
+from reference_decode import numpy_rotated_decode, opencv_decode, rotated_prediction, stress_prediction
 
+from vasipc._fast.decode import NMS_ROTATED, DecodeLayout, decode_detections
 from vasipc._fast.letterbox import RGB24, letterbox_geometry, letterbox_into
-from vasipc._fast.yolo import decode_yolo
 
 IOU = 0.45
 MAX_DET = 300
@@ -45,7 +49,7 @@ def _model_output(model: str, size: int):
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x})
-    return np.ascontiguousarray(out[0]), (r, left, top, w, h)
+    return np.ascontiguousarray(out[0]).T, (r, r, left, top, w, h)  # [N, 4 + nc] view
 
 
 CASES = ["nudenet-320", "yolov8n-random-640", "stress-8400x80"]
@@ -53,7 +57,7 @@ CASES = ["nudenet-320", "yolov8n-random-640", "stress-8400x80"]
 
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    """(name, pred, conf, geometry (scale, pad_left, pad_top, src_w, src_h))."""
+    """(name, pred [N, 4 + nc], conf, geometry (scale_x, scale_y, pad_left, pad_top, w, h))."""
     if request.param == "nudenet-320":
         pred, geom = _model_output(nudenet_model(), 320)
         conf = 0.25
@@ -63,28 +67,59 @@ def case(request):
         pred, geom = _model_output(str(BENCH_MODEL), 640)
         conf = 2e-5  # random weights: every class score is below 2e-4
     else:
-        pred, geom = stress_prediction(), (0.5, 0.0, 140.0, 1280, 720)
+        pred, geom = stress_prediction().T, (0.5, 0.5, 0.0, 140.0, 1280, 720)
         conf = 0.05
     return request.param, pred, conf, geom
 
 
 def _run(benchmark, case, fn):
     name, pred, conf, geom = case
-    candidates = int((pred[4:].max(axis=0) >= np.float32(conf)).sum())
-    benchmark.group = f"decode {name} [{pred.shape[0] - 4} classes x {pred.shape[1]} anchors, " \
+    candidates = int((pred[:, 4:].max(axis=1) >= np.float32(conf)).sum())
+    benchmark.group = f"decode {name} [{pred.shape[1] - 4} classes x {pred.shape[0]} anchors, " \
                       f"{candidates} candidates]"
     expected = opencv_decode(pred, conf, IOU, MAX_DET, None, *geom)
     got = benchmark(fn, pred, conf, IOU, MAX_DET, None, *geom)
-    # the same detections: classes and scores exactly, boxes within float32 rounding
-    np.testing.assert_array_equal(got[2], expected[2])
-    np.testing.assert_array_equal(got[1], expected[1])
+    # the same detections: classes, rows and scores exactly, boxes within float32 rounding
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(got[i], expected[i])
     np.testing.assert_allclose(got[0], expected[0], rtol=0, atol=1e-6)
     assert len(got[1]) > 0
 
 
 def test_vasipc(benchmark, case):
-    _run(benchmark, case, decode_yolo)
+    layout = DecodeLayout(num_fields=case[1].shape[1], num_classes=case[1].shape[1] - 4)
+    _run(benchmark, case, lambda *args: decode_detections(layout, *args))
 
 
 def test_opencv(benchmark, case):
     _run(benchmark, case, opencv_decode)
+
+
+ROTATED_NC = 15
+ROTATED_GEOM = (0.5, 0.5, 0.0, 140.0, 1280, 720)
+
+
+@pytest.fixture(scope="module")
+def rotated():
+    pred = rotated_prediction(n=2000, nc=ROTATED_NC).T  # [2000, 4 + 15 + 1]
+    expected = numpy_rotated_decode(pred, 0.05, IOU, MAX_DET)[0]
+    assert pred.shape[0] == 2000 and (pred[:, 4:-1].max(axis=1) >= 0.05).all()
+    return pred, expected
+
+
+def _run_rotated(benchmark, rotated, fn):
+    pred, expected = rotated
+    benchmark.group = f"rotated NMS [{ROTATED_NC} classes x 2000 candidates, " \
+                      f"{len(expected)} kept]"
+    np.testing.assert_array_equal(benchmark(fn, pred), expected)
+
+
+def test_rotated_vasipc(benchmark, rotated):
+    layout = DecodeLayout(num_fields=4 + ROTATED_NC + 1, num_classes=ROTATED_NC,
+                          angle_field=4 + ROTATED_NC, nms=NMS_ROTATED)
+    _run_rotated(benchmark, rotated, lambda pred: decode_detections(
+        layout, pred, 0.05, IOU, MAX_DET, None, *ROTATED_GEOM).rows)
+
+
+def test_rotated_numpy(benchmark, rotated):
+    _run_rotated(benchmark, rotated, lambda pred: numpy_rotated_decode(pred, 0.05, IOU, MAX_DET)[0])

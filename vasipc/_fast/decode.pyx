@@ -14,6 +14,7 @@ import collections
 
 import numpy as np
 
+cimport numpy as cnp
 from libc.math cimport isfinite, isnan
 from libc.stdint cimport INT32_MAX, int32_t
 from libc.stdlib cimport free, malloc
@@ -32,6 +33,9 @@ MAX_NMS = DK_MAX_NMS
 Decoded = collections.namedtuple(
     "Decoded", ["boxes", "scores", "class_ids", "rows", "rotated", "corners"])
 
+cnp.import_array()
+
+_FLOAT32, _UINT8 = np.dtype(np.float32), np.dtype(np.uint8)
 _BOX_FORMATS = {DK_BOX_CXCYWH: "BOX_CXCYWH", DK_BOX_XYXY: "BOX_XYXY"}
 _SCORE_MODES = {DK_SCORE_MAX_CLASS: "SCORE_MAX_CLASS", DK_SCORE_OBJ_X_CLASS: "SCORE_OBJ_X_CLASS",
                 DK_SCORE_FIELD: "SCORE_FIELD", DK_SCORE_PAIRS: "SCORE_PAIRS"}
@@ -168,7 +172,7 @@ def decode_detections(DecodeLayout layout not None, pred, double conf_threshold,
     """
     if not isinstance(pred, np.ndarray):
         raise TypeError(f"pred must be a numpy array, got {type(pred).__name__}")
-    if pred.dtype != np.float32:
+    if pred.dtype != _FLOAT32:
         raise TypeError(f"pred must be float32, got {pred.dtype}")
     if pred.ndim != 2:
         raise ValueError(f"pred must be 2-D [N, num_fields], got shape {pred.shape}")
@@ -190,17 +194,17 @@ def decode_detections(DecodeLayout layout not None, pred, double conf_threshold,
     if src_w < 1 or src_h < 1:
         raise ValueError(f"source size must be positive, got {src_w}x{src_h}")
 
-    cdef const unsigned char[::1] mask
+    cdef cnp.ndarray mask
     cdef dk_params params
     params.class_mask = NULL
     if class_mask is not None:
-        if not isinstance(class_mask, np.ndarray) or class_mask.dtype != np.uint8:
+        if not isinstance(class_mask, np.ndarray) or class_mask.dtype != _UINT8:
             raise TypeError("class_mask must be None or a uint8 numpy array")
         if class_mask.shape != (layout.c.num_classes,):
             raise ValueError(f"class_mask must have shape ({layout.c.num_classes},), "
                              f"got {class_mask.shape}")
         mask = np.ascontiguousarray(class_mask)
-        params.class_mask = &mask[0]
+        params.class_mask = <const uint8_t *>cnp.PyArray_DATA(mask)
     params.conf_threshold = <float>conf_threshold  # float32 comparison, as torch/numpy
     params.iou_threshold = iou_threshold
     params.max_detections = max_detections
@@ -211,43 +215,38 @@ def decode_detections(DecodeLayout layout not None, pred, double conf_threshold,
     params.src_w = src_w
     params.src_h = src_h
 
+    # The C API rather than memoryviews and np.empty: this call's fixed cost is most of a
+    # typical image's decode (a few hundred candidates).
+    cdef cnp.ndarray p = pred
     cdef dk_prediction prediction
     prediction.num_rows = <int>num_rows
+    prediction.data = <const char *>cnp.PyArray_DATA(p)
+    prediction.row_stride = cnp.PyArray_STRIDES(p)[0]
+    prediction.field_stride = cnp.PyArray_STRIDES(p)[1]
     cdef bint rotated = layout.c.angle_field >= 0
     cdef int capacity = dk_capacity(&layout.c, &prediction, &params)
-    cdef const float[:, :] p
-    if capacity > 0:
-        p = pred
-        prediction.data = <const char *>&p[0, 0]
-        prediction.row_stride = p.strides[0]
-        prediction.field_stride = p.strides[1]
-
-    boxes = np.empty((capacity, 4), np.float32)
-    scores = np.empty(capacity, np.float32)
-    class_ids = np.empty(capacity, np.int32)
-    rows = np.empty(capacity, np.int32)
-    rboxes = np.empty((capacity, 5), np.float32) if rotated else None
-    corners = np.empty((capacity, 8), np.float32) if rotated else None
+    cdef cnp.npy_intp dims[2]
+    dims[0] = capacity
+    dims[1] = 4
+    boxes = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+    scores = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT32, 0)
+    class_ids = cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT32, 0)
+    rows = cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT32, 0)
+    rboxes = corners = None
+    if rotated:
+        dims[1] = 5
+        rboxes = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        dims[1] = 8
+        corners = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
     if capacity == 0:
         return Decoded(boxes, scores, class_ids, rows, rboxes, corners)
-    cdef float[:, ::1] boxes_out = boxes
-    cdef float[::1] scores_out = scores
-    cdef int[::1] class_ids_out = class_ids
-    cdef int[::1] rows_out = rows
-    cdef float[:, ::1] rboxes_out
-    cdef float[:, ::1] corners_out
     cdef dk_outputs out
-    out.boxes = &boxes_out[0, 0]
-    out.scores = &scores_out[0]
-    out.class_ids = <int32_t *>&class_ids_out[0]
-    out.rows = <int32_t *>&rows_out[0]
-    out.rotated = NULL
-    out.corners = NULL
-    if rotated:
-        rboxes_out = rboxes
-        corners_out = corners
-        out.rotated = &rboxes_out[0, 0]
-        out.corners = &corners_out[0, 0]
+    out.boxes = <float *>cnp.PyArray_DATA(boxes)
+    out.scores = <float *>cnp.PyArray_DATA(scores)
+    out.class_ids = <int32_t *>cnp.PyArray_DATA(class_ids)
+    out.rows = <int32_t *>cnp.PyArray_DATA(rows)
+    out.rotated = <float *>cnp.PyArray_DATA(rboxes) if rotated else NULL
+    out.corners = <float *>cnp.PyArray_DATA(corners) if rotated else NULL
 
     cdef void *scratch
     cdef int k = 0
@@ -258,8 +257,7 @@ def decode_detections(DecodeLayout layout not None, pred, double conf_threshold,
             free(scratch)
     if scratch == NULL:
         raise MemoryError()
-    if k < capacity:
-        return Decoded(boxes[:k].copy(), scores[:k].copy(), class_ids[:k].copy(),
-                       rows[:k].copy(), rboxes[:k].copy() if rotated else None,
-                       corners[:k].copy() if rotated else None)
+    if k < capacity:  # views: capacity is at most max_detections, copying costs more
+        return Decoded(boxes[:k], scores[:k], class_ids[:k], rows[:k],
+                       rboxes[:k] if rotated else None, corners[:k] if rotated else None)
     return Decoded(boxes, scores, class_ids, rows, rboxes, corners)
