@@ -5,7 +5,7 @@ and it fails here, loudly, naming the module and how to build it.
 """
 
 try:
-    from vasipc._fast import connloop, frameview, framing, letterbox, yolo  # noqa: F401
+    from vasipc._fast import connloop, decode, frameview, framing, letterbox, masks  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised by a broken install only
     raise ImportError(
         f"vasipc's compiled core is missing or broken ({exc}). Install the package with "
