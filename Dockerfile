@@ -47,6 +47,6 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && /opt/vasipc/bin/python -c "import vasipc._fast, vasipc.server, onnxruntime"
 
 USER 10001:10001
-# Exec form: the server is PID 1 and gets SIGTERM itself (it drains, CONTRACT 7).
+# Exec form: the server is PID 1 and gets SIGTERM itself (it drains, docs/contract.md 7).
 ENTRYPOINT ["python", "-m", "vasipc.serve"]
 CMD ["--help"]

@@ -76,7 +76,7 @@ def timed_loop(fn: Callable[[object], object], items: list, duration: float) -> 
 
 # --- the plain Python design (--plain): a baseline server ------------------------------------
 
-_META = struct.Struct("<IIQQIIIIQ16x")  # frame.meta (CONTRACT 5.1)
+_META = struct.Struct("<IIQQIIIIQ16x")  # frame.meta (docs/contract.md 5.1)
 
 
 def plain_decode(pred: np.ndarray, r: float, left: int, top: int, w: int, h: int,

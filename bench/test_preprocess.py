@@ -6,7 +6,7 @@ One group per source resolution, so each comparison prints side by side:
 - `vasipc`: `letterbox_into` writing straight into the (preallocated) input slot;
 - `vasipc_threads2`: the same with `threads=2` (the output rows split between the calling
   thread and one of the kernel's persistent pool; not single-threaded, listed for the ratio);
-- `opencv`: the reference pipeline of CONTRACT 6 as a Python server would write it:
+- `opencv`: the reference pipeline of docs/contract.md 6 as a Python server would write it:
   cvtColor NV12->RGB, resize INTER_LINEAR, copyMakeBorder 114, astype(float32)/255,
   transpose to CHW (contiguous);
 - `opencv_blob`: OpenCV at its best: cvtColor, resize into the centre of a preallocated
@@ -83,7 +83,7 @@ def test_vasipc(benchmark, frame):
     _group(benchmark, name)
     out = np.empty((3, SIZE, SIZE), np.float32)
     got = benchmark(vasipc_letterbox, nv12, w, h, geom, out)
-    # same work as the reference (CONTRACT 6 tolerance), so the timings compare like with like
+    # same work as the reference (docs/contract.md 6 tolerance), so the timings compare like with like
     assert np.abs(got - opencv_letterbox(nv12, w, h, geom)).mean() < 2 / 255
 
 

@@ -1,4 +1,4 @@
-"""A pure-Python reference of vasipc._fast.framing (CONTRACT section 2).
+"""A pure-Python reference of vasipc._fast.framing (docs/contract.md section 2).
 
 Slow and plain on purpose: socket.recv, struct and poll, one obvious step per rule.
 test_framing.py runs the same behaviour tests against this module and the compiled

@@ -1,7 +1,7 @@
 """Pure numpy reference of the compiled letterbox kernel, vasipc._fast.letterbox
 (the decoder's is tests/reference_decode.py).
 
-Written from the formulas (CONTRACT 5.3, 6), not from the C, and with no OpenCV: the
+Written from the formulas (docs/contract.md 5.3, 6), not from the C, and with no OpenCV: the
 tests run one set of assertions against both the compiled kernel and these (uvloop's
 pattern), so each pins the other. They are slow and clear; nothing in the product uses
 them.

@@ -27,7 +27,7 @@ def run_serve(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
 
 def assert_refused(result: subprocess.CompletedProcess | tuple[int, str], *needles: str,
                    max_lines: int = 2) -> str:
-    """CONTRACT 8: exit code 2, a usage line and one error line at most, no traceback."""
+    """docs/contract.md 8: exit code 2, a usage line and one error line at most, no traceback."""
     code, err = ((result.returncode, result.stderr)
                  if isinstance(result, subprocess.CompletedProcess) else result)
     lines = err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""vasipc.client against real servers (CONTRACT sections 1-4, 8), plus a scripted fake
+"""vasipc.client against real servers (docs/contract.md sections 1-4, 8), plus a scripted fake
 server for the failures a real one does not produce on demand."""
 
 from __future__ import annotations

@@ -977,7 +977,7 @@ else:
 
 
 def test_an_empty_answer_is_refused_and_the_stream_stays_intact(serve):
-    """CONTRACT 2: 1 <= N. An empty answer cannot be framed: ValueError, nothing written,
+    """docs/contract.md 2: 1 <= N. An empty answer cannot be framed: ValueError, nothing written,
     and the slot can still be answered."""
     deferred = Deferred()
     s = serve(deferred).connect()

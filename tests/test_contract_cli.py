@@ -1,4 +1,4 @@
-"""CONTRACT section 8 (command line): options and their defaults, bad options, model
+"""docs/contract.md section 8 (command line): options and their defaults, bad options, model
 sources (--model, --model-dir with model.yaml, --models-root), precedence of settings,
 labels. Real server processes; failing starts must be short and traceback-free."""
 

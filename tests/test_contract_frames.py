@@ -1,4 +1,4 @@
-"""CONTRACT section 5: frame-export directories, raw frame files, pixel formats, header
+"""docs/contract.md section 5: frame-export directories, raw frame files, pixel formats, header
 checks, confinement to the frame roots, torn reads, and the server's hands-off treatment of
 frames (no writes, no leaked fds or mappings); real /dev/shm files against real servers."""
 
@@ -700,7 +700,7 @@ def test_server_never_writes_to_frames(sock, root, astro):
 
 
 def test_nothing_is_held_after_the_response(nudenet_server, root, astro):
-    """No fd or mapping of a frame survives its response (CONTRACT 5: no reference past
+    """No fd or mapping of a frame survives its response (docs/contract.md 5: no reference past
     the response), so a writer can delete or reuse it at once."""
     sock, pid = nudenet_server.socket, nudenet_server.pid
     d = write_dir(root / "gone", astro, "RGB24")

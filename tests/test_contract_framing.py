@@ -1,4 +1,4 @@
-"""CONTRACT section 2 (framing): length prefixes, JSON bodies, persistent and
+"""docs/contract.md section 2 (framing): length prefixes, JSON bodies, persistent and
 connect-per-request use, pipelining, timeouts, many connections. Raw bytes on real
 sockets against real servers."""
 

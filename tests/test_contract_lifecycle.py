@@ -1,4 +1,4 @@
-"""CONTRACT section 7 (lifecycle): bind only when warm, drain on SIGTERM/SIGINT, the drain
+"""docs/contract.md section 7 (lifecycle): bind only when warm, drain on SIGTERM/SIGINT, the drain
 timeout, statelessness. Real servers, real signals."""
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_signal_drains_in_flight_requests(server_factory, astronaut_frame, sig):
         assert late["detections"] == [] and late["error"], late
         wire.send(monitor, {"op": "info", "request_id": "i"})
         assert wire.recv(monitor)["op"] == "info"
-        # codes that come before shutting_down still win (CONTRACT 4)
+        # codes that come before shutting_down still win (docs/contract.md 4)
         wire.send(monitor, wire.infer_request(str(astronaut_frame), "someone-else"))
         assert wire.recv(monitor)["error_code"] == "model_mismatch"
         wire.send(monitor, {"frame_reference": str(astronaut_frame), "model_id": MODEL_ID})

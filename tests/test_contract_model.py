@@ -1,4 +1,4 @@
-"""CONTRACT section 6: model processing. The server's detections are compared with an
+"""docs/contract.md section 6: model processing. The server's detections are compared with an
 independent reference pipeline written here (OpenCV colour conversion, resize and border,
 ONNX Runtime, numpy decode, OpenCV NMS), on a real photo, in every pixel format and both
 frame forms; plus class names, input size and the classes filter."""
@@ -70,7 +70,7 @@ class Reference:
     def detect(self, rgb: np.ndarray, in_size: int, conf: float = 0.25, iou: float = 0.45,
                max_det: int = 300, classes: list[int] | None = None,
                rescore: bool = False) -> list[dict]:
-        """Detections as CONTRACT 6 defines them; `rescore` instead takes the best of the
+        """Detections as docs/contract.md 6 defines them; `rescore` instead takes the best of the
         listed classes (not the contract's semantics: for telling the two apart)."""
         lb = letterbox(rgb, in_size, in_size)
         pred = self.raw(lb).T.astype(np.float64)
@@ -221,7 +221,7 @@ def test_wide_and_tall_frames(sock, reference, root, astronaut_rgb):
 
 
 def test_server_letterbox_matches_the_reference_tensor(photo):
-    """The tolerance of CONTRACT 6 on the tensor itself: the server's letterbox (its
+    """The tolerance of docs/contract.md 6 on the tensor itself: the server's letterbox (its
     compiled core, called directly: the tensor never crosses the wire) vs. OpenCV's."""
     letterbox_mod = pytest.importorskip("vasipc._fast.letterbox")
     for fmt in FORMATS:
@@ -368,7 +368,7 @@ SRC_W, SRC_H = 128, 64       # the frame: r = 0.5, resized 64x32, left 0, top ro
 
 
 def _expected_bbox(anchor: int) -> list[float]:
-    """CONTRACT 4/6 by hand: unletterbox, clip to the source frame, normalize."""
+    """docs/contract.md 4/6 by hand: unletterbox, clip to the source frame, normalize."""
     (cx, cy, w, h), _ = ANCHORS[anchor]
     r = min(IN_W / SRC_W, IN_H / SRC_H)
     left, top = round((IN_W - SRC_W * r) / 2 - 0.1), round((IN_H - SRC_H * r) / 2 - 0.1)

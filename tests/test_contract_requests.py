@@ -1,4 +1,4 @@
-"""CONTRACT section 3: requests (op, health, info, request_id, infer fields, config,
+"""docs/contract.md section 3: requests (op, health, info, request_id, infer fields, config,
 deadline_ms) and the overload they can cause, over raw sockets against real servers."""
 
 from __future__ import annotations
@@ -421,7 +421,7 @@ def test_deadline_exceeded_when_queued_behind_others(bench_server, frame_dir):
 
 def test_deadline_is_checked_before_the_frame_is_opened(bench_server):
     """A request that misses its deadline is answered deadline_exceeded even when its frame
-    would be refused: the queue check comes first (and precedes frame_* in CONTRACT 4)."""
+    would be refused: the queue check comes first (and precedes frame_* in docs/contract.md 4)."""
     sock = bench_server.socket
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
         root = Path(d)

@@ -1,4 +1,4 @@
-"""CONTRACT section 4: the shape of infer responses, error responses, every error_code of the
+"""docs/contract.md section 4: the shape of infer responses, error responses, every error_code of the
 table, and the precedence order when several apply; raw sockets against real servers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CONTRACT section 1 (transport): socket paths, modes, takeover of stale sockets, refusal
+"""docs/contract.md section 1 (transport): socket paths, modes, takeover of stale sockets, refusal
 of taken paths, model id and path length rules, removal at stop. Real servers, real
 sockets."""
 

@@ -1,4 +1,4 @@
-"""vasipc.frames: the frame-export header (CONTRACT 5.1), writers and pixel encoders (5.3)."""
+"""vasipc.frames: the frame-export header (docs/contract.md 5.1), writers and pixel encoders (5.3)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def test_encoder_rejects_bad_input(astronaut_rgb):
 @pytest.mark.parametrize("fmt", ["NV12", "I420", "BGR24", "RGB24"])
 def test_writer_sizes_agree_with_the_server_kernel(fmt):
     """The producer-side size rules (pure Python) and the kernel's own bounds (C) are two
-    spellings of CONTRACT 5.3; they must never drift apart."""
+    spellings of docs/contract.md 5.3; they must never drift apart."""
     from vasipc._fast.letterbox import FORMAT_CODES, frame_nbytes, min_stride
 
     code = FORMAT_CODES[fmt]

@@ -1,4 +1,4 @@
-"""Length-prefixed message I/O (vasipc._fast.framing, CONTRACT section 2), on real sockets.
+"""Length-prefixed message I/O (vasipc._fast.framing, docs/contract.md section 2), on real sockets.
 
 `_FramingBehaviour` is run against the compiled module and the pure-Python reference
 (tests/reference_framing.py), over a socketpair and over a real AF_UNIX listener, so the
@@ -80,7 +80,7 @@ def set_rcvbuf_small(sock: socket.socket) -> None:
 
 
 class _FramingBehaviour:
-    """The rules of CONTRACT 2 as the reader and send_message implement them."""
+    """The rules of docs/contract.md 2 as the reader and send_message implement them."""
 
     impl: ClassVar[types.ModuleType]
 

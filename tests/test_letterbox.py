@@ -1,4 +1,4 @@
-"""The fused preprocessing kernel (vasipc._fast.letterbox, CONTRACT 5.3 and 6) and
+"""The fused preprocessing kernel (vasipc._fast.letterbox, docs/contract.md 5.3 and 6) and
 vasipc.preprocess on a real photo.
 
 `_LetterboxBehaviour` runs against the compiled kernel and the numpy reference

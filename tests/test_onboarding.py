@@ -1,4 +1,4 @@
-"""Onboarding a model (issue 5 item 1, CONTRACT 8): model.yaml validation and `vasipc check`.
+"""Onboarding a model (issue 5 item 1, docs/contract.md 8): model.yaml validation and `vasipc check`.
 
 Every invalid model directory is refused with exit code 2 and its own one-line message,
 the same through `python -m vasipc.serve --model-dir` and `python -m vasipc.check` (real

@@ -3,7 +3,7 @@
 The graph (colour conversion, bilinear resize, pad, / 255) runs on ONNX Runtime's CPU
 provider here and must match `_fast.letterbox.letterbox_into` (itself bit-exact with the
 contract's OpenCV reference) within the contract's tolerance: mean |diff| <= 2/255 and
-99.9% of elements within 8/255 (CONTRACT 6). Frames are the astronaut photo resized to
+99.9% of elements within 8/255 (docs/contract.md 6). Frames are the astronaut photo resized to
 each geometry, with garbage in the stride padding, so a graph reading padding bytes or
 misplacing a plane fails. Every family's Preprocess (letterbox, stretch, centre crop; RGB
 or BGR, mean/std, pad value) runs on the graph and is held to the same bounds against
@@ -49,7 +49,7 @@ from vasipc.preprocess_graph import (  # noqa: E402
 FORMATS = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
 MODEL_SIZES = [(640, 640), (320, 320)]
 PAD = np.float32(114) / np.float32(255)
-MEAN_TOL, P999_TOL = 2 / 255, 8 / 255  # CONTRACT 6
+MEAN_TOL, P999_TOL = 2 / 255, 8 / 255  # docs/contract.md 6
 # This implementation's own bound (observed <= 0.82/255 on CPU): a regression guard far
 # inside the contract's, so a small systematic error (a coefficient, an offset) shows.
 MAX_TOL_CPU = 1.5 / 255
@@ -111,7 +111,7 @@ def _stride(fmt: int, width: int, extra: int) -> int:
 
 
 def _planes(fmt: int, width: int, height: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """(offset, rows, row bytes, row stride) of each plane of a frame (CONTRACT 5.3)."""
+    """(offset, rows, row bytes, row stride) of each plane of a frame (docs/contract.md 5.3)."""
     luma = stride * height
     if fmt == NV12:
         return [(0, height, width, stride), (luma, height // 2, width, stride)]

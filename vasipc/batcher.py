@@ -34,7 +34,7 @@ host; in graph mode (CUDA, or `--preprocess graph`) it is a `device_path.DeviceB
 the model's device: each frame is copied to a staging buffer and resized by the
 preprocessing graph straight into its device slot, and the batch runs IO-bound.
 
-Semantics (CONTRACT 3.1, 4):
+Semantics (docs/contract.md 3.1, 4):
 - `--max-queue` counts requests waiting in the queue; at most two batches more are
   between the queue and their response (one prepared, one running).
 - `deadline_ms` is checked when a request leaves the queue, before its frame is opened;
@@ -77,7 +77,7 @@ from vasipc.schema import InferRequest
 log = logging.getLogger("vasipc")
 _now = time.perf_counter
 
-# Errors after which the session cannot be trusted again (CONTRACT 7): the server stops
+# Errors after which the session cannot be trusted again (docs/contract.md 7): the server stops
 # being ready and exits 1 so its supervisor restarts it.
 _STICKY_MARKERS = ("CUDA failure", "cudaError", "CUDNN_STATUS", "CUBLAS_STATUS",
                    "illegal memory access", "device-side assert")

@@ -36,7 +36,7 @@ _MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
 def default_socket_dir() -> str:
-    """Where servers put their sockets by default (CONTRACT 1): $VASIPC_SOCKET_DIR or /tmp."""
+    """Where servers put their sockets by default (docs/contract.md 1): $VASIPC_SOCKET_DIR or /tmp."""
     return os.environ.get("VASIPC_SOCKET_DIR") or "/tmp"
 
 
@@ -148,7 +148,7 @@ class InferResult:
 @dataclass(frozen=True, slots=True)
 class ServerInfo:
     socket: str
-    info: dict[str, Any]  # the server's `info` answer (CONTRACT 3.3)
+    info: dict[str, Any]  # the server's `info` answer (docs/contract.md 3.3)
 
 
 def _raise_on_error(resp: dict[str, Any]) -> dict[str, Any]:
@@ -435,11 +435,11 @@ class Client:
     # -- the contract's operations --
 
     def health(self, *, timeout: float | None = None, socket: str | None = None) -> dict[str, Any]:
-        """The server's `health` answer (CONTRACT 3.2)."""
+        """The server's `health` answer (docs/contract.md 3.2)."""
         return _raise_on_error(self.request({"op": "health"}, timeout, socket=socket))
 
     def info(self, *, timeout: float | None = None, socket: str | None = None) -> dict[str, Any]:
-        """The server's `info` answer (CONTRACT 3.3)."""
+        """The server's `info` answer (docs/contract.md 3.3)."""
         return _raise_on_error(self.request({"op": "info"}, timeout, socket=socket))
 
     def infer(
@@ -455,7 +455,7 @@ class Client:
         model_id: str | None = None,
         timeout: float | None = None,
     ) -> InferResult:
-        """Run the model on one frame (CONTRACT 3.1) and return its detections.
+        """Run the model on one frame (docs/contract.md 3.1) and return its detections.
 
         `frame_reference`: absolute path of a frame-export directory or raw frame file;
         `frame_metadata` may be omitted for export directories. Raises the

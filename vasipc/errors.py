@@ -1,4 +1,4 @@
-"""The contract's error codes (CONTRACT section 4), shared by server and client.
+"""The contract's error codes (docs/contract.md section 4), shared by server and client.
 
 Each `error_code` has one exception class. The server raises them while handling a
 request and turns them into an error response; the client raises the same classes when
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-# Precedence when several codes apply: the first in this order wins (CONTRACT 4).
+# Precedence when several codes apply: the first in this order wins (docs/contract.md 4).
 PRECEDENCE: tuple[str, ...] = (
     "invalid_message",
     "message_too_large",

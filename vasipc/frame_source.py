@@ -1,4 +1,4 @@
-"""Opening a request's frame: confinement, validation, zero-copy mapping (CONTRACT 5).
+"""Opening a request's frame: confinement, validation, zero-copy mapping (docs/contract.md 5).
 
 `open_frame` resolves `frame_reference`, refuses anything outside the frame roots or
 that is not a regular file / directory, checks every size before a pixel is touched, and
@@ -380,7 +380,7 @@ class FrameOpener:
         frame = OpenFrame(view, fmt, width, height, stride, fid,
                           (meta_st.st_dev, meta_st.st_ino, meta_st.st_mtime_ns), os.dup(dfd))
         try:
-            frame.check_unchanged()  # right after mapping (CONTRACT 5.1)
+            frame.check_unchanged()  # right after mapping (docs/contract.md 5.1)
         except BaseException:
             frame.close()
             raise

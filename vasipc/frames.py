@@ -1,4 +1,4 @@
-"""The frame-export layout (CONTRACT 5.1) and pixel-format encoders, for producers and tests.
+"""The frame-export layout (docs/contract.md 5.1) and pixel-format encoders, for producers and tests.
 
 This module is the one definition of the 64-byte `frame.meta` header: the server reads it
 with `FrameHeader.unpack`, producers write it with `write_frame_dir`. Pure Python + numpy,
@@ -19,7 +19,7 @@ import numpy as np
 
 HEADER_SIZE = 64
 # version, padding, frame_id, timestamp_ns, width, height, pixel_format, stride, data_size,
-# 16 reserved bytes: the table of CONTRACT 5.1, little-endian.
+# 16 reserved bytes: the table of docs/contract.md 5.1, little-endian.
 HEADER_STRUCT = struct.Struct("<IIQQIIIIQ16x")
 assert HEADER_STRUCT.size == HEADER_SIZE
 
@@ -96,7 +96,7 @@ def packed_stride(width: int, pixel_format: str | int) -> int:
 
 
 def frame_size(width: int, height: int, pixel_format: str | int, stride: int | None = None) -> int:
-    """Bytes a frame occupies (CONTRACT 5.3), with rows of `stride` bytes."""
+    """Bytes a frame occupies (docs/contract.md 5.3), with rows of `stride` bytes."""
     code = _format_code(pixel_format)
     if stride is None:
         stride = packed_stride(width, code)
@@ -143,7 +143,7 @@ def write_frame_dir(
     timestamp_ns: int | None = None,
     version: int = 1,
 ) -> FrameHeader:
-    """Export one frame as a frame-export directory (CONTRACT 5.1).
+    """Export one frame as a frame-export directory (docs/contract.md 5.1).
 
     Writes `frame.data`, then `frame.meta`, each by atomic rename, creating the directory
     if needed. `data_size` is the length of `data`; the pixels are written as given (the
@@ -171,7 +171,7 @@ def write_frame_dir(
 
 def write_raw_frame(path: str | os.PathLike[str], data: BytesLike,
                     offset: int = 0) -> None:
-    """Write `data` at `offset` of a raw frame file (CONTRACT 5.2), creating it if needed.
+    """Write `data` at `offset` of a raw frame file (docs/contract.md 5.2), creating it if needed.
 
     In place, not atomic: a raw file can be a ring of frames that readers address by offset.
     """
@@ -235,7 +235,7 @@ def _padded_rows(plane: np.ndarray, stride: int) -> np.ndarray:
 def encode_frame(rgb: np.ndarray, pixel_format: str | int,
                  stride: int | None = None) -> np.ndarray:
     """Encode an RGB image (uint8, height x width x 3) in one of the contract's pixel formats
-    (CONTRACT 5.3), rows padded to `stride` bytes (default: packed). Returns flat uint8.
+    (docs/contract.md 5.3), rows padded to `stride` bytes (default: packed). Returns flat uint8.
 
     NV12 and I420 need an even width and height (ValueError otherwise; crop first).
     """

@@ -1,4 +1,4 @@
-"""The listening Unix socket: path rules, stale-socket takeover, removal (CONTRACT 1)."""
+"""The listening Unix socket: path rules, stale-socket takeover, removal (docs/contract.md 1)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Where the model comes from: --model, --model-dir (model.yaml) or --models-root.
 
-The one place that reads `model.yaml` (the original onboarding format, CONTRACT 8):
+The one place that reads `model.yaml` (the original onboarding format, docs/contract.md 8):
 `model_id`, `model_name`, `model_version`, `model_weights`, `confidence_threshold`,
 `nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file`,
 `resource_requirements.gpu_required` / `cpu_fallback_allowed`, and for models without
@@ -312,7 +312,7 @@ def from_models_root(root: str, model_id: str, version: str | None) -> ModelSour
 
 def model_id_for(source: ModelSource, given: str | None = None) -> str:
     """The id callers address: `given` (--model-id), else model.yaml's model_id, else the
-    weights file's stem; never model_name, which need not be a valid id (CONTRACT 8)."""
+    weights file's stem; never model_name, which need not be a valid id (docs/contract.md 8)."""
     stem = os.path.splitext(os.path.basename(source.weights))[0]
     model_id = next(v for v in (given, source.model_id, stem) if v is not None)
     if not MODEL_ID_RE.match(model_id):
@@ -326,7 +326,7 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
                conf: float | None = None, iou: float | None = None,
                max_detections: int | None = None, threads: int | None = None) -> ModelSpec:
     """What to load: the command line's values (None: not given) over model.yaml's over
-    ModelSpec's defaults (CONTRACT 8). The server and `vasipc check` both build it here.
+    ModelSpec's defaults (docs/contract.md 8). The server and `vasipc check` both build it here.
 
     Refuses a CPU device that model.yaml's resource_requirements rule out: always with
     gpu_required, and with cpu_fallback_allowed: false when `device_arg` (--device) was

@@ -11,13 +11,13 @@ One graph per pixel format, model input size and :class:`~vasipc.preprocess.Prep
 (resize mode, channel order, mean/std, pad value: what the C kernel takes); the frame
 geometry is a runtime input, so one session serves every camera resolution:
 
-- ``frame``: uint8 ``[N]``, the frame's bytes exactly as in the file (CONTRACT 5.3):
+- ``frame``: uint8 ``[N]``, the frame's bytes exactly as in the file (docs/contract.md 5.3):
   ``height`` rows of ``stride`` bytes, then the chroma rows for NV12 / I420. Bytes past
   the frame's end are ignored.
 - ``geometry``: int64 ``[7]``: ``width, height, stride, new_w, new_h, left, top``
   (:data:`GEOMETRY_FIELDS`), the last four from ``Preprocess.placement`` (a centre crop's
   left/top are negative and its resized image overhangs the input).
-- ``images``: float32 ``[1, 3, in_h, in_w]``: the model's input (CONTRACT 6), RGB or BGR
+- ``images``: float32 ``[1, 3, in_h, in_w]``: the model's input (docs/contract.md 6), RGB or BGR
   planes, each ``(v / 255 - mean) / std``.
 
 The graph follows the contract's OpenCV reference in float: BT.601 limited-range YUV ->

@@ -151,7 +151,7 @@ def _parse_frame_metadata(fm: Any) -> FrameMetadata:
 
 
 def _parse_config(cfg: Any, num_classes: int) -> InferConfig:
-    if type(cfg) is not dict:  # present but null is a wrong type too (CONTRACT 3)
+    if type(cfg) is not dict:  # present but null is a wrong type too (docs/contract.md 3)
         raise InvalidRequest("config must be an object")
     classes = None
     if "classes" in cfg:

@@ -1,4 +1,4 @@
-"""`python -m vasipc.serve`: the model server's command line (CONTRACT 8).
+"""`python -m vasipc.serve`: the model server's command line (docs/contract.md 8).
 
 Precedence of settings: command line, then environment (`VASIPC_<OPTION>`, e.g.
 VASIPC_SOCKET_DIR, VASIPC_MAX_BATCH; VASIPC_FRAME_ROOT is a colon-separated list), then
@@ -159,7 +159,7 @@ def _resolve_source(args: argparse.Namespace):
 
 def _model_id(args: argparse.Namespace, source) -> str:
     """The id callers address: --model-id, else model.yaml's, else the weights' stem (not
-    model_name: CONTRACT 8)."""
+    model_name: docs/contract.md 8)."""
     from vasipc.model_yaml import model_id_for
 
     return model_id_for(source, args.model_id)

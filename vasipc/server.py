@@ -1,4 +1,4 @@
-"""The server: request dispatch, responses, drain (CONTRACT 2, 3, 7).
+"""The server: request dispatch, responses, drain (docs/contract.md 2, 3, 7).
 
 One I/O thread runs `_fast.connloop.ConnectionLoop` (epoll: accept, read, frame, write
 for every connection) and calls `_on_message` once per complete message. `health`,
@@ -156,7 +156,7 @@ class Server:
 
         while pending() and time.monotonic() < deadline and self.fatal is None:
             time.sleep(0.005)
-        if self.fatal is not None:  # the session failed while draining: CONTRACT 7's exit 1
+        if self.fatal is not None:  # the session failed while draining: docs/contract.md 7's exit 1
             return self.abort()
         code = 0
         if pending():

@@ -1,4 +1,4 @@
-"""Every client connection of a listening socket, served by one epoll thread (CONTRACT 2).
+"""Every client connection of a listening socket, served by one epoll thread (docs/contract.md 2).
 
 This module's one job: accept connections, read and frame their messages (a uint32
 big-endian length N, then N bytes), and write the answers back in request order, all
@@ -829,7 +829,7 @@ cdef class ConnectionLoop:
         cdef bint was_full = conn.owed() >= self.pipeline_depth
         cdef int64_t now
         cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
-        if size == 0 or <size_t>size > 0xFFFFFFFFu:  # CONTRACT 2: 1 <= N, and N fits a uint32
+        if size == 0 or <size_t>size > 0xFFFFFFFFu:  # docs/contract.md 2: 1 <= N, and N fits a uint32
             raise ValueError(f"an answer of {size} bytes cannot be framed")
         if slot != conn.head_slot:
             conn.early[slot] = body

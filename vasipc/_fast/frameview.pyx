@@ -67,7 +67,7 @@ cdef extern from *:
 # off_t is 64 bits on every platform this builds for (Linux x86-64/aarch64).
 cdef long long OFF_T_MAX = 0x7FFFFFFFFFFFFFFF
 cdef long long PAGE_BYTES = sysconf(_SC_PAGESIZE)
-cdef Py_ssize_t HEADER_BYTES = 64  # frame.meta's header (CONTRACT 5.1); more is not read
+cdef Py_ssize_t HEADER_BYTES = 64  # frame.meta's header (docs/contract.md 5.1); more is not read
 
 # openat2 with RESOLVE_NO_SYMLINKS is what makes the fast path safe; a kernel before
 # 5.6, or a seccomp filter that refuses it (ENOSYS, or EPERM from older Docker

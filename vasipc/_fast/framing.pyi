@@ -1,4 +1,4 @@
-"""Length-prefixed message I/O on a stream socket (CONTRACT section 2). See framing.pyx."""
+"""Length-prefixed message I/O on a stream socket (docs/contract.md section 2). See framing.pyx."""
 
 from typing_extensions import Buffer
 

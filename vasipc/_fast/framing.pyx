@@ -1,4 +1,4 @@
-"""Length-prefixed message I/O on a stream socket (CONTRACT section 2).
+"""Length-prefixed message I/O on a stream socket (docs/contract.md section 2).
 
 This module's one job: move messages, each a uint32 big-endian length N then N bytes,
 between a connected SOCK_STREAM socket and Python, with the GIL released around every
@@ -82,7 +82,7 @@ class ReadTimeout(FramingError):
 
 
 class ZeroLength(FramingError):
-    """The length prefix was 0 (CONTRACT 2 requires N >= 1)."""
+    """The length prefix was 0 (docs/contract.md 2 requires N >= 1)."""
 
 
 class TooLarge(FramingError):
@@ -497,7 +497,7 @@ def send_message(int fd, body, double timeout):
     PyObject_GetBuffer(body, &data, PyBUF_SIMPLE)
     try:
         if data.len == 0:
-            raise ValueError("a message body cannot be empty (CONTRACT 2: N >= 1)")
+            raise ValueError("a message body cannot be empty (docs/contract.md 2: N >= 1)")
         if <size_t>data.len > 0xFFFFFFFFu:
             raise ValueError(f"a message body of {data.len} bytes does not fit a uint32 prefix")
         with nogil:

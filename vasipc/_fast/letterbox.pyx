@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Preprocess one frame into one slot of the model's input tensor (CONTRACT 5.3, 6).
+"""Preprocess one frame into one slot of the model's input tensor (docs/contract.md 5.3, 6).
 
 letterbox_into() runs the fused kernel (letterbox_kernel.c): colour conversion at the
 bilinear taps only, resize, placement (letterbox, stretch or centre crop: any offset,

@@ -28,14 +28,14 @@
 extern "C" {
 #endif
 
-/* The frame header's pixel_format codes (CONTRACT 5.1). */
+/* The frame header's pixel_format codes (docs/contract.md 5.1). */
 enum vas_pixel_format { VAS_NV12 = 0, VAS_I420 = 1, VAS_BGR24 = 2, VAS_RGB24 = 3 };
 
 /* The order of the output planes. */
 enum lb_channel_order { LB_RGB = 0, LB_BGR = 1 };
 
 typedef struct lb_job {
-    /* The source frame: its first byte, layout per CONTRACT 5.3. */
+    /* The source frame: its first byte, layout per docs/contract.md 5.3. */
     const uint8_t *frame;
     int format;             /* enum vas_pixel_format */
     int width, height;      /* pixels; even for NV12/I420 */
