@@ -351,3 +351,78 @@ def test_refusal_is_one_line_naming_shapes_task_and_declaration(name: str, model
     for oname, value in outputs:
         assert oname in err and str(value.shape[1]) in err, err
     assert (f"metadata task '{meta['task']}'" if meta else "no Ultralytics metadata") in err
+
+
+# --- vasipc check ---------------------------------------------------------------------------------
+
+def _check(*args: str) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, _child_env
+
+    res = subprocess.run([sys.executable, "-m", "vasipc.check", *args], capture_output=True,
+                         text=True, cwd=REPO_ROOT, env=_child_env(), timeout=120)
+    return res.returncode, res.stdout, res.stderr
+
+
+def test_check_reports_family_task_and_keypoints(model_dir: Path) -> None:
+    import json
+
+    _, pose = built("yolo-pose", model_dir / "check")
+    code, out, err = _check(str(pose), "--device", "cpu")
+    assert code == 0, err
+    assert "family       yolo, task pose, NMS in the server" in out, out
+    assert "keypoints    17: unnamed" in out, out
+    assert "resize letterbox" in out, out
+    _, cls = built("yolo-classify", model_dir / "check")
+    code, out, err = _check(str(cls), "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["architecture"], report["task"], report["nms"]) == ("yolo-classify", "classify", "model")
+    assert report["input"]["resize"] == "center_crop" and report["detections"] == 5  # the top 5
+
+
+def test_check_names_what_it_refused(model_dir: Path) -> None:
+    path = _malformed(model_dir, "pose-without-kpt-shape")
+    code, out, err = _check(str(path), "--device", "cpu")
+    assert code == 2 and out == "", (code, out)
+    assert_refused((code, err), "kpt_shape", "output0 [batch, 56, 50]", "metadata task 'pose'",
+                   "architecture:", max_lines=1)
+
+
+# --- metadata is data, whatever it holds -------------------------------------------------------------
+
+def test_metadata_of_any_shape_is_recognized_or_refused_in_one_line(model_dir: Path) -> None:
+    """ONNX metadata values are read with ast.literal_eval: any text in any key gives a
+    family or a ModelError line, never another exception (nor code execution)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from vasipc.heads import Declared, ModelFacts, TensorFacts, family_for
+
+    text = st.one_of(st.text(max_size=40), st.sampled_from(
+        ["True", "False", "[17, 3]", "[17, 2]", "[320, 320]", "320", "{0: 'a'}", "['a', 'b']",
+         "{'nms': True}", "__import__('os').system('false')", "[[1]]", "{1: 'a'}", "1e400", "()"]))
+    keys = st.sampled_from(["task", "end2end", "args", "names", "kpt_shape", "kpt_names",
+                            "imgsz", "stride", "head", "description"])
+    outputs = st.lists(st.tuples(st.sampled_from(["output0", "output1", "dets", "labels"]),
+                                 st.lists(st.one_of(st.integers(-1, 400), st.none(),
+                                                    st.just("anchors")), min_size=1, max_size=4)),
+                       min_size=1, max_size=3)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.dictionaries(keys, text, max_size=6), outputs)
+    def recognize(meta: dict, outs: list) -> None:
+        facts = ModelFacts("m.onnx", (TensorFacts("images", ("batch", 3, "h", "w"), "tensor(float)"),),
+                           tuple(TensorFacts(n, tuple(s), "tensor(float)") for n, s in outs),
+                           meta, Declared())
+        try:
+            family = family_for(facts)
+            _ = (facts.input_size, facts.kpt_shape, facts.kpt_names, facts.end2end)
+            family.build([tuple(d if isinstance(d, int) and d > 0 else 1 for d in s)
+                          for _, s in outs])
+        except ModelError as exc:
+            assert "\n" not in str(exc)
+
+    recognize()
