@@ -238,70 +238,29 @@ def test_every_family_preprocess_on_the_path(models, astronaut_rgb, pre):
     assert np.abs(got - kernel).mean() * min(pre.std) <= 1 / 255
 
 
-@dataclasses.dataclass
-class _TwoOutputModel:
-    """What DevicePath reads of a LoadedModel, for a real session of a tiny D-FINE-shaped
-    graph: inputs images and orig_target_sizes, outputs labels (int64), boxes, scores."""
+def test_run_returns_every_output_with_extra_inputs(tmp_path):
+    """DevicePath.run on a real D-FINE-shaped model (tests/family_models.py: inputs images
+    and orig_target_sizes, outputs labels int64, boxes scaled by the target sizes, scores):
+    every output in output_names order, cut to n, C-contiguous, int64 kept, floats float32,
+    and orig_target_sizes (the input's own size) fed at the padded size."""
+    from family_models import IMGSZ
+    from family_models import build as build_case
 
-    session: object
-    input_width: int = 8
-    input_height: int = 6
-    batch_sizes: tuple = (1, 2, 4)
-    input_name: str = "images"
-    output_names: tuple = ("labels", "boxes", "scores")
-    extra_calls: list = dataclasses.field(default_factory=list)
+    from vasipc import model_yaml
 
-    def run_size(self, n: int) -> int:
-        return next(s for s in self.batch_sizes if s >= n)
-
-    def extra_inputs(self, size: int) -> dict:
-        self.extra_calls.append(size)
-        return {"orig_target_sizes": np.tile(np.array([[640, 480]], np.int64), (size, 1)) * (
-            np.arange(size, dtype=np.int64)[:, None] + 1)}
-
-
-def _two_output_session():
-    onnx = pytest.importorskip("onnx")
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Mul", ["orig_target_sizes", "two"], ["labels"]),
-        helper.make_node("Cast", ["orig_target_sizes"], ["sizes_f"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["images"], ["scores"], axes=[2, 3], keepdims=0),
-        helper.make_node("Concat", ["sizes_f", "sizes_f"], ["boxes"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "dfine_like",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 6, 8]),
-         helper.make_tensor_value_info("orig_target_sizes", TensorProto.INT64, ["n", 2])],
-        [helper.make_tensor_value_info("labels", TensorProto.INT64, ["n", 2]),
-         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])],
-        initializer=[helper.make_tensor("two", TensorProto.INT64, [], [2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def test_run_returns_every_output_with_extra_inputs():
-    """DevicePath.run: every output in output_names order, cut to n, C-contiguous, int64
-    kept and floats float32; the extra inputs fed for the padded size."""
-    model = _TwoOutputModel(_two_output_session())
-    path = DevicePath(Device("cpu"), 8, 6, 1, IMAGENET)
-    buf = path.new_batch(model)
-    images = np.arange(4 * 3 * 6 * 8, dtype=np.float32).reshape(4, 3, 6, 8) / 100
-    buf.value.update_inplace(images)
-    labels, boxes, scores = path.run(model, buf, 3)
-    assert model.extra_calls == [4]  # run at the padded size 4, cut to 3
-    sizes = np.array([[640, 480]], np.int64) * np.arange(1, 4)[:, None]
-    assert labels.dtype == np.int64 and np.array_equal(labels, 2 * sizes)
-    assert boxes.dtype == np.float32 and np.array_equal(boxes, np.hstack([sizes, sizes]))
-    assert np.allclose(scores, images[:3].mean(axis=(2, 3)), atol=1e-5)
-    assert all(o.flags.c_contiguous and o.shape[0] == 3 for o in (labels, boxes, scores))
-    labels, _, _ = path.run(model, buf, 1)  # size 1: its own binding, its own extra inputs
-    assert model.extra_calls == [4, 1] and np.array_equal(labels, [[1280, 960]])
+    case, path = build_case("dfine", tmp_path)
+    spec = model_yaml.model_spec(model_yaml.from_model_dir(str(path)), Device("cpu"), "m")
+    model = load_model(spec, Device("cpu"), 4, preprocess="graph")
+    assert model.device_path is not None and model.batch_sizes == (1, 2, 4)
+    want = dict(case.outputs)
+    buf = model.new_buffer()
+    for n in (3, 1):  # 3 runs padded to 4, cut to 3
+        labels, boxes, scores = model.device_path.run(model, buf, n)
+        assert labels.dtype == np.int64 and np.array_equal(labels, np.repeat(want["labels"], n, 0))
+        assert boxes.dtype == np.float32
+        assert np.allclose(boxes, np.repeat(want["boxes"], n, 0) * IMGSZ, rtol=1e-6)
+        assert np.array_equal(scores, np.repeat(want["scores"], n, 0))
+        assert all(o.flags.c_contiguous and o.shape[0] == n for o in (labels, boxes, scores))
 
 
 def test_staging_buffers_are_reused(models, nv12_frames):
