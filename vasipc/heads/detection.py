@@ -16,7 +16,7 @@ import numpy as np
 from vasipc._fast.decode import Decoded, DecodeLayout, decode_detections
 from vasipc._fast.masks import MASK_POLYGON, MASK_RLE, segment_masks
 from vasipc.client import rle_counts
-from vasipc.heads.base import Head, Keypoints, ModelFacts, round6
+from vasipc.heads.base import Head, Keypoints, round6
 from vasipc.preprocess import Geometry, Preprocess
 from vasipc.schema import InferConfig
 
@@ -120,7 +120,7 @@ def detection_dicts(found: Decoded, names: tuple[str, ...]) -> list[dict[str, An
 class DetectionHead(Head):
     """A box detector: subclasses set `layout` and may override `rows`."""
 
-    def __init__(self, facts: ModelFacts, *, architecture: str, task: str, nms: str,
+    def __init__(self, *, architecture: str, task: str, nms: str,
                  class_names: tuple[str, ...], preprocess: Preprocess, layout: DecodeLayout,
                  extra: Extra | None = None, keypoints: Keypoints | None = None) -> None:
         self.architecture, self.task, self.nms = architecture, task, nms

@@ -34,8 +34,8 @@ def extra_inputs(facts: ModelFacts, size: int) -> dict[str, np.ndarray]:
 
 
 class DfineHead(DetectionHead):
-    def __init__(self, facts: ModelFacts, *args, order: tuple[int, int, int], **kw) -> None:
-        super().__init__(facts, *args, **kw)
+    def __init__(self, facts: ModelFacts, *, order: tuple[int, int, int], **kw) -> None:
+        super().__init__(**kw)
         self.facts, self.order = facts, order
         self.sizes: dict[int, dict[str, np.ndarray]] = {}  # by batch size, made once
 

@@ -33,8 +33,8 @@ def recognize(facts: ModelFacts) -> bool:
 
 
 class RfdetrHead(DetectionHead):
-    def __init__(self, *args, dets: int, labels: int, **kw) -> None:
-        super().__init__(*args, **kw)
+    def __init__(self, *, dets: int, labels: int, **kw) -> None:
+        super().__init__(**kw)
         self.dets, self.labels = dets, labels
 
     def rows(self, outputs, i):
@@ -52,6 +52,6 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
     nc = lab[2]
     layout = DecodeLayout(num_fields=4 + nc, num_classes=nc, box_scale=facts.input_size,
                           score_mode=SCORE_PAIRS, class_offset=4, sigmoid=True, nms=NMS_NONE)
-    return RfdetrHead(facts, architecture=ARCHITECTURE, task=task, nms="model",
+    return RfdetrHead(architecture=ARCHITECTURE, task=task, nms="model",
                       class_names=class_names_for(facts, nc), preprocess=preprocess,
                       layout=layout, dets=which[0], labels=which[1])

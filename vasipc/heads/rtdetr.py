@@ -41,6 +41,6 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
         raise facts.refuse(f"{fields} values per query fit neither 4 + {nc} classes nor "
                            "cx, cy, w, h, score, class (6)" if nc is not None else
                            "a [batch, queries, 6] output needs class names for its class count")
-    return DetectionHead(facts, architecture=ARCHITECTURE, task=task, nms="model",
+    return DetectionHead(architecture=ARCHITECTURE, task=task, nms="model",
                          class_names=class_names_for(facts, nc), preprocess=preprocess,
                          layout=layout)

@@ -81,6 +81,6 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
     names = class_names_for(facts, nc)
     layout = DecodeLayout(num_fields=channels, num_classes=nc, class_offset=4,
                           angle_field=angle, nms=nms)
-    return YoloHead(facts, architecture=ARCHITECTURE, task=task, nms="server",
+    return YoloHead(architecture=ARCHITECTURE, task=task, nms="server",
                     class_names=names, preprocess=preprocess, layout=layout, extra=extra,
                     keypoints=keypoints)

@@ -53,6 +53,6 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
     layout = DecodeLayout(num_fields=fields, num_classes=nc, box_format=box,
                           score_mode=SCORE_FIELD, score_field=4, class_field=5,
                           angle_field=angle, nms=NMS_NONE)
-    return DetectionHead(facts, architecture=ARCHITECTURE, task=task, nms="model",
+    return DetectionHead(architecture=ARCHITECTURE, task=task, nms="model",
                          class_names=names, preprocess=preprocess, layout=layout, extra=extra,
                          keypoints=keypoints)

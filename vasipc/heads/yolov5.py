@@ -28,6 +28,6 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
     nc = out[2] - 5
     layout = DecodeLayout(num_fields=out[2], num_classes=nc, score_mode=SCORE_OBJ_X_CLASS,
                           obj_field=4, class_offset=5, nms=NMS_CLASS)
-    return DetectionHead(facts, architecture=ARCHITECTURE, task=task, nms="server",
+    return DetectionHead(architecture=ARCHITECTURE, task=task, nms="server",
                          class_names=class_names_for(facts, nc), preprocess=preprocess,
                          layout=layout)
