@@ -6,9 +6,19 @@
  * summed over the channels in order (BLAS sums in another order: the only difference);
  * the bilinear weights are upsample_bilinear2d's (compute_source_index_and_lambda);
  * each output is (v00*wx0 + v01*wx1)*wy0 + (v10*wx0 + v11*wx1)*wy1, rows along x first.
+ *
+ * Most pixels are never computed. The box's columns fall into x segments, runs of
+ * columns with the same two taps (cells) along x, and its rows into y segments alike; a
+ * block (x segment, y segment) reads the same four cells at every pixel. Where the four
+ * logits have one sign the block is uniform (proof at classify()), so a column is walked
+ * segment by segment and evaluated pixel by pixel only inside mixed blocks, the blocks
+ * the mask's edge crosses. The walk yields the rows where the column's value flips; the
+ * RLE writes them as counts, the polygon path as runs it labels into 8-connected parts
+ * (union-find over runs) and traces without ever drawing a bitmap.
  */
 #include "mask_kernel.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -98,21 +108,32 @@ void mk_box_init(mk_box *b, const mk_geometry *g, const float xyxy[4])
 /* ------------------------------------------------------------------------------------ */
 /* Scratch                                                                               */
 
-/* Where each part of the scratch lies (byte offsets), for one box and format. */
+/* A column run of mask pixels, rows [y0, y1), and its part (union-find). */
+typedef struct {
+    int32_t y0, y1;
+    int32_t parent;   /* a run of the same part; the part's root is its own parent */
+    int32_t size;     /* at the root: the part's pixels */
+    int32_t first;    /* at the root: the part's first pixel in raster order, y * bw + x */
+} run;
+
+/* What mk_polygon() leaves for mk_polygon_points(), at the start of the scratch. */
+typedef struct {
+    int32_t x, y;     /* the traced part's first pixel (in the box); x < 0: empty mask */
+} trace_state;
+
+/* Where each part of the scratch lies (byte offsets), for one box and format; every part
+ * before `classes` holds 4-byte elements, so each is aligned. */
 typedef struct {
     size_t cells;      /* float [ncy][ncx]: the logits of the cells read */
-    size_t rows;       /* float [bw][ncy]: each cell row interpolated at the box's columns */
-    size_t taps;       /* int32 x0[bw], x1[bw], y0[bh], y1[bh]; float wx0, wx1, wy0, wy1 */
-    size_t stack;      /* MK_POLYGON: int32 [bw*bh], the flood fill's stack */
-    size_t bits;       /* MK_RLE: uint8 [bw][bh]; MK_POLYGON: uint8 [bh+2][bw+2] */
+    size_t weights;    /* float wx0[bw], wx1[bw], wy0[bh], wy1[bh] */
+    size_t segments;   /* int32 x: start[bw+1], c0[bw], c1[bw]; y: start[bh+1], r0[bh], r1[bh] */
+    size_t flips;      /* int32 [bh]: one column's flips */
+    size_t columns;    /* MK_POLYGON: int32 [bw+1], each column's first run */
+    size_t runs;       /* MK_POLYGON: run [bw * ceil(bh/2)] */
+    size_t classes;    /* uint8 [ncx][ncy]: each block's class */
     size_t text;       /* MK_RLE: the string */
     size_t end;
 } layout;
-
-/* The state mk_polygon() leaves for mk_polygon_points(), at the start of the scratch. */
-typedef struct {
-    ptrdiff_t start;   /* the contour's first pixel in the padded bitmap */
-} trace_state;
 
 #define ADD(a, b) do { if (__builtin_add_overflow((a), (b), &(a))) return -1; } while (0)
 #define MUL(out, a, b) do { if (__builtin_mul_overflow((a), (b), &(out))) return -1; } while (0)
@@ -133,41 +154,44 @@ static int plan(layout *l, const mk_geometry *g, const mk_box *b, int format)
 {
     const size_t bw = (size_t)(b->x1 - b->x0), bh = (size_t)(b->y1 - b->y0);
     const size_t ncx = (size_t)(b->cx1 - b->cx0), ncy = (size_t)(b->cy1 - b->cy0);
-    size_t n, area;
+    size_t n, blocks;
     l->cells = sizeof(trace_state);
-    MUL(n, ncy, ncx);
-    MUL(n, n, sizeof(float));
-    l->rows = l->cells;
-    ADD(l->rows, n);
-    MUL(n, bw, ncy);
-    MUL(n, n, sizeof(float));
-    l->taps = l->rows;
-    ADD(l->taps, n);
-    n = bw + bh;  /* each < 2^31 */
-    MUL(n, n, 2 * sizeof(int32_t) + 2 * sizeof(float));
-    l->stack = l->taps;
-    ADD(l->stack, n);
-    MUL(area, bw, bh);
-    l->bits = l->stack;
+    MUL(blocks, ncy, ncx);
+    MUL(n, blocks, sizeof(float));
+    l->weights = l->cells;
+    ADD(l->weights, n);
+    n = 2 * (bw + bh) * sizeof(float);  /* bw, bh < 2^31: no overflow */
+    l->segments = l->weights;
+    ADD(l->segments, n);
+    n = (3 * (bw + bh) + 2) * sizeof(int32_t);
+    l->flips = l->segments;
+    ADD(l->flips, n);
+    l->columns = l->flips;
+    ADD(l->columns, bh * sizeof(int32_t));
+    l->runs = l->columns;
     if (format == MK_POLYGON) {
-        if ((bw + 2) * (bh + 2) > INT32_MAX)  /* bw, bh < 2^31: no overflow */
+        /* Run indices and raster positions are int32. */
+        if (bw * (bh + 1) > INT32_MAX)  /* bw, bh < 2^31: no overflow */
             return -1;
-        MUL(n, area, sizeof(int32_t));
-        ADD(l->bits, n);
-        l->text = l->bits + (bw + 2) * (bh + 2);
-        l->end = l->text;
-        return 0;
+        ADD(l->runs, (bw + 1) * sizeof(int32_t));
+        l->classes = l->runs;
+        ADD(l->classes, bw * ((bh + 1) / 2) * sizeof(run));
+    } else {
+        l->classes = l->runs;
     }
-    l->text = l->bits;
-    ADD(l->text, area);
-    /* Counts: one per box pixel that differs from the previous pixel, one per column end
-     * the mask leaves, and the last run. */
-    size_t counts = area;
-    ADD(counts, bw);
-    ADD(counts, 1);
-    MUL(n, counts, (size_t)chars_per_count((uint64_t)g->src_w * (uint64_t)g->src_h));
+    l->text = l->classes;
+    ADD(l->text, blocks);
     l->end = l->text;
-    ADD(l->end, n);
+    if (format == MK_RLE) {
+        /* Counts: one per flip (at most bh a column), one per column end the mask
+         * leaves, and the last run. */
+        size_t counts;
+        MUL(counts, bw, bh);
+        ADD(counts, bw);
+        ADD(counts, 1);
+        MUL(n, counts, (size_t)chars_per_count((uint64_t)g->src_w * (uint64_t)g->src_h));
+        ADD(l->end, n);
+    }
     return 0;
 }
 
@@ -178,61 +202,194 @@ size_t mk_scratch_nbytes(const mk_geometry *g, const mk_box *b, int format)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* Assembly: the box's pixels, thresholded, written as bits[x*x_step + y*y_step]          */
+/* Blocks                                                                                */
 
-static void assemble(const mk_geometry *g, const mk_protos *p, const char *coeffs,
-                     ptrdiff_t coeff_stride, const mk_box *b, char *scratch, const layout *l,
-                     uint8_t *bits, ptrdiff_t x_step, ptrdiff_t y_step)
+/* The box's cells, taps, segments and block classes, laid out in the scratch. */
+typedef struct {
+    int bw, bh, ncx, nxs, nys;
+    const float *cells;                          /* [ncy][ncx] */
+    const float *wx0, *wx1, *wy0, *wy1;          /* per column, per row */
+    const int32_t *xs_start, *xs_c0, *xs_c1;     /* x segment s: columns [start[s], start[s+1]) */
+    const int32_t *ys_start, *ys_r0, *ys_r1;     /* y segment s: rows alike */
+    const uint8_t *classes;                      /* [nxs][nys] */
+} blocks;
+
+enum { BLOCK_CLEAR = 0, BLOCK_SET = 1, BLOCK_MIXED = 2 };
+
+/* The taps and weights of n consecutive output indices from d0 along an axis, and its
+ * segments: runs of indices with the same first tap (the taps are monotone in the
+ * index, and the second tap is a function of the first). Taps are relative to cell
+ * `first`. Returns the number of segments; start[count] = n. */
+static int segment_axis(float scale, int in, int out, int d0, int n, int first, float *w0,
+                        float *w1, int32_t *start, int32_t *t0, int32_t *t1)
+{
+    int count = 0;
+    for (int d = 0; d < n; d++) {
+        int i0, i1;
+        axis_taps(scale, in, out, d0 + d, &i0, &i1, &w0[d], &w1[d]);
+        if (count == 0 || i0 - first != t0[count - 1]) {
+            start[count] = d;
+            t0[count] = i0 - first;
+            t1[count] = i1 - first;
+            count++;
+        }
+    }
+    start[count] = n;
+    return count;
+}
+
+/* The class of the block reading cells a = (r0, c0), b = (r0, c1), c = (r1, c0),
+ * d = (r1, c1). Every pixel of it is v = (a*wx0 + b*wx1)*wy0 + (c*wx0 + d*wx1)*wy1, each
+ * operation rounded to float32, with weights in [0, 1] of which the larger of each pair
+ * is >= 1/2 (lambda >= 1/2, or else 1 - lambda > 1/2, and rounding is monotone; 1 and 0
+ * when in == out).
+ * - a, b, c, d all <= 0 (-0 and -inf included): every product is <= 0 or NaN (-inf*0),
+ *   and so is a sum of such (no +inf can arise), so v <= 0 or NaN: clear.
+ * - a, b, c, d all in [2^-100, 2^100]: every product is in [0, 2^100], the larger
+ *   weight's >= fl(2^-100 * 2^-1) = 2^-101 (no underflow: rounding is monotone and
+ *   2^-101 is normal), and a sum of non-negatives is >= each term, so both row values lie
+ *   in [2^-101, 2^101]; by the same steps v >= 2^-102 > 0: set.
+ * Anything else (signs mixed, NaN, magnitudes that could underflow or overflow) is mixed:
+ * computed pixel by pixel. */
+static uint8_t classify(float a, float b, float c, float d)
+{
+    const float lo = 0x1p-100f, hi = 0x1p100f;
+    if (a <= 0.0f && b <= 0.0f && c <= 0.0f && d <= 0.0f)
+        return BLOCK_CLEAR;
+    if (a >= lo && a <= hi && b >= lo && b <= hi && c >= lo && c <= hi && d >= lo && d <= hi)
+        return BLOCK_SET;
+    return BLOCK_MIXED;
+}
+
+static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const char *coeffs,
+                    ptrdiff_t coeff_stride, const mk_box *b, char *scratch, const layout *l)
 {
     const int bw = b->x1 - b->x0, bh = b->y1 - b->y0;
     const int ncx = b->cx1 - b->cx0, ncy = b->cy1 - b->cy0;
     float *cells = (float *)(scratch + l->cells);
-    float *rows = (float *)(scratch + l->rows);
-    int32_t *tx0 = (int32_t *)(scratch + l->taps), *tx1 = tx0 + bw;
-    int32_t *ty0 = tx1 + bw, *ty1 = ty0 + bh;
-    float *wx0 = (float *)(ty1 + bh), *wx1 = wx0 + bw, *wy0 = wx1 + bw, *wy1 = wy0 + bh;
+    float *wx0 = (float *)(scratch + l->weights), *wx1 = wx0 + bw, *wy0 = wx1 + bw, *wy1 = wy0 + bh;
+    int32_t *xs_start = (int32_t *)(scratch + l->segments), *xs_c0 = xs_start + bw + 1;
+    int32_t *xs_c1 = xs_c0 + bw, *ys_start = xs_c1 + bw, *ys_r0 = ys_start + bh + 1;
+    int32_t *ys_r1 = ys_r0 + bh;
+    uint8_t *classes = (uint8_t *)(scratch + l->classes);
 
-    /* Logits of the cells read, summed over the channels in order. */
+    /* Logits of the cells read, summed over the channels in order (the contiguous case
+     * apart so that the compiler vectorizes it; the same operations either way). */
     memset(cells, 0, (size_t)ncx * (size_t)ncy * sizeof(float));
     for (int c = 0; c < p->channels; c++) {
-        const float k = *(const float *)(coeffs + c * coeff_stride);
+        const float w = *(const float *)(coeffs + c * coeff_stride);
         const char *plane = p->data + c * p->c_stride + (ptrdiff_t)(g->top + b->cy0) * p->y_stride
                             + (ptrdiff_t)(g->left + b->cx0) * p->x_stride;
         for (int r = 0; r < ncy; r++) {
             const char *src = plane + r * p->y_stride;
             float *dst = cells + (ptrdiff_t)r * ncx;
-            for (int x = 0; x < ncx; x++)
-                dst[x] += k * *(const float *)(src + x * p->x_stride);
+            if (p->x_stride == (ptrdiff_t)sizeof(float)) {
+                const float *row = (const float *)src;
+                for (int x = 0; x < ncx; x++)
+                    dst[x] += w * row[x];
+            } else {
+                for (int x = 0; x < ncx; x++)
+                    dst[x] += w * *(const float *)(src + x * p->x_stride);
+            }
         }
     }
 
-    for (int x = 0; x < bw; x++) {
-        int i0, i1;
-        axis_taps(g->scale_x, g->in_w, g->src_w, b->x0 + x, &i0, &i1, &wx0[x], &wx1[x]);
-        tx0[x] = i0 - b->cx0;
-        tx1[x] = i1 - b->cx0;
-    }
-    for (int y = 0; y < bh; y++) {
-        int i0, i1;
-        axis_taps(g->scale_y, g->in_h, g->src_h, b->y0 + y, &i0, &i1, &wy0[y], &wy1[y]);
-        ty0[y] = i0 - b->cy0;
-        ty1[y] = i1 - b->cy0;
-    }
+    const int nxs = segment_axis(g->scale_x, g->in_w, g->src_w, b->x0, bw, b->cx0, wx0, wx1,
+                                 xs_start, xs_c0, xs_c1);
+    const int nys = segment_axis(g->scale_y, g->in_h, g->src_h, b->y0, bh, b->cy0, wy0, wy1,
+                                 ys_start, ys_r0, ys_r1);
+    for (int s = 0; s < nxs; s++)
+        for (int t = 0; t < nys; t++) {
+            const float *r0 = cells + (ptrdiff_t)ys_r0[t] * ncx, *r1 = cells + (ptrdiff_t)ys_r1[t] * ncx;
+            classes[(ptrdiff_t)s * nys + t] = classify(r0[xs_c0[s]], r0[xs_c1[s]], r1[xs_c0[s]],
+                                                      r1[xs_c1[s]]);
+        }
+    *k = (blocks){bw, bh, ncx, nxs, nys, cells, wx0, wx1, wy0, wy1, xs_start, xs_c0, xs_c1,
+                  ys_start, ys_r0, ys_r1, classes};
+}
 
-    /* Along x: rows[x][r], each cell row at the box's columns (transposed so that the
-     * pass along y reads one column contiguously). */
-    for (int r = 0; r < ncy; r++) {
-        const float *row = cells + (ptrdiff_t)r * ncx;
-        for (int x = 0; x < bw; x++)
-            rows[(ptrdiff_t)x * ncy + r] = row[tx0[x]] * wx0[x] + row[tx1[x]] * wx1[x];
+/* One column's stretch of a mixed block, rows [y0, y1): top and bottom are the block's
+ * two cell rows interpolated at the column (finite or not), and each pixel is
+ * v = top*wy0 + bottom*wy1, rounded as torch rounds. Along the stretch lambda does not
+ * decrease (src is monotone, the tap fixed), so wy0 = 1 - lambda does not increase and
+ * wy1 does not decrease. Hence, with the steps of classify():
+ * - top, bottom <= 0: clear; both in [2^-100, FLT_MAX]: set (v >= 2^-101, or +inf);
+ * - both finite, top >= 0 >= bottom: both products, so their sum and its rounding, do
+ *   not increase: the set pixels are a prefix; top <= 0 <= bottom: a suffix. Its end
+ *   is found from where the exact interpolation crosses 0, checked pixel by pixel;
+ * - otherwise (NaN, inf, a tiny positive beside a positive) pixel by pixel.
+ * Appends the flips against v (the value before y0) and returns the new v. */
+static uint8_t stretch_flips(float top, float bottom, const float *wy0, const float *wy1,
+                             int y0, int y1, uint8_t v, int32_t *flips, int *n)
+{
+    const float lo = 0x1p-100f;
+    const int clear = top <= 0.0f && bottom <= 0.0f;
+    if (clear || (top >= lo && top <= FLT_MAX && bottom >= lo && bottom <= FLT_MAX)) {
+        if (v == clear)
+            flips[(*n)++] = y0;
+        return !clear;
     }
-    /* Along y, threshold. */
-    for (int x = 0; x < bw; x++) {
-        const float *col = rows + (ptrdiff_t)x * ncy;
-        uint8_t *out = bits + x * x_step;
-        for (int y = 0; y < bh; y++)
-            out[y * y_step] = (col[ty0[y]] * wy0[y] + col[ty1[y]] * wy1[y]) > 0.0f;
+    const int falls = top >= 0.0f && bottom <= 0.0f, rises = top <= 0.0f && bottom >= 0.0f;
+    if (isfinite(top) && isfinite(bottom) && (falls || rises)) {
+        /* Not both 0 (clear), so exactly one holds. head: the prefix's value; the search
+         * finds a, the first row of the other value. */
+        const uint8_t head = (uint8_t)falls;
+        /* Start where the exact v crosses 0, lambda = top / (top - bottom), lambda being
+         * linear in the row; then step to the exact cut (rounding moves it a row or so). */
+        const double l0 = wy1[y0], l1 = wy1[y1 - 1];
+        double at = l1 > l0 ? (top / ((double)top - bottom) - l0) / (l1 - l0) * (y1 - 1 - y0) : 0;
+        at = at > 0 ? ceil(at) : 0;  /* also NaN */
+        int a = at < y1 - y0 ? y0 + (int)at : y1;
+        if (a < y1 && (top * wy0[a] + bottom * wy1[a] > 0.0f) == head) {
+            do
+                a++;
+            while (a < y1 && (top * wy0[a] + bottom * wy1[a] > 0.0f) == head);
+        } else {
+            while (a > y0 && (top * wy0[a - 1] + bottom * wy1[a - 1] > 0.0f) != head)
+                a--;
+        }
+        if (a > y0 && head != v) {
+            flips[(*n)++] = y0;
+            v = head;
+        }
+        if (a < y1 && head == v) {
+            flips[(*n)++] = a;
+            v = !head;
+        }
+        return v;
     }
+    for (int y = y0; y < y1; y++) {
+        const uint8_t bit = top * wy0[y] + bottom * wy1[y] > 0.0f;
+        if (bit != v) {
+            flips[(*n)++] = y;
+            v = bit;
+        }
+    }
+    return v;
+}
+
+/* Column x (in x segment s) of the mask, as the rows where its value flips, the value
+ * before row 0 taken as v: writes them to flips and returns how many. */
+static int column_flips(const blocks *k, int s, int x, uint8_t v, int32_t *flips)
+{
+    const uint8_t *classes = k->classes + (ptrdiff_t)s * k->nys;
+    const int c0 = k->xs_c0[s], c1 = k->xs_c1[s];
+    const float wx0 = k->wx0[x], wx1 = k->wx1[x];
+    int n = 0;
+    for (int t = 0; t < k->nys; t++) {
+        if (classes[t] != BLOCK_MIXED) {
+            if (classes[t] != v) {
+                flips[n++] = k->ys_start[t];
+                v = classes[t];
+            }
+            continue;
+        }
+        const float *r0 = k->cells + (ptrdiff_t)k->ys_r0[t] * k->ncx;
+        const float *r1 = k->cells + (ptrdiff_t)k->ys_r1[t] * k->ncx;
+        v = stretch_flips(r0[c0] * wx0 + r0[c1] * wx1, r1[c0] * wx0 + r1[c1] * wx1, k->wy0,
+                          k->wy1, k->ys_start[t], k->ys_start[t + 1], v, flips, &n);
+    }
+    return n;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -277,28 +434,29 @@ size_t mk_rle(const mk_geometry *g, const mk_protos *p, const char *coeffs,
     uint64_t last = 0;  /* where the current run started (column-major index) */
     const int bw = b->x1 - b->x0, bh = b->y1 - b->y0;
     if (bw > 0) {
-        uint8_t *bits = (uint8_t *)(base + l.bits);
-        assemble(g, p, coeffs, coeff_stride, b, base, &l, bits, bh, 1);
+        blocks k;
+        prepare(&k, g, p, coeffs, coeff_stride, b, base, &l);
+        int32_t *flips = (int32_t *)(base + l.flips);
         uint8_t v = 0;
         /* A column's pixels below the box, and the next column's above it, are 0: a run
          * of 1s ends at the column's end unless the box spans whole columns, or the frame
          * ends there (the last count is then that run). */
         const int spans = b->y0 == 0 && b->y1 == g->src_h;
-        for (int x = 0; x < bw; x++) {
-            const uint8_t *col = bits + (ptrdiff_t)x * bh;
-            const uint64_t at = (uint64_t)(b->x0 + x) * h + (uint64_t)b->y0;
-            for (int y = 0; y < bh; y++)
-                if (col[y] != v) {
-                    put_count(&w, at + (uint64_t)y - last);
-                    last = at + (uint64_t)y;
-                    v ^= 1;
+        for (int s = 0; s < k.nxs; s++)
+            for (int x = k.xs_start[s]; x < k.xs_start[s + 1]; x++) {
+                const uint64_t at = (uint64_t)(b->x0 + x) * h + (uint64_t)b->y0;
+                const int n = column_flips(&k, s, x, v, flips);
+                for (int i = 0; i < n; i++) {
+                    put_count(&w, at + (uint64_t)flips[i] - last);
+                    last = at + (uint64_t)flips[i];
                 }
-            if (v && (!spans || x == bw - 1) && at + (uint64_t)bh < total) {
-                put_count(&w, at + (uint64_t)bh - last);
-                last = at + (uint64_t)bh;
-                v = 0;
+                v ^= (uint8_t)(n & 1);
+                if (v && (!spans || x == bw - 1) && at + (uint64_t)bh < total) {
+                    put_count(&w, at + (uint64_t)bh - last);
+                    last = at + (uint64_t)bh;
+                    v = 0;
+                }
             }
-        }
     }
     put_count(&w, total - last);
     *counts = base + l.text;
@@ -308,126 +466,181 @@ size_t mk_rle(const mk_geometry *g, const mk_protos *p, const char *coeffs,
 /* ------------------------------------------------------------------------------------ */
 /* Polygon                                                                               */
 
+static int32_t root_of(run *runs, int32_t i)
+{
+    while (runs[i].parent != i) {
+        runs[i].parent = runs[runs[i].parent].parent;  /* path halving */
+        i = runs[i].parent;
+    }
+    return i;
+}
+
+static void join(run *runs, int32_t a, int32_t b)
+{
+    a = root_of(runs, a);
+    b = root_of(runs, b);
+    if (a == b)
+        return;
+    if (a > b) {
+        const int32_t t = a;
+        a = b;
+        b = t;
+    }
+    runs[b].parent = a;
+    runs[a].size += runs[b].size;
+    if (runs[b].first < runs[a].first)
+        runs[a].first = runs[b].first;
+}
+
+/* The mask as column runs, grouped into 8-connected parts: returns the number of runs,
+ * columns[x] the first of column x (columns[bw] = the count). */
+static int32_t label(const blocks *k, int32_t *flips, int32_t *columns, run *runs)
+{
+    int32_t n = 0;
+    for (int s = 0; s < k->nxs; s++)
+        for (int x = k->xs_start[s]; x < k->xs_start[s + 1]; x++) {
+            const int32_t prev = x ? columns[x - 1] : 0;
+            columns[x] = n;
+            const int m = column_flips(k, s, x, 0, flips);
+            for (int i = 0; i < m; i += 2) {
+                const int32_t y0 = flips[i], y1 = i + 1 < m ? flips[i + 1] : k->bh;
+                runs[n] = (run){y0, y1, n, y1 - y0, y0 * k->bw + x};
+                n++;
+            }
+            /* Runs of neighbouring columns touch (8-connected) when their rows, each
+             * widened by one, overlap; both lists are sorted and disjoint, so one sweep
+             * advancing the run that ends first meets every touching pair. */
+            for (int32_t i = prev, j = columns[x]; i < columns[x] && j < n;) {
+                if (runs[j].y0 <= runs[i].y1 && runs[i].y0 <= runs[j].y1)
+                    join(runs, i, j);
+                if (runs[i].y1 < runs[j].y1)
+                    i++;
+                else
+                    j++;
+            }
+        }
+    columns[k->bw] = n;
+    return n;
+}
+
+/* The mask's runs, for the contour's lookups. */
+typedef struct {
+    const run *runs;
+    const int32_t *columns;
+    int bw, bh;
+} run_map;
+
+static int is_set(const run_map *m, int x, int y)
+{
+    if ((unsigned)x >= (unsigned)m->bw || (unsigned)y >= (unsigned)m->bh)
+        return 0;
+    int32_t lo = m->columns[x], hi = m->columns[x + 1];
+    const int32_t first = lo;
+    while (lo < hi) {  /* the last run starting at or above y */
+        const int32_t mid = lo + (hi - lo) / 2;
+        if (m->runs[mid].y0 <= y)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo > first && y < m->runs[lo - 1].y1;
+}
+
 /* OpenCV's chain codes: 0 = +x, then counter-clockwise on the screen (2 = up). */
 static const int code_dx[8] = {1, 1, 0, -1, -1, -1, 0, 1};
 static const int code_dy[8] = {0, -1, -1, -1, 0, 1, 1, 1};
 
-/* Flood-fills (8-connected) every part of the padded bitmap (1 = mask; marked 2 when
- * reached) and returns the first pixel of the largest (ties: the first found, i.e. the
- * first in raster order), or -1 when the mask is empty. */
-static ptrdiff_t largest_part(uint8_t *bits, int bw, int bh, int32_t *stack)
-{
-    const ptrdiff_t pw = bw + 2;
-    const ptrdiff_t around[8] = {1, -pw + 1, -pw, -pw - 1, -1, pw - 1, pw, pw + 1};
-    ptrdiff_t best = -1;
-    size_t best_size = 0;
-    for (int y = 1; y <= bh; y++)
-        for (int x = 1; x <= bw; x++) {
-            const ptrdiff_t seed = y * pw + x;
-            if (bits[seed] != 1)
-                continue;
-            size_t size = 0, top = 0;
-            bits[seed] = 2;
-            stack[top++] = (int32_t)seed;
-            while (top) {
-                const ptrdiff_t at = stack[--top];
-                size++;
-                for (int k = 0; k < 8; k++)
-                    if (bits[at + around[k]] == 1) {
-                        bits[at + around[k]] = 2;
-                        stack[top++] = (int32_t)(at + around[k]);
-                    }
-            }
-            if (size > best_size) {
-                best_size = size;
-                best = seed;
-            }
-        }
-    return best;
-}
-
 /* OpenCV's icvFetchContour for an outer border (Suzuki-Abe), CHAIN_APPROX_SIMPLE: a
- * point wherever the chain code changes. Follows nonzero pixels from start, the part's
- * first pixel in raster order, so it stays on that part. Writes the points when out is
- * not NULL; returns how many. */
-static size_t trace(const uint8_t *bits, ptrdiff_t pw, ptrdiff_t start, int x, int y,
-                    float sx, float sy, float *out)
+ * point wherever the chain code changes. Follows set pixels from (x0, y0), the part's
+ * first pixel in raster order, so it stays on that part. Writes the points, offset by
+ * (ox, oy) and divided by (sx, sy), when out is not NULL; returns how many. */
+static size_t trace(const run_map *m, int x0, int y0, int ox, int oy, float sx, float sy,
+                    float *out)
 {
-    ptrdiff_t deltas[16];
-    for (int k = 0; k < 16; k++)
-        deltas[k] = code_dx[k & 7] + code_dy[k & 7] * pw;
-    const uint8_t *i0 = bits + start, *i1, *i3, *i4 = NULL;
-    size_t n = 0;
-    int s = 4, s_end = 4;
-    do {
+    int s = 4;
+    do
         s = (s - 1) & 7;
-        i1 = i0 + deltas[s];
-    } while (*i1 == 0 && s != s_end);
-    if (s == s_end) {  /* a single pixel */
+    while (!is_set(m, x0 + code_dx[s], y0 + code_dy[s]) && s != 4);
+    if (s == 4) {  /* a single pixel */
         if (out) {
-            out[0] = (float)x / sx;
-            out[1] = (float)y / sy;
+            out[0] = (float)(ox + x0) / sx;
+            out[1] = (float)(oy + y0) / sy;
         }
         return 1;
     }
-    i3 = i0;
-    int prev_s = s ^ 4;
+    const int x1 = x0 + code_dx[s], y1 = y0 + code_dy[s];  /* the first step's end */
+    int x3 = x0, y3 = y0, prev_s = s ^ 4;
+    size_t n = 0;
     for (;;) {
-        s_end = s;
+        int x4 = x3, y4 = y3;
         while (s < 15) {
-            i4 = i3 + deltas[++s];
-            if (*i4 != 0)
+            s++;
+            x4 = x3 + code_dx[s & 7];
+            y4 = y3 + code_dy[s & 7];
+            if (is_set(m, x4, y4))
                 break;
         }
         s &= 7;
         if (s != prev_s) {
             if (out) {
-                out[2 * n] = (float)x / sx;
-                out[2 * n + 1] = (float)y / sy;
+                out[2 * n] = (float)(ox + x3) / sx;
+                out[2 * n + 1] = (float)(oy + y3) / sy;
             }
             n++;
             prev_s = s;
         }
-        x += code_dx[s];
-        y += code_dy[s];
-        if (i4 == i0 && i3 == i1)
+        if (x4 == x0 && y4 == y0 && x3 == x1 && y3 == y1)
             break;
-        i3 = i4;
+        x3 = x4;
+        y3 = y4;
         s = (s + 4) & 7;
     }
     return n;
 }
 
+static run_map map_of(const mk_box *b, const void *scratch, const layout *l)
+{
+    const char *base = scratch;
+    return (run_map){(const run *)(base + l->runs), (const int32_t *)(base + l->columns),
+                     b->x1 - b->x0, b->y1 - b->y0};
+}
+
 size_t mk_polygon(const mk_geometry *g, const mk_protos *p, const char *coeffs,
                   ptrdiff_t coeff_stride, const mk_box *b, void *scratch)
 {
-    const int bw = b->x1 - b->x0, bh = b->y1 - b->y0;
     trace_state *state = scratch;
-    state->start = -1;
-    if (bw == 0)
+    state->x = state->y = -1;
+    if (b->x1 == b->x0)
         return 0;
     layout l = {0};
     plan(&l, g, b, MK_POLYGON);  /* sized by mk_scratch_nbytes(): cannot fail here */
     char *base = scratch;
-    uint8_t *bits = (uint8_t *)(base + l.bits);
-    const ptrdiff_t pw = bw + 2;
-    memset(bits, 0, (size_t)pw * (size_t)(bh + 2));  /* the zero border */
-    assemble(g, p, coeffs, coeff_stride, b, base, &l, bits + pw + 1, 1, pw);
-    state->start = largest_part(bits, bw, bh, (int32_t *)(base + l.stack));
-    if (state->start < 0)
+    blocks k;
+    prepare(&k, g, p, coeffs, coeff_stride, b, base, &l);
+    run *runs = (run *)(base + l.runs);
+    const int32_t n = label(&k, (int32_t *)(base + l.flips), (int32_t *)(base + l.columns), runs);
+    /* The largest part; ties: the first in raster order. */
+    int32_t best = -1;
+    for (int32_t i = 0; i < n; i++)
+        if (runs[i].parent == i && (best < 0 || runs[i].size > runs[best].size
+                                    || (runs[i].size == runs[best].size
+                                        && runs[i].first < runs[best].first)))
+            best = i;
+    if (best < 0)
         return 0;
-    return trace(bits, pw, state->start, 0, 0, 1.0f, 1.0f, NULL);
+    state->x = runs[best].first % k.bw;
+    state->y = runs[best].first / k.bw;
+    const run_map m = map_of(b, scratch, &l);
+    return trace(&m, state->x, state->y, 0, 0, 1.0f, 1.0f, NULL);
 }
 
 void mk_polygon_points(const mk_geometry *g, const mk_box *b, const void *scratch, float *points)
 {
     const trace_state *state = scratch;
-    if (state->start < 0)
+    if (state->x < 0)
         return;
     layout l = {0};
     plan(&l, g, b, MK_POLYGON);
-    const ptrdiff_t pw = b->x1 - b->x0 + 2;
-    const int x = (int)(state->start % pw) - 1 + b->x0, y = (int)(state->start / pw) - 1 + b->y0;
-    trace((const uint8_t *)scratch + l.bits, pw, state->start, x, y, (float)g->src_w,
-          (float)g->src_h, points);
+    const run_map m = map_of(b, scratch, &l);
+    trace(&m, state->x, state->y, b->x0, b->y0, (float)g->src_w, (float)g->src_h, points);
 }
