@@ -373,13 +373,13 @@ def test_check_reports_family_task_and_keypoints(model_dir: Path) -> None:
     assert code == 0, err
     assert "family       yolo, task pose, NMS in the server" in out, out
     assert "keypoints    17: unnamed" in out, out
-    assert "resize letterbox" in out, out
+    assert "transform    letterbox (pad 114), RGB, /255" in out, out
     _, cls = built("yolo-classify", model_dir / "check")
     code, out, err = _check(str(cls), "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert (report["architecture"], report["task"], report["nms"]) == ("yolo-classify", "classify", "model")
-    assert report["input"]["resize"] == "center_crop" and report["detections"] == 5  # the top 5
+    assert report["transform"]["resize"] == "center_crop" and report["detections"] == 5  # top 5
 
 
 def test_check_names_what_it_refused(model_dir: Path) -> None:

@@ -193,6 +193,8 @@ def test_check_reports_model(nudenet_model, tmp_path):
     rows = dict(line.split(None, 1) for line in out.splitlines() if " " in line)
     assert rows["model"] == "w (name w, version 1)"
     assert rows["input"] == "320x320"
+    assert rows["family"] == "yolo, task detect, NMS in the server"
+    assert rows["transform"] == "letterbox (pad 114), RGB, /255"
     assert rows["classes"].startswith("18: FEMALE_GENITALIA_COVERED, FACE_FEMALE, ")
     assert rows["providers"] == "CPUExecutionProvider"
     assert rows["device"] == "cpu"

@@ -158,8 +158,8 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
         "model_id": model_id, "model_name": spec.model_name, "model_version": spec.model_version,
         "weights": spec.path,
         **model.head.info(),  # architecture, task, nms (+ keypoints)
-        "input": {"width": model.input_width, "height": model.input_height,
-                  **model.family.preprocess.describe()},
+        "input": {"width": model.input_width, "height": model.input_height},
+        "transform": model.family.preprocess.describe(),  # how a frame becomes the input
         "num_classes": model.num_classes, "classes": list(model.class_names),
         "class_names_source": spec.class_names_source,  # null: the model's metadata / class_{id}
         "confidence_threshold": spec.confidence_threshold,
@@ -174,6 +174,14 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
     }
 
 
+def describe_transform(t: dict[str, Any]) -> str:
+    """`letterbox (pad 114), RGB, /255`; mean and std when they are not 0 and 1."""
+    resize = f"letterbox (pad {t['pad_value']})" if t["resize"] == "letterbox" else t["resize"]
+    values = "/255" if t["mean"] == [0.0, 0.0, 0.0] and t["std"] == [1.0, 1.0, 1.0] else (
+        f"(v/255 - mean {t['mean']}) / std {t['std']}")
+    return f"{resize.replace('_', ' ')}, {t['channel_order'].upper()}, {values}"
+
+
 def format_report(r: dict[str, Any]) -> str:
     names, k, width = r["classes"], 0, 0
     while k < len(names) and (k == 0 or width + len(names[k]) <= SHOWN_CHARS):
@@ -186,8 +194,8 @@ def format_report(r: dict[str, Any]) -> str:
         ("weights", r["weights"]),
         ("family", f"{r['architecture']}, task {r['task']}, NMS in the "
                    f"{'server' if r['nms'] == 'server' else 'model'}"),
-        ("input", f"{r['input']['width']}x{r['input']['height']}, "
-                  + ", ".join(f"{k} {v}" for k, v in r["input"].items() if k not in ("width", "height"))),
+        ("input", f"{r['input']['width']}x{r['input']['height']}"),
+        ("transform", describe_transform(r["transform"])),
         ("classes", f"{r['num_classes']}: {shown}"),
         ("class names", r["class_names_source"] or "the model's ONNX metadata (else class_{id})"),
         ("thresholds", f"confidence {r['confidence_threshold']:g}, NMS IoU "

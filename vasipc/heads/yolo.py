@@ -9,7 +9,7 @@ segment and pose use per-class NMS; obb Ultralytics' rotated ProbIoU NMS.
 from __future__ import annotations
 
 from vasipc._fast.decode import NMS_CLASS, NMS_ROTATED, DecodeLayout
-from vasipc.heads.base import Keypoints, ModelFacts, class_names_for
+from vasipc.heads.base import Keypoints, ModelFacts, class_names_for, known_class_count
 from vasipc.heads.detection import DetectionHead, KeypointExtra, MaskExtra, RotatedExtra
 from vasipc.preprocess import Preprocess
 
@@ -19,11 +19,11 @@ PREPROCESS = Preprocess()  # letterbox, pad 114, RGB, /255
 
 
 def recognize(facts: ModelFacts) -> bool:
-    """Ultralytics metadata of a non-end-to-end detector, or no metadata and one 3-D
-    output (the raw YOLOv8 layout is the default for a bare file)."""
+    """Ultralytics metadata of a non-end-to-end model, or no `task` in the metadata and one
+    3-D output (the raw YOLOv8 detect layout is the default for a file that says nothing)."""
     if facts.meta_task is not None:
         return not facts.end2end and facts.meta_task in TASKS
-    return not facts.meta and len(facts.outputs) == 1 and len(facts.outputs[0].shape) == 3
+    return len(facts.outputs) == 1 and len(facts.outputs[0].shape) == 3
 
 
 def keypoints_of(facts: ModelFacts) -> Keypoints:
@@ -75,7 +75,10 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
     else:  # obb
         nc = channels - 5
         angle, nms, extra = channels - 1, NMS_ROTATED, RotatedExtra()
-    if nc < 1 or (task == "detect" and out[2] < channels and not facts.meta):
+    # A file that names neither its task nor its classes, with fewer anchors than
+    # channels, is more likely [batch, anchors, fields] (YOLOv5's) than a raw YOLO head.
+    unsure = facts.meta_task is None and known_class_count(facts) is None and out[2] < channels
+    if nc < 1 or (task == "detect" and unsure):
         raise facts.refuse(f"{channels} output channels leave {nc} classes for a {task} head "
                            "[batch, 4 + classes (+ extras), anchors]")
     names = class_names_for(facts, nc)
