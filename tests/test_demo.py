@@ -39,3 +39,33 @@ def test_demo_unreadable_image_exits_2(run_demo, tmp_path, nudenet_model):
     done = run_demo("--image", str(bogus), "--out", str(tmp_path / "x.png"))
     assert done.returncode == 2
     assert "cannot read image" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case_name", "needle"), [("yolo-segment", "detections"),
+                                                   ("yolo-pose", "detections"),
+                                                   ("yolo-obb", "detections"),
+                                                   ("yolo-classify", "top 5 classes")])
+def test_demo_any_family(run_demo, tmp_path, case_name, needle, astronaut_rgb):
+    """--model FILE serves any family; masks, keypoints and rotated boxes are drawn (the
+    PNG differs from the photo where they are), classes are listed."""
+    import numpy as np
+    from family_models import build
+
+    pil_image = pytest.importorskip("PIL.Image")
+    _, model = build(case_name, tmp_path / "model")
+    out = tmp_path / "demo.png"
+    done = run_demo("--model", str(model), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert needle in done.stdout
+    with pil_image.open(out) as png:
+        drawn = np.asarray(png.convert("RGB"))
+    assert drawn.shape == astronaut_rgb.shape
+    changed = (drawn != astronaut_rgb).any(axis=2).mean()
+    assert changed > (0.2 if case_name == "yolo-segment" else 0.001), changed
+
+
+def test_demo_missing_model_exits_2(run_demo, tmp_path):
+    done = run_demo("--model", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
