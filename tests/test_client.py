@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from vasipc import errors, frames
-from vasipc.client import Client, Detection, InferResult, ServerInfo, discover
+from vasipc.client import Client, Detection, InferResult, Mask, ServerInfo, discover
 
 MODEL_ID = "nudenet-320n"
 METADATA_KEYS = {"preprocess_ms", "inference_ms", "postprocess_ms", "queue_ms", "total_ms",
@@ -54,6 +54,59 @@ def test_infer_astronaut(client, astronaut_frame):
     assert confidences == sorted(confidences, reverse=True)
     assert result.metadata.keys() >= METADATA_KEYS
     assert result.raw["error_code"] is None and result.raw["error"] is None
+
+
+@pytest.mark.parametrize("case_name", ["yolo-segment", "yolo-pose", "yolo-pose-xy", "yolo-obb",
+                                       "yolo-classify"])
+def test_infer_task_fields(case_name, server_factory, tmp_path, astronaut_frame):
+    """Each task's fields arrive typed: Mask (its to_array() is pycocotools' decode of the
+    RLE), keypoints, rotated boxes and polygons, classifications."""
+    import numpy as np
+    from family_models import build
+
+    case, model = build(case_name, tmp_path / "model")
+    server = server_factory(model=str(model), model_id="m")
+    with Client(server.socket, model_id="m") as c:
+        result = c.infer(astronaut_frame, camera_id="c")
+        polygons = c.infer(astronaut_frame, camera_id="c", config={"mask_format": "polygon"})
+    if case.task == "classify":
+        assert result.detections == [] and len(result.classifications) == 5
+        assert result.classifications[0].class_name == "class_3"
+        return
+    assert result.classifications is None and result.detections
+    for det, raw in zip(result.detections, result.raw["detections"], strict=True):
+        if case.task == "segment":
+            mask_utils = pytest.importorskip("pycocotools.mask")
+            want = mask_utils.decode({"size": raw["mask"]["size"],
+                                      "counts": raw["mask"]["counts"].encode()})
+            got = det.mask.to_array()
+            assert got.dtype == np.bool_ and got.shape == tuple(raw["mask"]["size"])
+            assert np.array_equal(got, want.astype(bool)) and got.any()
+        else:
+            assert det.mask is None
+        if case.task == "pose":
+            assert len(det.keypoints) == 17 and all(len(k) == 3 for k in det.keypoints)
+            assert (det.keypoints[0][2] is None) == (case.kpt_shape[1] == 2)
+        if case.task == "obb":
+            assert len(det.rotated_box) == 5 and len(det.polygon) == 4
+    if case.task == "segment":
+        assert all(d.polygon and d.mask is None for d in polygons.detections)
+
+
+def test_mask_rle_round_trip():
+    """Mask.to_array reads what pycocotools writes, for masks of every shape."""
+    import numpy as np
+
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(5)
+    for h, w in [(1, 1), (3, 7), (64, 96), (37, 101)]:
+        for density in (0.0, 0.02, 0.5, 1.0):
+            m = rng.random((h, w)) < density
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            got = Mask((h, w), rle["counts"].decode()).to_array()
+            assert np.array_equal(got, m), (h, w, density)
+    with pytest.raises(ValueError, match="covers"):
+        Mask((2, 2), "1").to_array()
 
 
 def test_infer_learns_model_id_from_info(nudenet_server, astronaut_frame):
