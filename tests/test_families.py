@@ -221,14 +221,18 @@ def test_geometry_is_the_families(model_dir: Path) -> None:
 # --- through a real server ----------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case_name", list(CASES))
-def test_served_answers_are_the_reference(case_name: str, server_factory, model_dir: Path,
-                                          shm_dir: Path, astronaut_rgb: np.ndarray) -> None:
+@pytest.mark.parametrize(("case_name", "mode"), [
+    *((c, "cpu") for c in CASES),
+    # the device path (an ONNX preprocessing graph, here on CPU) places frames as the kernel
+    *((c, "graph") for c in ("yolo-segment", "rfdetr", "dfine", "yolo-classify"))])
+def test_served_answers_are_the_reference(case_name: str, mode: str, server_factory,
+                                          model_dir: Path, shm_dir: Path,
+                                          astronaut_rgb: np.ndarray) -> None:
     import cv2
 
-    case, path = built(case_name, model_dir / "served")
-    server = (_serve_dir(server_factory, path) if path.is_dir()
-              else server_factory(model=str(path), model_id="m"))
+    case, path = built(case_name, model_dir / f"served-{mode}")
+    server = (_serve_dir(server_factory, path, "--preprocess", mode) if path.is_dir()
+              else server_factory("--preprocess", mode, model=str(path), model_id="m"))
     w, h = 96, 64
     rgb = cv2.resize(astronaut_rgb, (w, h), interpolation=cv2.INTER_AREA)
     frame = write_dir(shm_dir / "f", rgb, "NV12")
@@ -246,11 +250,12 @@ def test_served_answers_are_the_reference(case_name: str, server_factory, model_
         assert_same_answer(got, want)
 
 
-def _serve_dir(server_factory, path: Path):
+def _serve_dir(server_factory, path: Path, *args: str):
     from serve_cli import spawn
 
     sock = server_factory.socket_path(f"dir_{len(server_factory.servers)}.sock")
-    return spawn(server_factory, ["--model-dir", str(path), "--model-id", "m", "--socket", sock], sock)
+    return spawn(server_factory, ["--model-dir", str(path), "--model-id", "m", "--socket", sock,
+                                  *args], sock)
 
 
 def test_infer_config_errors(server_factory, model_dir: Path, shm_dir: Path,
