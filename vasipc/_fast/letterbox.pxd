@@ -14,6 +14,10 @@ cdef extern from "letterbox_kernel.h" nogil:
         LB_RGB
         LB_BGR
 
+    enum:
+        LB_BILINEAR
+        LB_ANTIALIAS
+
     ctypedef struct lb_job:
         const uint8_t *frame
         int format
@@ -28,6 +32,7 @@ cdef extern from "letterbox_kernel.h" nogil:
         int left
         int top
         int order
+        int filter
         float mean[3]
         float inv_std[3]
         int pad_value

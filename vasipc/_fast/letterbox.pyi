@@ -36,5 +36,6 @@ def letterbox_into(
     pad_value: int = 114,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    antialias: bool = False,
 ) -> None: ...
 def copy_frame_guarded(src: Buffer, dst_address: int, nbytes: int) -> None: ...

@@ -9,8 +9,11 @@ SIGBUS guard (sigbus_guard.c), so a frame file truncated under its mapping raise
 FrameBusError instead of killing the server. It does OpenCV's fixed-point arithmetic, so
 with the defaults its output equals cvtColor -> resize(INTER_LINEAR) ->
 copyMakeBorder(114) -> astype(float32) / 255 -> CHW bit for bit (OpenCV 5.0; versions
-whose scalar row tails round differently: within 1/255). vasipc.preprocess chooses the
-placement and the parameters per model family.
+whose scalar row tails round differently: within 1/255). With antialias=True the resize
+is PIL's Image.resize(BILINEAR) instead (torchvision's Resize on a PIL image, as
+Ultralytics' classifiers preprocess): bit for bit PIL's, of the RGB uint8 frame the colour
+conversion gives. vasipc.preprocess chooses the placement and the parameters per model
+family.
 
 letterbox_geometry() gives the placement (Ultralytics' formula); frame_nbytes() and
 min_stride() the frame's size rules, shared with the server's frame checks.
@@ -127,7 +130,7 @@ cdef int _normalization(object mean, object std, float *mean_out,
 def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride,
                    float[:, :, ::1] out not None, Py_ssize_t new_w, Py_ssize_t new_h,
                    Py_ssize_t left, Py_ssize_t top, *, int threads=1, bint bgr=False,
-                   int pad_value=114, mean=None, std=None):
+                   int pad_value=114, mean=None, std=None, bint antialias=False):
     """Preprocess the frame in src into out, a C-contiguous float32 (3, H, W) buffer (a
     batch slot): the frame resized to new_w x new_h and placed with its top-left corner at
     (left, top) of out; left and top may be negative and the resized image larger than
@@ -136,6 +139,12 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
     0, std None: 1, giving v / 255 in [0, 1] exactly); planes R, G, B, or B, G, R with
     bgr. pad_value (0..255, default 114) is normalized the same way. 1 / std is taken as
     a double rounded to float32, mean as float32.
+
+    The resize is OpenCV's INTER_LINEAR (cv2.resize), or with antialias PIL's
+    Image.resize(size, BILINEAR) (Pillow 13's: the vertical pass first when the height
+    shrinks by more than twice the width), of the frame as RGB uint8 (NV12/I420 converted
+    as cv2.cvtColor does, BGR24 swapped), bit for bit; either way only the rows and
+    columns that land inside out are computed.
 
     src: any object exporting a contiguous readable buffer (FrameView, bytes, mmap, numpy
     uint8 array) whose first byte is the frame's first byte, holding frame_nbytes() bytes.
@@ -190,6 +199,7 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
         job.left = <int>left
         job.top = <int>top
         job.order = LB_BGR if bgr else LB_RGB
+        job.filter = LB_ANTIALIAS if antialias else LB_BILINEAR
         job.pad_value = pad_value
         with nogil:
             # Allocated outside the guards: a SIGBUS abandons a worker midway, never a malloc.

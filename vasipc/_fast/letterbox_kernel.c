@@ -21,6 +21,9 @@
  * start, which bytes a tap reads, whether it needs YUV -> RGB) are always-inline
  * functions of a `format` argument, and the row loop is called with a constant, so
  * the compiler emits a specialised loop for each with no per-pixel branch on the format.
+ * The filter is such an argument too: LB_ANTIALIAS (PIL's resize, "Antialias" below)
+ * shares the plan's visible window, the row loop, the borders, the normalization and
+ * the threads, and replaces the two-tap passes by PIL's N-tap ones.
  */
 #include "letterbox_kernel.h"
 
@@ -89,18 +92,55 @@ static int visible_h(const lb_job *job)
     return count;
 }
 
-/* Per worker: two horizontal-pass rows (3 x vis_w int32 each), the tap words (2 x
- * vis_w) and one chroma row's colour terms (6 x vis_w). */
-static size_t worker_words(int vis_w)
+/* PIL's filter geometry along one axis (precompute_coeffs): the scale as PIL forms it
+ * from float box edges, the triangle's support widened to the scale on a downscale, and
+ * the most taps a destination index can have. */
+static double aa_scale(int in, int out)
 {
-    return (2 * 3 + 2 + 6) * (size_t)vis_w;
+    return (double)((float)in - 0.0f) / out;
+}
+
+static int aa_ksize(int in, int out)
+{
+    const double scale = aa_scale(in, out);
+    return (int)ceil(scale < 1.0 ? 1.0 : scale) * 2 + 1;
+}
+
+/* Rows a worker keeps after the horizontal pass: an output row reads at most this many. */
+static int aa_ring_rows(const lb_job *job)
+{
+    const int ky = aa_ksize(job->height, job->new_h);
+    return ky < job->height ? ky : job->height;
+}
+
+/* Per worker, bilinear: two horizontal-pass rows (3 x vis_w int32 each), the tap words
+ * (2 x vis_w) and one chroma row's colour terms (6 x vis_w). Antialias: the ring's row
+ * tags, an int32 accumulator of 3 x max(width, vis_w), then bytes: the ring (3 x vis_w
+ * per row), one converted source row and one vertical-pass row (3 x width each) and the
+ * output row's values (3 x vis_w). */
+static size_t worker_words(const lb_job *job, int vis_w)
+{
+    if (job->filter != LB_ANTIALIAS)
+        return (2 * 3 + 2 + 6) * (size_t)vis_w;
+    const size_t ring = (size_t)aa_ring_rows(job), w = (size_t)job->width, n = (size_t)vis_w;
+    const size_t bytes = 3 * n * ring + 2 * 3 * w + 3 * n;
+    return ring + 3 * (w > n ? w : n) + (bytes + 3) / 4;
+}
+
+/* Words of the tap tables. */
+static size_t table_words(const lb_job *job, int cols, int rows)
+{
+    if (job->filter != LB_ANTIALIAS)
+        return 4 * (size_t)cols + 4 * (size_t)rows;
+    return (size_t)cols * (2 + (size_t)aa_ksize(job->width, job->new_w))
+           + (size_t)rows * (2 + (size_t)aa_ksize(job->height, job->new_h));
 }
 
 size_t lb_scratch_nbytes(const lb_job *job, int threads)
 {
     const int cols = visible_w(job), rows = visible_h(job);
     return sizeof(int32_t)
-           * (4 * (size_t)cols + 4 * (size_t)rows + (size_t)threads * worker_words(cols));
+           * (table_words(job, cols, rows) + (size_t)threads * worker_words(job, cols));
 }
 
 /* Source position of destination index d: OpenCV's (d + 0.5) * scale - 0.5, as a float,
@@ -119,10 +159,81 @@ static void weight_pair(float fraction, int32_t *w0, int32_t *w1)
     *w1 = (int32_t)lrintf(fraction * WEIGHT_ONE);
 }
 
-/* v / 255 then the plane's normalization, as vertical_pass() computes it. */
-static float normalize(int v, float mean, float inv_std)
+/* v / 255 then the plane's normalization: every output value is this. value / 255.0f is
+ * the float numpy's astype(float32) / 255 gives; a subtraction then a multiplication (no
+ * a*b+c for the compiler to fuse) keep it exact for mean 0, inv_std 1. */
+static ALWAYS_INLINE float normalize(int v, float mean, float inv_std)
 {
     return ((float)v / 255.0f - mean) * inv_std;
+}
+
+/* PIL's coefficients (precompute_coeffs, normalize_coeffs_8bpc) of destination indices
+ * [first, first + n) of an axis resized from `in` to `out`, in PIL's double arithmetic:
+ * each index's source range [*start, + *count) and its weights, ksize apiece, as 22-bit
+ * fixed point. Computed for the visible indices only: each index's are its own. */
+#define AA_BITS 22
+
+static double aa_triangle(double x)
+{
+    if (x < 0.0)
+        x = -x;
+    return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+static void aa_coeffs(int in, int out, int first, int n, int ksize, int32_t *start,
+                      int32_t *count, int32_t *k)
+{
+    const double scale = aa_scale(in, out);
+    const double filterscale = scale < 1.0 ? 1.0 : scale;
+    const double support = 1.0 * filterscale, ss = 1.0 / filterscale;
+    for (int d = 0; d < n; d++) {
+        const double center = 0.0 + (first + d + 0.5) * scale;
+        int xmin = (int)(center - support + 0.5);
+        int xmax = (int)(center + support + 0.5);
+        xmin = xmin < 0 ? 0 : xmin;
+        xmax = (xmax > in ? in : xmax) - xmin;
+        /* The sum in PIL's order; each weight is computed again below, identically. */
+        double ww = 0.0;
+        for (int x = 0; x < xmax; x++)
+            ww += aa_triangle((x + xmin - center + 0.5) * ss);
+        int32_t *kd = k + (size_t)d * (size_t)ksize;
+        for (int x = 0; x < ksize; x++) {
+            double w = x < xmax ? aa_triangle((x + xmin - center + 0.5) * ss) : 0.0;
+            if (ww != 0.0)
+                w /= ww;
+            kd[x] = (int32_t)(0.5 + w * (1 << AA_BITS));  /* w >= 0: PIL's positive branch */
+        }
+        start[d] = xmin;
+        count[d] = xmax;
+    }
+}
+
+static void aa_plan(lb_job *job, int32_t *p)
+{
+    const int nw = job->vis_w, nh = job->vis_h;
+    job->aa_kx = aa_ksize(job->width, job->new_w);
+    job->aa_ky = aa_ksize(job->height, job->new_h);
+    job->aa_col_first = p; p += nw;
+    job->aa_col_count = p; p += nw;
+    job->aa_col_k = p; p += (size_t)nw * (size_t)job->aa_kx;
+    job->aa_row_first = p; p += nh;
+    job->aa_row_count = p; p += nh;
+    job->aa_row_k = p; p += (size_t)nh * (size_t)job->aa_ky;
+    job->workers = p;
+    aa_coeffs(job->width, job->new_w, job->vis_x, nw, job->aa_kx, job->aa_col_first,
+              job->aa_col_count, job->aa_col_k);
+    aa_coeffs(job->height, job->new_h, job->vis_y, nh, job->aa_ky, job->aa_row_first,
+              job->aa_row_count, job->aa_row_k);
+    /* Source ranges start and end nondecreasing with the destination index. */
+    job->aa_span_x = job->aa_col_first[0];
+    job->aa_span_w = job->aa_col_first[nw - 1] + job->aa_col_count[nw - 1] - job->aa_span_x;
+    job->aa_ring = aa_ring_rows(job);
+    /* Pillow >= 12.3 (ImagingResampleInner): "If height is being scaled down more than
+     * twice the amount the width is, run the vertical pass first". The order shows in
+     * the result: the uint8 rounding between the passes. */
+    const int dy = job->height - job->new_h, dx = job->width - job->new_w;
+    job->aa_vertical_first = dy > 0 && dy > dx * 2;
+    VAS_DEBUG_ASSERT(job->aa_span_w >= 1 && job->aa_span_w <= job->width);
 }
 
 void lb_plan(lb_job *job, void *scratch, int threads)
@@ -137,6 +248,12 @@ void lb_plan(lb_job *job, void *scratch, int threads)
         job->plain &= job->mean[c] == 0.0f && job->inv_std[c] == 1.0f;
     }
     const int nw = job->vis_w, nh = job->vis_h;
+    job->threads = threads < nh ? threads : nh;
+    job->worker_words = worker_words(job, nw);
+    if (job->filter == LB_ANTIALIAS) {
+        aa_plan(job, p);
+        return;
+    }
     job->col_x0 = p; p += nw;
     job->col_x1 = p; p += nw;
     job->col_w0 = p; p += nw;
@@ -146,7 +263,6 @@ void lb_plan(lb_job *job, void *scratch, int threads)
     job->row_w0 = p; p += nh;
     job->row_w1 = p; p += nh;
     job->workers = p;
-    job->threads = threads < nh ? threads : nh;
 
     /* Columns (the scale is the whole resized width's; the tables start at the first
      * visible one): a position left of pixel 0 or right of the last one takes that pixel
@@ -385,6 +501,11 @@ typedef struct {
     uint32_t *ta, *tb;  /* one source row's tap words */
     int32_t *chroma;    /* YUV: the chroma terms of row chroma_row (chroma_terms) */
     int chroma_row;     /* -1: none yet */
+    /* Antialias: the ring of horizontal-pass rows (3 x vis_w bytes each) and the source
+     * row each slot holds (-1: none), the accumulator, a converted source row and a
+     * vertical-pass row (3 planes of aa_span_w), the output row's values (3 x vis_w). */
+    uint8_t *aa_ring, *aa_conv, *aa_mid, *aa_out;
+    int32_t *aa_tags, *aa_acc;
     int begin, end;     /* output rows [begin, end) */
 } lb_worker;
 
@@ -552,9 +673,7 @@ static ALWAYS_INLINE void horizontal_pass(lb_worker *wk, int format, int two_tap
 /* Vertical blend of two horizontal-pass rows into one output row, then /255 and the
  * plane's normalization. The rounding is OpenCV's SIMD path (VResizeLinearVec_32s8u):
  * each product is taken as a 16x16-bit multiply-high of the row value >> 4, then
- * (sum + 2) >> 2. value / 255.0f is the float numpy's astype(float32) / 255 gives; a
- * subtraction then a multiplication (no a*b+c for the compiler to fuse) keep it exact
- * for mean 0, inv_std 1. */
+ * (sum + 2) >> 2. */
 static ALWAYS_INLINE void vertical_pass(const int32_t *restrict h0,
                                         const int32_t *restrict h1, int w0, int w1,
                                         float mean, float inv_std, float *restrict dst, int n)
@@ -562,7 +681,7 @@ static ALWAYS_INLINE void vertical_pass(const int32_t *restrict h0,
     for (int i = 0; i < n; i++) {
         int v = (((w0 * (h0[i] >> 4)) >> 16) + ((w1 * (h1[i] >> 4)) >> 16) + 2) >> 2;
         v = v > 255 ? 255 : v;
-        dst[i] = ((float)v / 255.0f - mean) * inv_std;
+        dst[i] = normalize(v, mean, inv_std);
     }
 }
 
@@ -592,7 +711,120 @@ static ALWAYS_INLINE const int32_t *source_hrow(lb_worker *wk, int format, int t
     return wk->hrow[slot];
 }
 
-static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
+/* ------------------------------------------------------------------------------------ */
+/* Antialias: PIL's Image.resize(BILINEAR) (Resample.c) of the frame as RGB uint8. Per     */
+/* output row, vertical pass over the row's source rows and horizontal pass (in Pillow's  */
+/* order), each as PIL rounds it: (2^21 + sum of value x weight) >> 22, clamped to uint8. */
+/* Horizontal first (the usual case), each source row's horizontal pass is kept in a ring */
+/* of aa_ring rows, so the rows an output row shares with the previous one are not done   */
+/* again; vertical first, each output row converts its source rows over the span.         */
+
+static ALWAYS_INLINE uint8_t aa_round(int32_t sum)
+{
+    return (uint8_t)clamp_u8(sum >> AA_BITS);
+}
+
+/* Source row y's columns [x0, x0 + n) as RGB uint8 in three planes of n: the values the
+ * bilinear path's taps convert to (OpenCV's cvtColor). */
+static ALWAYS_INLINE void aa_convert_row(const lb_job *job, int format, int y, int x0, int n,
+                                         uint8_t *restrict out)
+{
+    const source_row r = row_planes(job, format, y);
+    for (int i = 0; i < n; i++) {
+        const int x = x0 + i;
+        int red, green, blue;
+        if (format == VAS_NV12) {
+            yuv_to_rgb(r.luma[x], r.u[x & ~1], r.v[x & ~1], &red, &green, &blue);
+        } else if (format == VAS_I420) {
+            yuv_to_rgb(r.luma[x], r.u[x >> 1], r.v[x >> 1], &red, &green, &blue);
+        } else {
+            const uint8_t *px = r.luma + 3 * (size_t)x;
+            red = px[format == VAS_BGR24 ? 2 : 0];
+            green = px[1];
+            blue = px[format == VAS_BGR24 ? 0 : 2];
+        }
+        out[i] = (uint8_t)red;
+        out[n + i] = (uint8_t)green;
+        out[2 * n + i] = (uint8_t)blue;
+    }
+}
+
+/* The horizontal pass: three planes of `span` values (source columns from aa_span_x) to
+ * three planes of vis_w. */
+static ALWAYS_INLINE void aa_horizontal(const lb_job *job, const uint8_t *restrict in, int span,
+                                        uint8_t *restrict out)
+{
+    const int n = job->vis_w, kx = job->aa_kx;
+    for (int i = 0; i < n; i++) {
+        const uint8_t *src = in + (job->aa_col_first[i] - job->aa_span_x);
+        const int32_t *w = job->aa_col_k + (size_t)i * (size_t)kx;
+        const int count = job->aa_col_count[i];
+        for (int c = 0; c < 3; c++) {
+            const uint8_t *plane = src + (size_t)c * (size_t)span;
+            int32_t sum = 1 << (AA_BITS - 1);
+            for (int t = 0; t < count; t++)
+                sum += plane[t] * w[t];
+            out[(size_t)c * (size_t)n + (size_t)i] = aa_round(sum);
+        }
+    }
+}
+
+static ALWAYS_INLINE void aa_accumulate(int32_t *restrict acc, const uint8_t *restrict row,
+                                        int32_t weight, int n)
+{
+    for (int j = 0; j < n; j++)
+        acc[j] += row[j] * weight;
+}
+
+static ALWAYS_INLINE void aa_start(int32_t *restrict acc, int n)
+{
+    for (int j = 0; j < n; j++)
+        acc[j] = 1 << (AA_BITS - 1);
+}
+
+/* Visible row dy's values, R, G, B planes of vis_w, into wk->aa_out. */
+static ALWAYS_INLINE void aa_row(lb_worker *wk, int format, int dy)
+{
+    const lb_job *job = wk->job;
+    const int first = job->aa_row_first[dy], count = job->aa_row_count[dy];
+    const int32_t *w = job->aa_row_k + (size_t)dy * (size_t)job->aa_ky;
+    if (job->aa_vertical_first) {
+        const int span = job->aa_span_w, n = 3 * span;
+        aa_start(wk->aa_acc, n);
+        for (int t = 0; t < count; t++) {
+            aa_convert_row(job, format, first + t, job->aa_span_x, span, wk->aa_conv);
+            aa_accumulate(wk->aa_acc, wk->aa_conv, w[t], n);
+        }
+        for (int j = 0; j < n; j++)
+            wk->aa_mid[j] = aa_round(wk->aa_acc[j]);
+        aa_horizontal(job, wk->aa_mid, span, wk->aa_out);
+        return;
+    }
+    const int n = 3 * job->vis_w;
+    aa_start(wk->aa_acc, n);
+    for (int t = 0; t < count; t++) {
+        /* count <= aa_ring consecutive rows: distinct slots, none evicts another */
+        const int y = first + t, slot = y % job->aa_ring;
+        uint8_t *row = wk->aa_ring + (size_t)slot * (size_t)n;
+        if (wk->aa_tags[slot] != y) {
+            aa_convert_row(job, format, y, job->aa_span_x, job->aa_span_w, wk->aa_conv);
+            aa_horizontal(job, wk->aa_conv, job->aa_span_w, row);
+            wk->aa_tags[slot] = y;
+        }
+        aa_accumulate(wk->aa_acc, row, w[t], n);
+    }
+    for (int j = 0; j < n; j++)
+        wk->aa_out[j] = aa_round(wk->aa_acc[j]);
+}
+
+static ALWAYS_INLINE void store_row(const uint8_t *restrict v, float mean, float inv_std,
+                                    float *restrict dst, int n)
+{
+    for (int i = 0; i < n; i++)
+        dst[i] = normalize(v[i], mean, inv_std);
+}
+
+static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps, int filter)
 {
     const lb_job *job = wk->job;
     const size_t out_w = (size_t)job->out_w, plane = out_w * (size_t)job->out_h;
@@ -618,6 +850,17 @@ static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
             fill(dst[c] + left + nw, (size_t)right, job->pad[p[c]]);
         }
 
+        if (filter == LB_ANTIALIAS) {
+            aa_row(wk, format, dy);
+            for (int c = 0; c < 3; c++) {
+                const uint8_t *v = wk->aa_out + (size_t)c * (size_t)nw;
+                if (job->plain)
+                    store_row(v, 0.0f, 1.0f, dst[c] + left, nw);
+                else
+                    store_row(v, job->mean[p[c]], job->inv_std[p[c]], dst[c] + left, nw);
+            }
+            continue;
+        }
         const int y0 = job->row_y0[dy], y1 = job->row_y1[dy];
         const int w0 = job->row_w0[dy], w1 = job->row_w1[dy];
         const int32_t *h0 = source_hrow(wk, format, two_taps, &cache, y0, y1);
@@ -637,15 +880,17 @@ static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps)
     }
 }
 
-/* The row loop specialised for one format (a constant) and tap count, compiled for AVX2
- * too (vector_clones.h). */
+/* The row loop specialised for one format (a constant), filter and tap count, compiled
+ * for AVX2 too (vector_clones.h). */
 #define DEFINE_RUN(name, format)                                                   \
     static VAS_VECTOR_CLONES void name(lb_worker *wk)                              \
     {                                                                              \
-        if (wk->job->one_col_tap)                                                  \
-            run_rows(wk, format, 0);                                               \
+        if (wk->job->filter == LB_ANTIALIAS)                                       \
+            run_rows(wk, format, 0, LB_ANTIALIAS);                                 \
+        else if (wk->job->one_col_tap)                                             \
+            run_rows(wk, format, 0, LB_BILINEAR);                                  \
         else                                                                       \
-            run_rows(wk, format, 1);                                               \
+            run_rows(wk, format, 1, LB_BILINEAR);                                  \
     }
 
 DEFINE_RUN(run_nv12, VAS_NV12)
@@ -833,7 +1078,7 @@ int lb_run(lb_job *job, int *install_errno)
     enum { MAX_THREADS = LB_MAX_THREADS };
     guarded_worker slots[MAX_THREADS];
     const int threads = job->threads;
-    const size_t words = worker_words(job->vis_w);
+    const size_t words = job->worker_words;
     int32_t *base = job->workers;
     VAS_DEBUG_ASSERT(threads >= 1 && threads <= MAX_THREADS && threads <= job->vis_h);
 
@@ -843,12 +1088,26 @@ int lb_run(lb_job *job, int *install_errno)
         lb_worker *wk = &slots[k].worker;
         int32_t *p = base + (size_t)k * words;
         wk->job = job;
-        wk->hrow[0] = p; p += 3 * job->vis_w;
-        wk->hrow[1] = p; p += 3 * job->vis_w;
-        wk->ta = (uint32_t *)p; p += job->vis_w;
-        wk->tb = (uint32_t *)p; p += job->vis_w;
-        wk->chroma = p;
-        wk->chroma_row = -1;
+        if (job->filter == LB_ANTIALIAS) {
+            /* the layout worker_words() counts */
+            const size_t ring = (size_t)job->aa_ring, n = 3 * (size_t)job->vis_w;
+            const size_t w = 3 * (size_t)job->width;
+            wk->aa_tags = p; p += ring;
+            wk->aa_acc = p; p += w > n ? w : n;
+            wk->aa_ring = (uint8_t *)p;
+            wk->aa_conv = wk->aa_ring + n * ring;
+            wk->aa_mid = wk->aa_conv + w;
+            wk->aa_out = wk->aa_mid + w;
+            for (size_t r = 0; r < ring; r++)
+                wk->aa_tags[r] = -1;
+        } else {
+            wk->hrow[0] = p; p += 3 * job->vis_w;
+            wk->hrow[1] = p; p += 3 * job->vis_w;
+            wk->ta = (uint32_t *)p; p += job->vis_w;
+            wk->tb = (uint32_t *)p; p += job->vis_w;
+            wk->chroma = p;
+            wk->chroma_row = -1;
+        }
         wk->begin = k == 0 ? 0 : job->vis_top + (int)((int64_t)job->vis_h * k / threads);
         wk->end = k == threads - 1
                       ? job->out_h

@@ -5,7 +5,12 @@
  * NV12/I420, exactly as OpenCV's COLOR_YUV2RGB_NV12/_I420; a channel swap for BGR24),
  * the blend, /255, then per plane (v - mean) * inv_std, written straight into three
  * planes in RGB or BGR order; what the resized image does not cover is the pad value,
- * normalized the same way. The placement is general: the frame resized to new_w x new_h
+ * normalized the same way. The resampling filter is a parameter: LB_BILINEAR (the above)
+ * or LB_ANTIALIAS, PIL's Image.resize(BILINEAR) (what torchvision's Resize does to a PIL
+ * image: a triangle filter widened by the downscale factor, two separable passes in
+ * 22-bit fixed point with uint8 between them, the vertical pass first when the height
+ * shrinks by more than twice the width, as Pillow >= 12.3 does) of the RGB uint8 frame
+ * the colour conversion gives, bit for bit. The placement is general: the frame resized to new_w x new_h
  * at (left, top), which may be negative or overhang the output (a centre crop), so one
  * kernel serves letterbox, stretch and centre crop. The arithmetic is OpenCV's (converted
  * taps are uint8, the blend is its SIMD fixed-point formula), so with mean 0 and inv_std 1
@@ -34,6 +39,9 @@ enum vas_pixel_format { VAS_NV12 = 0, VAS_I420 = 1, VAS_BGR24 = 2, VAS_RGB24 = 3
 /* The order of the output planes. */
 enum lb_channel_order { LB_RGB = 0, LB_BGR = 1 };
 
+/* The resampling filter. */
+enum lb_filter { LB_BILINEAR = 0, LB_ANTIALIAS = 1 };
+
 typedef struct lb_job {
     /* The source frame: its first byte, layout per docs/contract.md 5.3. */
     const uint8_t *frame;
@@ -48,6 +56,7 @@ typedef struct lb_job {
      * only the part inside the output is computed (left, top may be negative). */
     int new_w, new_h, left, top;
     int order;              /* enum lb_channel_order */
+    int filter;             /* enum lb_filter */
     /* Per output plane: value = (v / 255 - mean) * inv_std; mean 0, inv_std 1 give v / 255
      * exactly. The pad value (0..255) goes through the same formula. */
     float mean[3], inv_std[3];
@@ -68,6 +77,16 @@ typedef struct lb_job {
     int chroma_wide;        /* NV12/I420: columns [0, chroma_wide) read chroma in one load */
     int chroma_cache;       /* NV12/I420: convert chroma once per chroma row (lb_plan) */
     int col_pairs;          /* two taps, col_x0[i] = col_x0[0] + 2i, col_x0[0] even */
+
+    /* LB_ANTIALIAS only (the tables above are then unused): per visible column, its
+     * source columns [aa_col_first, + aa_col_count) and their weights (aa_kx apiece,
+     * sum ~2^22); rows likewise. Source columns [aa_span_x, + aa_span_w) are the ones
+     * any visible column reads; aa_ring: rows a worker keeps after the horizontal pass. */
+    int32_t *aa_col_first, *aa_col_count, *aa_col_k;
+    int32_t *aa_row_first, *aa_row_count, *aa_row_k;
+    int aa_kx, aa_ky, aa_span_x, aa_span_w, aa_ring;
+    int aa_vertical_first;  /* the vertical pass runs first (Pillow's rule) */
+    size_t worker_words;    /* int32 words of scratch per worker thread */
 } lb_job;
 
 /* Bytes a frame occupies from its first byte; 0 for an unknown format. */
