@@ -14,6 +14,13 @@ as real prototypes are smooth), boxes 40-400 px. One group per output:
   `cv2.connectedComponentsWithStats` (8-connected), the largest part's
   `cv2.findContours(RETR_EXTERNAL, CHAIN_APPROX_SIMPLE)`.
 Each test first asserts that both give the same masks (RLE strings, polygons).
+
+`zoo`: the workload that made masks dominate, `vasipc` only: the random-weight zoo segment
+model (../shared/models/zoo/yolo11n-320-seg.onnx, ONNX Runtime) on skimage's astronaut
+resized to 1920x1080, letterboxed to 320, conf 0.25, NMS 0.45: ~260 instances whose boxes
+cover ~42 million source pixels, prototypes [32, 80, 80] that are nearly noise (random
+weights), so most blocks are mixed. Skipped with the reason where ../shared or skimage is
+absent. A few masks are first checked against the numpy reference.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import math
 import cv2
 import numpy as np
 import pytest
-from _common import REPO  # noqa: F401  (puts tests/ on sys.path for reference_masks)
+from _common import REPO  # (also puts tests/ on sys.path for reference_masks)
 from reference_masks import pad_cut, rle_counts, rle_string
+from reference_masks import segment_masks as reference_segment_masks
 
 from vasipc._fast.masks import MASK_POLYGON, MASK_RLE, segment_masks
 
@@ -105,3 +113,55 @@ def test_polygon(benchmark, case, fn):
     assert sum(len(p) for p in expected) > K * 4
     for a, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, e)
+
+
+ZOO_SEG = REPO.parent / "shared" / "models" / "zoo" / "yolo11n-320-seg.onnx"
+ZW, ZH = 1920, 1080
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """(protos, coeffs, boxes) of the zoo segment model on the astronaut at 1920x1080."""
+    if not ZOO_SEG.is_file():
+        pytest.skip(f"{ZOO_SEG} is absent (the model zoo lives in ../shared, outside the project)")
+    ort = pytest.importorskip("onnxruntime")
+    astronaut = pytest.importorskip("skimage.data").astronaut()
+    import reference_heads  # the tests' numpy letterbox geometry and NMS
+
+    rgb = cv2.resize(astronaut, (ZW, ZH), interpolation=cv2.INTER_LINEAR)
+    g = reference_heads.input_geometry("letterbox", ZW, ZH, 320, 320)
+    nw, nh, top, left = round(ZW * g.scale_x), round(ZH * g.scale_y), int(g.pad_top), int(g.pad_left)
+    canvas = np.full((320, 320, 3), 114, np.uint8)
+    canvas[top:top + nh, left:left + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    x = np.ascontiguousarray(canvas.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255))
+    session = ort.InferenceSession(str(ZOO_SEG), providers=["CPUExecutionProvider"])
+    preds, protos = (o[0] for o in session.run(None, {session.get_inputs()[0].name: x}))
+    rows = preds.T
+    nc = rows.shape[1] - 4 - protos.shape[0]
+    scores, classes = rows[:, 4:4 + nc].max(1), rows[:, 4:4 + nc].argmax(1)
+    xy, wh = rows[:, :2], rows[:, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    idx = np.flatnonzero(scores >= np.float32(0.25))
+    idx = idx[np.argsort(-scores[idx], kind="stable")]
+    idx = idx[reference_heads.greedy_nms(boxes[idx].astype(np.float32), scores[idx], classes[idx], 0.45)]
+    src_boxes = reference_heads._to_source(boxes[idx], g).astype(np.float32)
+    return np.ascontiguousarray(protos), np.ascontiguousarray(rows[idx, 4 + nc:]), src_boxes
+
+
+def _zoo_group(zoo) -> str:
+    boxes = zoo[2]
+    area = float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum())
+    return f"{ZW}x{ZH}, zoo yolo11n-320-seg, {len(boxes)} instances, {area / 1e6:.1f} Mpx of box"
+
+
+@pytest.mark.parametrize("fmt", [MASK_RLE, MASK_POLYGON], ids=["rle", "polygon"])
+def test_zoo(benchmark, zoo, fmt):
+    benchmark.group = f"masks zoo: {_zoo_group(zoo)}"
+    protos, coeffs, boxes = zoo
+    some = slice(0, len(boxes), max(1, len(boxes) // 6))
+    assert len(boxes) > 100
+    if fmt == MASK_RLE:
+        assert segment_masks(protos, coeffs[some], boxes[some], ZW, ZH, fmt) == \
+            reference_segment_masks(protos, coeffs[some], boxes[some], ZW, ZH, fmt)
+    got = benchmark(segment_masks, protos, coeffs, boxes, ZW, ZH, fmt)
+    assert len(got) == len(boxes)

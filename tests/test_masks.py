@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import reference_masks
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vasipc._fast import masks as compiled
@@ -200,6 +200,30 @@ class _MaskBehaviour:
         np.testing.assert_array_equal(got, expected)
         assert len(got) == 2  # a diagonal line: its two ends
 
+    def test_positive_logits_whose_products_underflow(self) -> None:
+        # Every logit the smallest positive float32; a 2x2 map to 3x3 puts lambda = 0.5
+        # on the middle row and column, where x * 0.5 rounds to 0 on both taps: all four
+        # corners > 0, yet those pixels are not set.
+        tiny = np.float32(2.0**-149)
+        protos = np.full((1, 2, 2), tiny, np.float32)
+        boxes = np.array([[0, 0, 3, 3]], np.float32)
+        s = self.rle(protos, np.ones((1, 1), np.float32), boxes, 3, 3)[0]
+        expected = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.uint8)
+        np.testing.assert_array_equal(coco.decode({"size": [3, 3], "counts": s}), expected)
+        _, masks = ultralytics_masks(protos, np.ones((1, 1), np.float32), boxes, 3, 3)
+        np.testing.assert_array_equal(masks[0], expected)
+
+    def test_equal_parts_the_first_in_raster_order(self) -> None:
+        # Two equal squares: the top-right one comes first in raster order, the
+        # bottom-left one first column by column; the polygon is the top-right one.
+        logit = -np.ones((24, 36), np.float32)
+        logit[2:6, 30:34] = 1
+        logit[18:22, 2:6] = 1
+        got = self.polygon(logit[None], np.ones((1, 1), np.float32),
+                           np.array([[0, 0, 36, 24]], np.float32), 36, 24)[0]
+        np.testing.assert_array_equal(got, opencv_polygon(logit > 0))
+        assert got[:, 0].min() * 36 == 30
+
     @pytest.mark.parametrize(("w", "h", "cut"), [
         (1280, 720, (35, 125, 0, 160)), (720, 1280, (0, 160, 35, 125)),
         (1000, 333, (53, 107, 0, 160)), (160, 160, (0, 160, 0, 160))])
@@ -332,3 +356,77 @@ def test_compiled_equals_reference(seed, w, h, mh, mw, k, channels, fmt) -> None
     else:
         for a, e in zip(got, expected, strict=True):
             np.testing.assert_array_equal(a, e)
+
+
+# --- the kernel's shortcuts are exact ------------------------------------------------------------
+# The kernel decides whole blocks of pixels (one 2x2 cell neighbourhood) and column
+# stretches from their corner logits, and evaluates pixel by pixel only where the sign
+# changes (mask_kernel.c, classify() and stretch_flips()). These cases aim at where such a
+# shortcut could go wrong: logits at and around 0 (signed zeros, subnormals whose
+# products underflow), huge and infinite ones (inf * 0 is NaN), NaN, large upscales
+# (long stretches), downscales, fractional box edges.
+
+F32 = np.finfo(np.float32)
+SPECIAL = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 2.0**-100, -(2.0**-100), 2.0**-101,
+                    1e-30, -1e-30, 1.0, -1.0, 1e30, -1e30, 2.0**100, F32.max, -F32.max, np.inf,
+                    -np.inf, np.nan], np.float32)
+
+
+def assert_compiled_is_reference(protos, coeffs, boxes, w: int, h: int, formats=(0, 1)) -> None:
+    with np.errstate(all="ignore"):  # inf * 0 and overflow in the reference, as in the C
+        for fmt in formats:
+            expected = reference_masks.segment_masks(protos, coeffs, boxes, w, h, fmt)
+            got = compiled.segment_masks(protos, coeffs, boxes, w, h, fmt)
+            if fmt == reference_masks.MASK_RLE:
+                assert got == expected
+            else:
+                for a, e in zip(got, expected, strict=True):
+                    np.testing.assert_array_equal(a, e)
+
+
+def fractional_boxes(rng, k: int, w: int, h: int) -> np.ndarray:
+    """k boxes with fractional edges, the first the whole frame, one past its edges."""
+    x = np.sort(rng.uniform(-3, w + 3, (k, 2)), axis=1)
+    y = np.sort(rng.uniform(-3, h + 3, (k, 2)), axis=1)
+    boxes = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1).astype(np.float32)
+    boxes[0] = [0, 0, w, h]
+    return boxes
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), w=st.integers(1, 160), h=st.integers(1, 160),
+       mh=st.integers(1, 12), mw=st.integers(1, 12), special=st.floats(0, 1))
+def test_special_logits_compiled_equals_reference(seed, w, h, mh, mw, special) -> None:
+    """One prototype, coefficient 1: the logits are the drawn values exactly, a mix of
+    special values and ordinary ones in any pattern, upscaled up to 160x or downscaled."""
+    rng = np.random.default_rng(seed)
+    protos = rng.standard_normal((1, mh, mw)).astype(np.float32)
+    pick = rng.random((1, mh, mw)) < special
+    protos[pick] = rng.choice(SPECIAL, int(pick.sum()))
+    top, bottom, left, right = reference_masks.pad_cut(mh, mw, h, w)
+    assume(0 <= top < bottom and 0 <= left < right)  # the aspect leaves a row and a column
+    assert_compiled_is_reference(protos, np.ones((4, 1), np.float32),
+                                 fractional_boxes(rng, 4, w, h), w, h)
+
+
+@pytest.mark.parametrize(("w", "h", "mh", "mw"), [
+    (1920, 1080, 80, 80), (640, 360, 20, 20), (333, 517, 24, 40), (50, 30, 64, 96),
+    (160, 160, 160, 160), (1001, 999, 7, 9)])
+@pytest.mark.parametrize("scale", [1.0, 1e-39], ids=["ordinary", "subnormal"])
+def test_near_zero_logits_compiled_equals_reference(w, h, mh, mw, scale) -> None:
+    """Smooth and noisy prototypes whose logits cross 0 often, at scales up (24x, 32x) and
+    down, the logits ordinary or subnormal (products underflow to 0); RLE on the whole
+    frame, polygons where the reference's tracing is quick enough."""
+    rng = np.random.default_rng(w + mh)
+    noise = rng.standard_normal((8, mh, mw)).astype(np.float32)
+    protos = np.stack([cv2.GaussianBlur(p, (0, 0), 1.5) for p in noise]) + noise * np.float32(0.2)
+    coeffs = (rng.standard_normal((5, 8)) * scale).astype(np.float32)
+    boxes = fractional_boxes(rng, 5, w, h)
+    assert_compiled_is_reference(protos, coeffs, boxes, w, h, formats=(0,))
+    _, masks = reference_masks.process_mask_native(protos, coeffs, boxes, w, h,
+                                                   reference_masks.sequential_logits)
+    assert masks.any()
+    if w * h <= 400_000:
+        for points, mask in zip(compiled.segment_masks(protos, coeffs, boxes, w, h, 1), masks,
+                                strict=True):
+            np.testing.assert_array_equal(points, opencv_polygon(mask))
