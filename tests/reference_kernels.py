@@ -9,7 +9,11 @@ them.
 The letterbox reference does OpenCV's arithmetic, because the contract's reference
 pipeline is OpenCV's: BT.601 limited-range YUV -> RGB in 20-bit fixed point rounded to
 uint8 (cvtColor), bilinear weights as 11-bit fixed point from float source positions,
-and the vertical blend as OpenCV's SIMD path rounds it (resize INTER_LINEAR).
+and the vertical blend as OpenCV's SIMD path rounds it (resize INTER_LINEAR). With
+antialias it resizes as PIL's Image.resize(BILINEAR) does instead (Resample.c): a
+triangle filter widened by the downscale factor, weights in 22-bit fixed point, two
+separable passes rounded to uint8, the vertical one first when the height shrinks by
+more than twice the width (Pillow 13).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ PAD_VALUE = 114
 _YUV_SHIFT = 20
 _CY, _CUB, _CUG, _CVG, _CVR = 1220542, 2116026, -409993, -852492, 1673527
 _WEIGHT_ONE = 2048  # bilinear weight 1.0 in OpenCV's fixed point
+_AA_BITS = 22  # PIL's PRECISION_BITS
 
 
 # --- letterbox -----------------------------------------------------------------------------
@@ -95,6 +100,53 @@ def _row_taps(height: int, new_h: int):
     return np.clip(sy, 0, height - 1), np.clip(sy + 1, 0, height - 1), w0, w1
 
 
+def _aa_coeffs(n_in: int, n_out: int, first: int, count: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's precompute_coeffs and normalize_coeffs_8bpc for destination indices
+    [first, first + count): each one's first source index, its number of taps and its
+    weights (a row of ksize, zero past the taps) as 22-bit integers."""
+    scale = float(np.float32(n_in)) / n_out  # PIL: float box edges, a double division
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the triangle's support is 1
+    ksize = int(np.ceil(support)) * 2 + 1
+    center = (np.arange(first, first + count) + 0.5) * scale
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's (int): truncation
+    taps = np.minimum((center + support + 0.5).astype(np.int64), n_in) - xmin
+    t = np.arange(ksize)
+    x = (t[None, :] + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filterscale)
+    w = np.where(np.abs(x) < 1.0, 1.0 - np.abs(x), 0.0)
+    w[t[None, :] >= taps[:, None]] = 0.0
+    total = np.zeros(count)
+    for i in range(ksize):  # summed in PIL's order (np.sum would pair them)
+        total += w[:, i]
+    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+    return xmin, taps, np.floor(0.5 + w * (1 << _AA_BITS)).astype(np.int64)
+
+
+def _aa_pass(values: np.ndarray, axis: int, n_out: int, first: int, count: int) -> np.ndarray:
+    """One of PIL's passes along `axis` of uint8 values: destination indices
+    [first, first + count), each (2^21 + sum of value x weight) >> 22 clamped to 0..255."""
+    n_in = values.shape[axis]
+    xmin, _, weights = _aa_coeffs(n_in, n_out, first, count)
+    moved = np.moveaxis(values.astype(np.int64), axis, 0)
+    acc = np.full((count, *moved.shape[1:]), 1 << (_AA_BITS - 1), np.int64)
+    shape = (count,) + (1,) * (moved.ndim - 1)
+    for t in range(weights.shape[1]):  # taps past a row's count weigh 0
+        acc += moved[np.minimum(xmin + t, n_in - 1)] * weights[:, t].reshape(shape)
+    return np.moveaxis(np.clip(acc >> _AA_BITS, 0, 255), 0, axis)
+
+
+def _antialias(rgb: np.ndarray, new_w: int, new_h: int, vx: int, vw: int, vy: int, vh: int
+               ) -> np.ndarray:
+    """PIL's Image.resize(BILINEAR) of rgb (3, H, W) to new_w x new_h, the visible window
+    [vy, vy + vh) x [vx, vx + vw) of it."""
+    height, width = rgb.shape[1:]
+    dy, dx = height - new_h, width - new_w
+    if dy > 0 and dy > dx * 2:  # Pillow 13's "vertical pass first" rule
+        return _aa_pass(_aa_pass(rgb, 1, new_h, vy, vh), 2, new_w, vx, vw)
+    return _aa_pass(_aa_pass(rgb, 2, new_w, vx, vw), 1, new_h, vy, vh)
+
+
 def _yuv_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     yy = np.maximum(y.astype(np.int32) - 16, 0) * _CY
     uu, vv = u.astype(np.int32) - 128, v.astype(np.int32) - 128
@@ -138,9 +190,11 @@ def _normalization(mean, std) -> tuple[np.ndarray, np.ndarray]:
 
 def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
                    new_w: int, new_h: int, left: int, top: int, *, threads: int = 1,
-                   bgr: bool = False, pad_value: int = PAD_VALUE, mean=None, std=None) -> None:
+                   bgr: bool = False, pad_value: int = PAD_VALUE, mean=None, std=None,
+                   antialias: bool = False) -> None:
     """The resized frame at (left, top) of out (negative offsets and overhangs crop), the
-    rest pad_value; each plane (v / 255 - mean) * (1 / std), planes RGB or BGR."""
+    rest pad_value; each plane (v / 255 - mean) * (1 / std), planes RGB or BGR. Resized
+    as OpenCV's INTER_LINEAR, or with antialias as PIL's Image.resize(BILINEAR)."""
     if not 1 <= threads <= 64:
         raise ValueError(f"threads must be in 1..64, got {threads}")
     needed = frame_nbytes(fmt, width, height, stride)
@@ -161,17 +215,21 @@ def letterbox_into(src, fmt: int, width: int, height: int, stride: int, out,
     vx, vy = max(0, -left), max(0, -top)
     vw, vh = min(new_w, out_w - left) - vx, min(new_h, out_h - top) - vy
 
-    x0, x1, wx0, wx1 = (t[vx:vx + vw] for t in _column_taps(width, new_w))
-    y0, y1, wy0, wy1 = (t[vy:vy + vh] for t in _row_taps(height, new_h))
-    # Horizontal pass on both source rows of every output row: tap0*w0 + tap1*w1.
-    h0 = (_pixels(data, fmt, height, stride, y0, x0) * wx0
-          + _pixels(data, fmt, height, stride, y0, x1) * wx1)
-    h1 = (_pixels(data, fmt, height, stride, y1, x0) * wx0
-          + _pixels(data, fmt, height, stride, y1, x1) * wx1)
-    # Vertical pass: OpenCV's 16-bit multiply-high of (row >> 4), then (sum + 2) >> 2.
-    wy0, wy1 = wy0[None, :, None], wy1[None, :, None]
-    value = (((wy0 * (h0 >> 4)) >> 16) + ((wy1 * (h1 >> 4)) >> 16) + 2) >> 2
-    value = np.minimum(value, 255)
+    if antialias:
+        rgb = _pixels(data, fmt, height, stride, np.arange(height), np.arange(width))
+        value = _antialias(rgb, new_w, new_h, vx, vw, vy, vh)
+    else:
+        x0, x1, wx0, wx1 = (t[vx:vx + vw] for t in _column_taps(width, new_w))
+        y0, y1, wy0, wy1 = (t[vy:vy + vh] for t in _row_taps(height, new_h))
+        # Horizontal pass on both source rows of every output row: tap0*w0 + tap1*w1.
+        h0 = (_pixels(data, fmt, height, stride, y0, x0) * wx0
+              + _pixels(data, fmt, height, stride, y0, x1) * wx1)
+        h1 = (_pixels(data, fmt, height, stride, y1, x0) * wx0
+              + _pixels(data, fmt, height, stride, y1, x1) * wx1)
+        # Vertical pass: OpenCV's 16-bit multiply-high of (row >> 4), then (sum + 2) >> 2.
+        wy0, wy1 = wy0[None, :, None], wy1[None, :, None]
+        value = (((wy0 * (h0 >> 4)) >> 16) + ((wy1 * (h1 >> 4)) >> 16) + 2) >> 2
+        value = np.minimum(value, 255)
     if bgr:
         value = value[::-1]
 

@@ -7,7 +7,10 @@ vasipc.preprocess on a real photo.
 all four pixel formats, with padded strides, frames inside bigger buffers, tiny and huge
 frames, wide and tall pictures, square and non-square models; for every resize mode
 (letterbox, stretch, centre crop: negative offsets, an image larger than the output), RGB
-and BGR planes, mean/std and pad values. Then what only the compiled kernel promises:
+and BGR planes, mean/std and pad values; and the antialias filter equal to PIL's
+Image.resize(BILINEAR) of the OpenCV-decoded frame bit for bit (the classifiers'
+torchvision Resize): up and down, odd sizes, crops, both of Pillow's pass orders, every
+format. Then what only the compiled kernel promises:
 bit-identical to the reference, the SIGBUS guard (a frame file truncated under its mapping
 raises FrameBusError and the process lives on), any buffer as source. Last,
 vasipc.preprocess: each mode's placement in exact numbers, model.yaml validation, and
@@ -167,6 +170,20 @@ def opencv_preprocess(rgb: np.ndarray, dst_w: int, dst_h: int, placement: tuple[
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def pil_preprocess(rgb: np.ndarray, dst_w: int, dst_h: int, placement: tuple[int, ...],
+                   pad_value: int = 114) -> np.ndarray:
+    """Ultralytics' classifier input, as torchvision builds it from a PIL image: PIL's
+    Image.resize(BILINEAR) of the decoded RGB frame, the placement's crop / pad, /255, CHW."""
+    image = pytest.importorskip("PIL.Image")
+    new_w, new_h, left, top = placement
+    resized = np.asarray(image.fromarray(rgb).resize((new_w, new_h), image.BILINEAR))
+    canvas = np.full((dst_h, dst_w, 3), pad_value, np.uint8)
+    x0, y0 = max(0, -left), max(0, -top)
+    visible = resized[y0:min(new_h, dst_h - top), x0:min(new_w, dst_w - left)]
+    canvas[top + y0:top + y0 + visible.shape[0], left + x0:left + x0 + visible.shape[1]] = visible
+    return np.ascontiguousarray((canvas.astype(np.float32) / 255).transpose(2, 0, 1))
+
+
 def assert_matches_opencv(out: np.ndarray, expected: np.ndarray, std=(1.0,)) -> None:
     diff = np.abs(out.astype(np.float64) - expected) * min(std)  # in units of v / 255
     # The contract: mean <= 2/255, 99.9% of elements within 8/255. The kernel does
@@ -240,7 +257,38 @@ OPTIONS = [
 
 def _kernel_options(pre: Preprocess) -> dict:
     return {"bgr": pre.channel_order == "bgr", "pad_value": pre.pad_value, "mean": pre.mean,
-            "std": pre.std}
+            "std": pre.std, "antialias": pre.filter == "antialias"}
+
+
+# Antialias cases: (name, source size, crop, model size W x H, stride padding, offset, resize).
+# Up and down, odd sizes, Pillow's two pass orders (vertical first: the height shrinks by
+# more than twice the width), crops and letterbox / stretch placements.
+AA_CASES = [
+    ("2x-224-crop", (448, 448), "full", (224, 224), 0, 0, "center_crop"),  # the zoo check
+    ("720p-224-crop", (1280, 720), "full", (224, 224), 14, 3, "center_crop"),
+    ("tall-224-crop", (256, 512), "tall", (224, 224), 2, 0, "center_crop"),
+    ("tall-vertical-first", (300, 1400), "full", (224, 224), 0, 5, "center_crop"),
+    ("up-224-crop", (100, 60), "full", (224, 224), 4, 0, "center_crop"),
+    ("odd-224-crop", (334, 212), "full", (224, 224), 2, 1, "center_crop"),
+    ("odd-letterbox", (334, 210), "full", (160, 128), 0, 0, "letterbox"),  # 160 x 101
+    ("wide-stretch-odd", (512, 256), "wide", (97, 61), 6, 0, "stretch"),
+    ("stretch-up-down", (120, 300), "full", (301, 75), 0, 0, "stretch"),  # x up, y down
+    ("tiny-2x2", (2, 2), "full", (64, 64), 0, 0, "center_crop"),
+    ("one-column", (2, 96), "full", (32, 32), 0, 0, "stretch"),
+]
+
+
+def _run_antialias(kernel: types.ModuleType, fmt: int, case: tuple, threads: int = 1,
+                   **fields) -> tuple[np.ndarray, np.ndarray, Preprocess]:
+    """The case's frame through the antialias filter, and PIL's tensor for it (pad 114)."""
+    _, (w, h), crop, (dst_w, dst_h), stride_pad, offset, resize = case
+    frame = make_frame(photo(w, h, crop), fmt, stride_pad=stride_pad, offset=offset)
+    pre = Preprocess(resize=resize, filter="antialias", **fields)
+    _, placement = pre.placement(w, h, dst_w, dst_h)
+    out = np.full((3, dst_h, dst_w), np.nan, np.float32)
+    kernel.letterbox_into(frame.src, fmt, w, h, frame.stride, out, *placement,
+                          threads=threads, **_kernel_options(pre))
+    return out, pil_preprocess(frame.rgb_opencv, dst_w, dst_h, placement), pre
 
 
 def _run_mode(kernel: types.ModuleType, fmt: int, case: tuple, pre: Preprocess,
@@ -429,6 +477,41 @@ class _LetterboxBehaviour:
                                        **bad)
 
 
+    # --- the antialias filter: PIL's resize -------------------------------------------------
+
+    @pytest.mark.parametrize("case", AA_CASES, ids=[c[0] for c in AA_CASES])
+    @pytest.mark.parametrize("fmt_name", list(FORMATS))
+    def test_antialias_equals_pil(self, fmt_name: str, case: tuple) -> None:
+        out, expected, _ = _run_antialias(self.kernel, FORMATS[fmt_name], case)
+        assert np.array_equal(out, expected), np.abs(out - expected).max() * 255
+
+    @pytest.mark.parametrize("fmt_name", ["NV12", "BGR24"])
+    def test_antialias_order_mean_std_pad(self, fmt_name: str) -> None:
+        """The pad value, BGR planes and mean/std on PIL's values, bit for bit."""
+        case = AA_CASES[6]  # letterbox: pad bands
+        plain, expected, _ = _run_antialias(self.kernel, FORMATS[fmt_name], case, pad_value=3)
+        _, (w, h), _, (dst_w, dst_h), _, _, _ = case
+        _, (new_w, new_h, left, top) = Preprocess().placement(w, h, dst_w, dst_h)
+        inside = np.zeros(plain.shape, bool)
+        inside[:, top:top + new_h, left:left + new_w] = True
+        assert np.array_equal(plain[inside], expected[inside])
+        assert np.all(plain[~inside] == np.float32(3) / np.float32(255))
+        both, _, pre = _run_antialias(self.kernel, FORMATS[fmt_name], case, pad_value=3,
+                                      channel_order="bgr", mean=IMAGENET.mean[::-1],
+                                      std=IMAGENET.std[::-1])
+        mean = np.array(pre.mean, np.float32)[:, None, None]
+        inv_std = np.array([1 / v for v in pre.std], np.float32)[:, None, None]
+        assert np.array_equal(both, (plain[::-1] - mean) * inv_std)
+
+    def test_antialias_is_not_bilinear_on_a_downscale(self) -> None:
+        """A downscale averages the whole footprint (INTER_LINEAR samples 2x2 pixels)."""
+        down, _, _ = _run_antialias(self.kernel, FORMATS["RGB24"], AA_CASES[1])
+        bilinear, _ = _run_mode(self.kernel, FORMATS["RGB24"], MODE_CASES[6],
+                                Preprocess(resize="center_crop"))
+        assert MODE_CASES[6][0] == "720p-224"
+        assert np.abs(down - bilinear).max() > 20 / 255
+
+
 class TestCompiledLetterbox(_LetterboxBehaviour):
     kernel = letterbox
 
@@ -495,8 +578,10 @@ def test_preprocess_defaults_and_describe() -> None:
     assert Preprocess("stretch", 114, "rgb", (0.485, 0.456, 0.406),
                       (0.229, 0.224, 0.225)) == IMAGENET
     assert json.loads(json.dumps(IMAGENET.describe())) == {
-        "resize": "stretch", "pad_value": 114, "channel_order": "rgb",
+        "resize": "stretch", "filter": "bilinear", "pad_value": 114, "channel_order": "rgb",
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert pre.filter == "bilinear"
+    assert Preprocess(resize="center_crop", filter="antialias").describe()["filter"] == "antialias"
     assert Preprocess(mean=[0, 0, 0]) == pre and hash(Preprocess(mean=[0, 0, 0])) == hash(pre)
 
 
@@ -505,6 +590,8 @@ def test_preprocess_from_mapping() -> None:
     got = Preprocess.from_mapping({"resize": "center_crop", "channel_order": "BGR",
                                    "pad_value": 0, "mean": [0.5, 0.5, 0.5]}, IMAGENET)
     assert got == Preprocess("center_crop", 0, "bgr", (0.5, 0.5, 0.5), IMAGENET.std)
+    got = Preprocess.from_mapping({"filter": "AntiAlias"}, Preprocess(resize="center_crop"))
+    assert got == Preprocess(resize="center_crop", filter="antialias")
 
 
 @pytest.mark.parametrize(("mapping", "lines"), [
@@ -514,6 +601,8 @@ def test_preprocess_from_mapping() -> None:
     ({"pad_value": 1.5}, ["preprocess.pad_value"]),
     ({"pad_value": True}, ["preprocess.pad_value"]),
     ({"channel_order": "rgba"}, ["preprocess.channel_order: expected rgb or bgr"]),
+    ({"filter": "bicubic"}, ["preprocess.filter: expected bilinear or antialias"]),
+    ({"filter": 1}, ["preprocess.filter: expected bilinear or antialias"]),
     ({"mean": [0.5, 0.5]}, ["preprocess.mean: expected 3 numbers"]),
     ({"mean": "0.5"}, ["preprocess.mean: expected a list of 3 numbers"]),
     ({"std": [1, 0, 1]}, ["preprocess.std: values must be > 0"]),
@@ -570,7 +659,38 @@ def test_preprocess_into_a_frame_file(pre: Preprocess, tmp_path: Path) -> None:
     assert (x1, y1) == pytest.approx((left + new_w, top + new_h), abs=0.6)
 
 
+def test_classifier_default_is_pil_on_a_frame_file(tmp_path: Path) -> None:
+    """yolo-classify's preprocessing (centre crop, antialias) through Preprocess.into on an
+    NV12 frame file: Ultralytics' tensor, PIL's resize of the decoded frame, bit for bit."""
+    from vasipc.heads.classify import PREPROCESS
+
+    assert Preprocess(resize="center_crop", filter="antialias") == PREPROCESS
+    frame = make_frame(photo(640, 480), FORMATS["NV12"])
+    data = np.asarray(frame.src)[:frame.stride * 720]
+    write_frame_dir(tmp_path / "f", data, width=640, height=480, pixel_format="NV12",
+                    frame_id=1)
+    opened = FrameOpener(FrameRoots([str(tmp_path)]), 8192).open(str(tmp_path / "f"),
+                                                                   FrameMetadata())
+    out = np.empty((3, 224, 224), np.float32)
+    try:
+        PREPROCESS.into(opened, out, threads=2)
+    finally:
+        opened.close()
+    _, placement = PREPROCESS.placement(640, 480, 224, 224)
+    assert np.array_equal(out, pil_preprocess(frame.rgb_opencv, 224, 224, placement))
+
+
 # --- compiled only ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in AA_CASES if c[0] != "one-column"],
+                         ids=lambda c: c[0])
+def test_antialias_threads_bit_for_bit(case: tuple) -> None:
+    """Each worker's ring of horizontal-pass rows starts empty at its range boundary."""
+    one, _, _ = _run_antialias(letterbox, FORMATS["I420"], case)
+    for threads in (2, 3, 64):
+        many, _, _ = _run_antialias(letterbox, FORMATS["I420"], case, threads=threads)
+        assert np.array_equal(many, one), threads
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("fmt_name", list(FORMATS))

@@ -1,4 +1,5 @@
-"""How a model family wants its input: resize mode, pad, channel order, mean/std (issue 10).
+"""How a model family wants its input: resize mode and filter, pad, channel order, mean/std
+(issue 10).
 
 A :class:`Preprocess` says how a frame becomes a model's input tensor; the compiled kernel
 (``_fast.letterbox.letterbox_into``) does the work for every mode, and the GPU graph
@@ -14,10 +15,15 @@ A :class:`Preprocess` says how a frame becomes a model's input tensor; the compi
   Ultralytics passes ``(h, w)`` to ``Resize``, which stretches (the crop then cuts
   nothing): so does this mode.
 
-Interpolation is always OpenCV's INTER_LINEAR. Ultralytics' classify path resizes a PIL
-image with torchvision's antialiased bilinear filter, which differs from it on
-downscales (it averages over the whole footprint); exact agreement with Ultralytics'
-classifier is for frames that need no downscale.
+Filters (``filter``): ``bilinear`` is OpenCV's INTER_LINEAR (``cv2.resize``), what
+Ultralytics' detectors use. ``antialias`` is PIL's ``Image.resize(size, BILINEAR)``, what
+torchvision's ``Resize`` does to the PIL image Ultralytics' classifiers get
+(``ClassificationPredictor.preprocess``: ``Image.fromarray`` of the RGB frame): a triangle
+filter widened by the downscale factor, so a downscale averages over the whole footprint
+where INTER_LINEAR samples 2x2 pixels. The kernel reproduces it bit for bit (Pillow 13.0,
+as installed with Ultralytics 8.4; Pillow <= 12.2 always ran the horizontal pass first,
+which changes some values by 1/255 when the height shrinks by more than twice the
+width), of the RGB uint8 frame the colour conversion gives.
 
 Values: ``(v / 255 - mean[c]) / std[c]`` per plane ``c`` of the model input, in
 ``channel_order`` (mean and std are given in that plane order); the pad value goes through
@@ -45,7 +51,8 @@ if TYPE_CHECKING:
 
 RESIZE_MODES = ("letterbox", "stretch", "center_crop")
 CHANNEL_ORDERS = ("rgb", "bgr")
-KEYS = ("resize", "pad_value", "channel_order", "mean", "std")
+FILTERS = ("bilinear", "antialias")
+KEYS = ("resize", "filter", "pad_value", "channel_order", "mean", "std")
 
 
 class Geometry(NamedTuple):
@@ -74,12 +81,15 @@ def _triple(key: str, value: Any) -> tuple[tuple[float, float, float] | None, st
     return (floats[0], floats[1], floats[2]), None
 
 
-def _problems(resize: Any, pad_value: Any, channel_order: Any, mean: Any, std: Any) -> list[str]:
+def _problems(resize: Any, filter: Any, pad_value: Any, channel_order: Any, mean: Any,
+              std: Any) -> list[str]:
     """One line per invalid value (empty when all are valid)."""
     problems = []
     if resize not in RESIZE_MODES:
         problems.append(f"preprocess.resize: expected one of {', '.join(RESIZE_MODES)}, "
                         f"got {resize!r}")
+    if filter not in FILTERS:
+        problems.append(f"preprocess.filter: expected bilinear or antialias, got {filter!r}")
     if (not isinstance(pad_value, int) or isinstance(pad_value, bool)
             or not 0 <= pad_value <= 255):
         problems.append(f"preprocess.pad_value: expected an integer in 0..255, got {pad_value!r}")
@@ -106,10 +116,11 @@ class Preprocess:
     channel_order: str = "rgb"
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    filter: str = "bilinear"  # last: positional construction keeps its meaning
 
     def __post_init__(self) -> None:
-        problems = _problems(self.resize, self.pad_value, self.channel_order, self.mean,
-                             self.std)
+        problems = _problems(self.resize, self.filter, self.pad_value, self.channel_order,
+                             self.mean, self.std)
         if problems:
             raise ValueError("\n".join(problems))
         # Stored as tuples of floats, so equal settings compare (and hash) equal.
@@ -127,8 +138,9 @@ class Preprocess:
                     for key in d if key not in KEYS]
         values = {key: getattr(base, key) for key in KEYS}
         values.update((key, value) for key, value in d.items() if key in KEYS)
-        if isinstance(values["channel_order"], str):
-            values["channel_order"] = values["channel_order"].lower()
+        for key in ("channel_order", "filter"):
+            if isinstance(values[key], str):
+                values[key] = values[key].lower()
         problems += _problems(**values)
         if problems:
             raise ValueError("\n".join(problems))
@@ -150,7 +162,7 @@ class Preprocess:
         letterbox_into(frame.view, frame.pixel_format, frame.width, frame.height, frame.stride,
                        out, new_w, new_h, left, top, threads=threads,
                        bgr=self.channel_order == "bgr", pad_value=self.pad_value,
-                       mean=self.mean, std=self.std)
+                       mean=self.mean, std=self.std, antialias=self.filter == "antialias")
         return geometry
 
     @property
@@ -163,7 +175,7 @@ class Preprocess:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able, for `info` and `vasipc check`."""
-        return {"resize": self.resize, "pad_value": self.pad_value,
+        return {"resize": self.resize, "filter": self.filter, "pad_value": self.pad_value,
                 "channel_order": self.channel_order, "mean": list(self.mean),
                 "std": list(self.std)}
 

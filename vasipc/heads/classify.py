@@ -11,7 +11,7 @@ from vasipc.preprocess import Preprocess
 
 ARCHITECTURE = "yolo-classify"
 TASKS = ("classify",)
-PREPROCESS = Preprocess(resize="center_crop")
+PREPROCESS = Preprocess(resize="center_crop", filter="antialias")
 DEFAULT_TOP_K = 5
 
 
