@@ -1,7 +1,9 @@
 """Real Ultralytics 8.4 exports of every task (../shared/models/zoo/, random weights that
 still give a few to a few hundred results) through a real server socket, against the
-numpy reference: OpenCV preprocessing as each family wants it, ONNX Runtime in-process,
-tests/reference_heads.py post-processing. Skipped, with the reason, where ../shared is
+numpy reference: preprocessing as each family wants it (OpenCV's resize; PIL's for the
+classifier, as Ultralytics' torchvision transforms do), ONNX Runtime in-process,
+tests/reference_heads.py post-processing; and the classifier's top 5 on a 2x frame as
+Ultralytics 8.4 itself answered. Skipped, with the reason, where ../shared is
 absent (the zoo is for tests, never shipped)."""
 
 from __future__ import annotations
@@ -46,12 +48,18 @@ def zoo_case(name: str, session) -> ZooCase:
                    None if kpt is None else tuple(kpt), ast.literal_eval(meta["imgsz"])[0])
 
 
-def reference_input(rgb: np.ndarray, geom: reference_heads.Geom, size: int) -> np.ndarray:
-    """The family's input tensor with OpenCV: resize to the placement, then pad (114) or
-    crop, /255, NCHW."""
+def reference_input(rgb: np.ndarray, geom: reference_heads.Geom, size: int,
+                    pil: bool = False) -> np.ndarray:
+    """The family's input tensor: resize to the placement (OpenCV's INTER_LINEAR, or with
+    pil PIL's Image.resize(BILINEAR), torchvision's Resize on a PIL image), then pad (114)
+    or crop, /255, NCHW."""
     h, w = rgb.shape[:2]
     nw, nh = round(w * geom.scale_x), round(h * geom.scale_y)
-    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    if pil:
+        image = pytest.importorskip("PIL.Image")
+        img = np.asarray(image.fromarray(rgb).resize((nw, nh), image.BILINEAR))
+    else:
+        img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
     canvas = np.full((size, size, 3), 114, np.uint8)
     left, top = int(geom.pad_left), int(geom.pad_top)
     src = img[max(0, -top):max(0, -top) + size, max(0, -left):max(0, -left) + size]
@@ -85,10 +93,36 @@ def test_zoo_model_through_the_socket(name: str, server_factory, shm_dir: Path,
         frame = write_dir(shm_dir / label.replace(":", "x"), rgb, "RGB24")
         h, w = rgb.shape[:2]
         geom = reference_heads.input_geometry(resize, w, h, case.size, case.size)
-        outs = session.run(None, {"images": reference_input(rgb, geom, case.size)})
+        x = reference_input(rgb, geom, case.size, pil=case.task == "classify")
+        outs = session.run(None, {"images": x})
         want = reference_heads.answer(case, [o[0] for o in outs], geom, (case.size, case.size))
         resp = wire.roundtrip(server.socket, wire.infer_request(str(frame), "zoo"))
         assert resp["error_code"] is None, resp
         assert_same_answer({k: resp[k] for k in want}, want)
         answered += len(want.get("classifications") or want["detections"])
     assert answered > 0, "the zoo models give results on real frames"
+
+
+def test_classifier_top5_is_ultralytics_on_a_2x_frame(astronaut_rgb: np.ndarray) -> None:
+    """The 2x pixel-replicated upscale of a 224x224 astronaut: Ultralytics 8.4 (PIL's
+    antialiased resize to 224) ranks [723, 980, 437, 15, 955] (measured with
+    bench/ultralytics_oracle.py's venv: ultralytics 8.4.190, Pillow 13.0); OpenCV's
+    INTER_LINEAR would give [140, 15, 723, 602, 437]. In-process: the loaded model's own
+    preprocessing (centre crop, antialias) and session."""
+    from vasipc._fast.letterbox import RGB24, letterbox_into
+    from vasipc.model import ModelSpec, load_model
+    from vasipc.runtime import Device
+
+    path = ZOO / "yolo11n-224-cls.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the model zoo lives in ../shared, outside the project)")
+    model = load_model(ModelSpec(str(path), "zoo", "zoo", "1"), Device("cpu"), 1)
+    pre = model.family.preprocess
+    own = cv2.resize(np.ascontiguousarray(astronaut_rgb), (224, 224), interpolation=cv2.INTER_AREA)
+    frame = np.ascontiguousarray(np.repeat(np.repeat(own, 2, axis=0), 2, axis=1))
+    x = np.empty((1, 3, 224, 224), np.float32)
+    _, placement = pre.placement(448, 448, 224, 224)
+    letterbox_into(frame, RGB24, 448, 448, 3 * 448, x[0], *placement,
+                   antialias=pre.filter == "antialias")
+    probs = model.session.run(None, {model.input_name: x})[0][0]
+    assert np.argsort(-probs, kind="stable")[:5].tolist() == [723, 980, 437, 15, 955]
