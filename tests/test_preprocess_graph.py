@@ -41,6 +41,7 @@ from vasipc.preprocess_graph import (  # noqa: E402
     INPUT_FRAME,
     INPUT_GEOMETRY,
     OPSET,
+    OPSET_ANTIALIAS,
     OUTPUT,
     PreprocessSession,
     build_preprocess_graph,
@@ -338,6 +339,16 @@ def test_graph_is_standard_and_small(fmt):
     assert attrs == {"mode": b"linear", "coordinate_transformation_mode": b"half_pixel"}
 
 
+def test_antialias_graph_is_opset_18_resize_antialias():
+    model = build_preprocess_graph(FORMATS["NV12"], 224, 224,
+                                   Preprocess(resize="center_crop", filter="antialias"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET_ANTIALIAS)]
+    resize = [n for n in model.graph.node if n.op_type == "Resize"][-1]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in resize.attribute}
+    assert attrs["antialias"] == 1 and attrs["exclude_outside"] == 1
+
+
 # --- every family's preprocessing ---------------------------------------------------------------
 
 MODES = {
@@ -349,6 +360,10 @@ MODES = {
                                      mean=(0.5, 0.25, 0.0), std=(0.25, 0.5, 2.0)),
     "letterbox-bgr-pad255-norm": Preprocess(channel_order="bgr", pad_value=255,
                                             mean=IMAGENET.mean, std=IMAGENET.std),
+    # the classifiers' (PIL's resize): Resize antialias=1 in the graph
+    "center_crop-antialias": Preprocess(resize="center_crop", filter="antialias"),
+    "letterbox-antialias-bgr-norm": Preprocess(filter="antialias", channel_order="bgr",
+                                               mean=IMAGENET.mean, std=IMAGENET.std),
 }
 MODE_GEOMETRIES = [g for g in GEOMETRIES if g[0] in ("1080p", "tall", "upscale-stride", "tiny")]
 
@@ -360,7 +375,7 @@ def kernel_preprocess(frame: np.ndarray, fmt: int, width: int, height: int, stri
     _, (new_w, new_h, left, top) = pre.placement(width, height, in_w, in_h)
     letterbox_into(frame, fmt, width, height, stride, out, new_w, new_h, left, top,
                    bgr=pre.channel_order == "bgr", pad_value=pre.pad_value, mean=pre.mean,
-                   std=pre.std)
+                   std=pre.std, antialias=pre.filter == "antialias")
     mask = np.zeros((in_h, in_w), bool)
     mask[max(top, 0):top + new_h, max(left, 0):left + new_w] = True
     return out, mask
