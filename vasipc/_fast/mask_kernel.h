@@ -9,7 +9,7 @@
  * comparison) and thresholded at logit > 0 (sigmoid > 0.5).
  *
  * Only the box is computed: the logits of the prototype cells its pixels read, then the
- * box's pixels. Out come either the COCO compressed RLE of the whole src_h x src_w mask
+ * box's pixels, pixel by pixel only where the mask's edge passes (mask_kernel.c). Out come either the COCO compressed RLE of the whole src_h x src_w mask
  * (pycocotools' column-major runs and rleToString) or the outer contour of the mask's
  * largest 8-connected part as OpenCV's findContours(RETR_EXTERNAL, CHAIN_APPROX_SIMPLE)
  * traces it. Arguments are validated by the caller (masks.pyx).
@@ -55,8 +55,8 @@ int mk_geometry_init(mk_geometry *g, int proto_h, int proto_w, int src_w, int sr
 void mk_box_init(mk_box *b, const mk_geometry *g, const float xyxy[4]);
 
 /* Scratch (8-byte aligned, e.g. malloc) mk_rle() or mk_polygon() needs for box b;
- * SIZE_MAX when it does not fit in size_t (or, for MK_POLYGON, when the box's bitmap
- * has more than INT32_MAX pixels). */
+ * SIZE_MAX when it does not fit in size_t (or, for MK_POLYGON, when the box's width
+ * times its height + 1 exceeds INT32_MAX). */
 size_t mk_scratch_nbytes(const mk_geometry *g, const mk_box *b, int format);
 
 /* coeffs: the detection's channels float32 coefficients, coefficient c at
@@ -67,8 +67,8 @@ size_t mk_scratch_nbytes(const mk_geometry *g, const mk_box *b, int format);
 size_t mk_rle(const mk_geometry *g, const mk_protos *p, const char *coeffs,
               ptrdiff_t coeff_stride, const mk_box *b, void *scratch, const char **counts);
 
-/* Assembles the mask in scratch, finds its largest 8-connected part (ties: the first in
- * raster order) and returns the number of points of its outer contour (0 for an empty
+/* Assembles the mask in scratch (as column runs), finds its largest 8-connected part
+ * (ties: the first in raster order) and returns the number of points of its outer contour (0 for an empty
  * mask); mk_polygon_points() then writes them. */
 size_t mk_polygon(const mk_geometry *g, const mk_protos *p, const char *coeffs,
                   ptrdiff_t coeff_stride, const mk_box *b, void *scratch);
