@@ -19,7 +19,11 @@ One group per source resolution, so each comparison prints side by side:
   letterbox` and point the variable at /tmp/old/vasipc/_fast/letterbox*.so;
 - `vasipc_imagenet_stretch`, `vasipc_center_crop_224`: other families' preprocessing
   (RF-DETR's stretch with ImageNet mean/std into 640x640; the classifier's centre crop
-  into 224x224, listed for scale, not a like-for-like comparison).
+  into 224x224, listed for scale, not a like-for-like comparison); `vasipc_center_crop_224_
+  antialias`: the classifier's default, the same crop with PIL's antialiased resize (its
+  footprint grows with the downscale: every source pixel of the crop is read), and
+  `pil_center_crop_224`, the same tensor as Ultralytics makes it (cvtColor, PIL resize,
+  crop, /255), bit for bit.
 
 A last group, `tiny`, letterboxes a 64x48 frame into 64x64 with threads=1 and 2: the work
 is a few microseconds, so threads=2 shows what handing a range to another thread costs (a pool
@@ -107,14 +111,40 @@ def test_vasipc_old(benchmark, frame, old_kernel):
     assert np.array_equal(out, vasipc_letterbox(nv12, w, h, geom, np.empty_like(out)))
 
 
-@pytest.mark.parametrize(("pre", "size"), [(IMAGENET, SIZE), (Preprocess(resize="center_crop"), 224)],
-                         ids=["imagenet_stretch", "center_crop_224"])
+@pytest.mark.parametrize(("pre", "size"), [
+    (IMAGENET, SIZE), (Preprocess(resize="center_crop"), 224),
+    (Preprocess(resize="center_crop", filter="antialias"), 224)],
+    ids=["imagenet_stretch", "center_crop_224", "center_crop_224_antialias"])
 def test_vasipc_family(benchmark, frame, pre, size):
     name, nv12, w, h, _ = frame
     _group(benchmark, name)
     _, placement = pre.placement(w, h, size, size)
     out = np.empty((3, size, size), np.float32)
-    benchmark(letterbox_into, nv12, NV12, w, h, w, out, *placement, mean=pre.mean, std=pre.std)
+    benchmark(letterbox_into, nv12, NV12, w, h, w, out, *placement, mean=pre.mean, std=pre.std,
+              antialias=pre.filter == "antialias")
+
+
+def pil_center_crop(nv12, w, h, size):
+    """Ultralytics' classifier preprocessing on the frame: cvtColor to RGB, PIL image,
+    torchvision's Resize (PIL's resize) and CenterCrop, ToTensor (/255, CHW)."""
+    from PIL import Image
+
+    _, (nw, nh, left, top) = Preprocess(resize="center_crop").placement(w, h, size, size)
+    rgb = cv2.cvtColor(nv12.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_NV12)
+    image = Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR)
+    image = image.crop((-left, -top, -left + size, -top + size))
+    return np.ascontiguousarray((np.asarray(image, np.float32) / 255).transpose(2, 0, 1))
+
+
+def test_pil_center_crop_224(benchmark, frame):
+    """The reference for `vasipc_center_crop_224_antialias`: the same tensor, bit for bit."""
+    name, nv12, w, h, _ = frame
+    _group(benchmark, name)
+    got = benchmark(pil_center_crop, nv12, w, h, 224)
+    pre = Preprocess(resize="center_crop", filter="antialias")
+    out = np.empty((3, 224, 224), np.float32)
+    letterbox_into(nv12, NV12, w, h, w, out, *pre.placement(w, h, 224, 224)[1], antialias=True)
+    assert np.array_equal(got, out)
 
 
 def test_vasipc_threads2(benchmark, frame):
