@@ -25,14 +25,19 @@ from pathlib import Path
 from _common import PYTHON, drive, encode, machine, server, spread, vasipc_cmd, write_frames
 
 ZOO = Path(__file__).resolve().parents[2] / "shared" / "models" / "zoo"
-MODELS = ["yolo11n-320-detect", "yolo11n-320-seg", "yolo11n-320-pose", "yolo11n-320-obb",
-          "yolo26n-320-end2end", "yolo26n-320-seg-end2end", "yolo11n-224-cls"]
+# "MODEL@none": the segment model answering with config.mask_format "none" (no mask work:
+# what its inference alone allows)
+MODELS = ["yolo11n-320-detect", "yolo11n-320-seg", "yolo11n-320-seg@none", "yolo11n-320-pose",
+          "yolo11n-320-obb", "yolo26n-320-end2end", "yolo26n-320-seg-end2end", "yolo11n-224-cls"]
 BASE = "yolo11n-320-detect"
 
 
-def request(path: str) -> bytes:
-    return encode({"frame_reference": path, "frame_metadata": {}, "camera_id": "c",
-                   "model_id": "bench", "timestamp": 1.0})
+def request(path: str, mask_format: str | None = None) -> bytes:
+    msg = {"frame_reference": path, "frame_metadata": {}, "camera_id": "c",
+           "model_id": "bench", "timestamp": 1.0}
+    if mask_format is not None:
+        msg["config"] = {"mask_format": mask_format}
+    return encode(msg)
 
 
 def answer_stats(sock: str, payload: bytes) -> tuple[dict, int]:
@@ -58,7 +63,7 @@ def main() -> int:
     models = args.models.split(",") if args.models else MODELS
     if BASE not in models:
         models.insert(0, BASE)
-    missing = [m for m in models if not (ZOO / f"{m}.onnx").is_file()]
+    missing = [m for m in models if not (ZOO / f"{m.split('@')[0]}.onnx").is_file()]
     if missing:
         print(f"missing from {ZOO}: {', '.join(missing)}")
         return 2
@@ -69,11 +74,13 @@ def main() -> int:
     print(f"# tasks: {machine()}\n# {PYTHON} bench/tasks.py --duration {args.duration} "
           f"--repeats {args.repeats} --concurrency {args.concurrency}; 1920x1080 NV12", flush=True)
     try:
-        payloads = [request(p) for p in write_frames(shm, args.frames, 1920, 1080)]
+        paths = write_frames(shm, args.frames, 1920, 1080)
         sock = os.path.join(shm, "tasks.sock")
         for rnd in range(args.repeats):
             for m in models:
-                with server(vasipc_cmd(ZOO / f"{m}.onnx", sock), sock) as proc:
+                name, _, mask_format = m.partition("@")
+                payloads = [request(p, mask_format or None) for p in paths]
+                with server(vasipc_cmd(ZOO / f"{name}.onnx", sock), sock) as proc:
                     load = drive(sock, payloads, args.concurrency, duration=args.duration,
                                  warmup=20, server_pid=proc.pid)
                     md, results = answer_stats(sock, payloads[0])
