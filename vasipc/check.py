@@ -175,8 +175,11 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
 
 
 def describe_transform(t: dict[str, Any]) -> str:
-    """`letterbox (pad 114), RGB, /255`; mean and std when they are not 0 and 1."""
+    """`letterbox (pad 114), RGB, /255`, `center crop (antialias), ...`; mean and std when
+    they are not 0 and 1."""
     resize = f"letterbox (pad {t['pad_value']})" if t["resize"] == "letterbox" else t["resize"]
+    if t.get("filter", "bilinear") != "bilinear":
+        resize += f" ({t['filter']})"
     values = "/255" if t["mean"] == [0.0, 0.0, 0.0] and t["std"] == [1.0, 1.0, 1.0] else (
         f"(v/255 - mean {t['mean']}) / std {t['std']}")
     return f"{resize.replace('_', ' ')}, {t['channel_order'].upper()}, {values}"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from vasipc.heads import ARCHITECTURES, TASKS, Declared
 from vasipc.model import ModelSpec
+from vasipc.preprocess import KEYS
 
 if TYPE_CHECKING:
     from vasipc.runtime import Device
@@ -181,8 +182,8 @@ def _declared(doc: dict, where: str) -> Declared:
     """What model.yaml says of the model's family (checked against the model at load)."""
     preprocess = doc.get("preprocess")
     if preprocess is not None and not isinstance(preprocess, dict):
-        raise ModelSourceError(f"{where}: preprocess must be a mapping (resize, pad_value, "
-                               f"channel_order, mean, std), got {_show(preprocess)}")
+        raise ModelSourceError(f"{where}: preprocess must be a mapping ({', '.join(KEYS)}), "
+                               f"got {_show(preprocess)}")
     names = doc.get("keypoint_names")
     if names is not None and not (isinstance(names, list) and names
                                   and all(isinstance(n, str) and n for n in names)):
