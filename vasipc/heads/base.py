@@ -142,11 +142,12 @@ class ModelFacts:
         return images[0]
 
     def refuse(self, why: str) -> ModelError:
-        """The one line a model this server does not understand is refused with."""
+        """The one line a model is refused with at load: why, what was found, and how to
+        declare a supported family that recognition missed."""
         task = f"; metadata task {self.meta_task!r}" if self.meta_task else "; no Ultralytics metadata"
         return ModelError(
-            f"{self.path}: not a model this server understands ({why}): {self.describe()}"
-            f"{task}; if it is one of the supported families, declare it in model.yaml: "
+            f"{self.path}: cannot serve this model ({why}): {self.describe()}{task}; if it is "
+            f"one of the supported families, declare it in model.yaml: "
             f"architecture: {'|'.join(ARCHITECTURES)} and task: {'|'.join(TASKS)}")
 
 
@@ -157,8 +158,8 @@ def class_names_for(facts: ModelFacts, nc: int) -> tuple[str, ...]:
     given = facts.declared.class_names
     if given is not None:
         if len(given) != nc:
-            raise ModelError(f"{facts.declared.class_names_source or 'the class names'} has "
-                             f"{len(given)} class names but the model {facts.path} has {nc} classes")
+            raise facts.refuse(f"{facts.declared.class_names_source or 'the class names'} has "
+                               f"{len(given)} class names but the model has {nc} classes")
         return given
     names = facts.metadata_names
     if names is not None:
