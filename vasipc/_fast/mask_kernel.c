@@ -7,16 +7,18 @@
  * the bilinear weights are upsample_bilinear2d's (compute_source_index_and_lambda);
  * each output is (v00*wx0 + v01*wx1)*wy0 + (v10*wx0 + v11*wx1)*wy1, rows along x first.
  *
- * Most pixels are never computed. The box's columns fall into x segments, runs of
- * columns with the same two taps (cells) along x, and its rows into y segments alike; a
- * block (x segment, y segment) reads the same four cells at every pixel. Where the four
- * logits have one sign the block is uniform (proof at classify()), so a column is walked
- * segment by segment and evaluated pixel by pixel only inside mixed blocks, the blocks
- * the mask's edge crosses. The walk yields the rows where the column's value flips; the
- * RLE writes them as counts, the polygon path as runs it labels into 8-connected parts
- * (union-find over runs) and traces without ever drawing a bitmap.
+ * Most pixels are never computed. The box's rows fall into y segments, runs of rows with
+ * the same two taps (cell rows); a column's stretch in one segment reads the same two
+ * values, the cell rows interpolated along x at the column, and its pixels are uniform
+ * or flip once (proofs at classify_chunk()): a stretch costs a few vector operations and
+ * two pixels, and only stretches with NaN, inf or tiny values are evaluated pixel by
+ * pixel. Columns are classified CHUNK at a time, then walked stretch by stretch, which
+ * yields the rows where each column's value flips; the RLE writes them as counts, the
+ * polygon path as runs it labels into 8-connected parts (union-find over runs) and
+ * traces without ever drawing a bitmap.
  */
 #include "mask_kernel.h"
+#include "vector_clones.h"
 
 #include <float.h>
 #include <math.h>
@@ -121,16 +123,22 @@ typedef struct {
     int32_t x, y;     /* the traced part's first pixel (in the box); x < 0: empty mask */
 } trace_state;
 
+/* Columns of the box whose stretches are classified together: the chunk's tables stay in
+ * L1 and the classification loop is long enough to vectorize. */
+#define CHUNK 64
+
 /* Where each part of the scratch lies (byte offsets), for one box and format; every part
- * before `classes` holds 4-byte elements, so each is aligned. */
+ * before `text` holds 4-byte elements, so each is aligned. */
 typedef struct {
     size_t cells;      /* float [ncy][ncx]: the logits of the cells read */
     size_t weights;    /* float wx0[bw], wx1[bw], wy0[bh], wy1[bh] */
-    size_t segments;   /* int32 x: start[bw+1], c0[bw], c1[bw]; y: start[bh+1], r0[bh], r1[bh] */
-    size_t flips;      /* int32 [bh]: one column's flips */
+    size_t taps;       /* int32 x: c0[bw], c1[bw]; y segments: start[bh+1], r0[bh], r1[bh] */
+    size_t profile;    /* float [ncy][CHUNK]: the chunk's columns interpolated along x */
+    size_t stretches;  /* int32 [3][ncy][CHUNK]: each stretch's flips (see walk_chunk()) */
+    size_t nflips;     /* int32 [CHUNK]: each column's number of flips */
+    size_t flips;      /* int32 [bh + 1]: one column's flips (and a slot written past them) */
     size_t columns;    /* MK_POLYGON: int32 [bw+1], each column's first run */
     size_t runs;       /* MK_POLYGON: run [bw * ceil(bh/2)] */
-    size_t classes;    /* uint8 [ncx][ncy]: each block's class */
     size_t text;       /* MK_RLE: the string */
     size_t end;
 } layout;
@@ -154,42 +162,48 @@ static int plan(layout *l, const mk_geometry *g, const mk_box *b, int format)
 {
     const size_t bw = (size_t)(b->x1 - b->x0), bh = (size_t)(b->y1 - b->y0);
     const size_t ncx = (size_t)(b->cx1 - b->cx0), ncy = (size_t)(b->cy1 - b->cy0);
-    size_t n, blocks;
+    size_t n;
     l->cells = sizeof(trace_state);
-    MUL(blocks, ncy, ncx);
-    MUL(n, blocks, sizeof(float));
+    MUL(n, ncy, ncx);
+    MUL(n, n, sizeof(float));
     l->weights = l->cells;
     ADD(l->weights, n);
     n = 2 * (bw + bh) * sizeof(float);  /* bw, bh < 2^31: no overflow */
-    l->segments = l->weights;
-    ADD(l->segments, n);
-    n = (3 * (bw + bh) + 2) * sizeof(int32_t);
-    l->flips = l->segments;
-    ADD(l->flips, n);
+    l->taps = l->weights;
+    ADD(l->taps, n);
+    n = (2 * bw + 3 * bh + 1) * sizeof(int32_t);
+    l->profile = l->taps;
+    ADD(l->profile, n);
+    const size_t table = ncy * CHUNK;  /* ncy <= the prototypes' rows < 2^31 */
+    l->stretches = l->profile;
+    ADD(l->stretches, table * sizeof(float));
+    l->nflips = l->stretches;
+    ADD(l->nflips, 3 * table * sizeof(int32_t));
+    l->flips = l->nflips;
+    ADD(l->flips, CHUNK * sizeof(int32_t));
     l->columns = l->flips;
-    ADD(l->columns, bh * sizeof(int32_t));
+    ADD(l->columns, (bh + 1) * sizeof(int32_t));
     l->runs = l->columns;
     if (format == MK_POLYGON) {
         /* Run indices and raster positions are int32. */
         if (bw * (bh + 1) > INT32_MAX)  /* bw, bh < 2^31: no overflow */
             return -1;
         ADD(l->runs, (bw + 1) * sizeof(int32_t));
-        l->classes = l->runs;
-        ADD(l->classes, bw * ((bh + 1) / 2) * sizeof(run));
+        l->text = l->runs;
+        ADD(l->text, bw * ((bh + 1) / 2) * sizeof(run));
     } else {
-        l->classes = l->runs;
+        l->text = l->runs;
     }
-    l->text = l->classes;
-    ADD(l->text, blocks);
     l->end = l->text;
     if (format == MK_RLE) {
         /* Counts: one per flip (at most bh a column), one per column end the mask
-         * leaves, and the last run. */
+         * leaves, and the last run; and a byte put_count() may write past its end. */
         size_t counts;
         MUL(counts, bw, bh);
         ADD(counts, bw);
         ADD(counts, 1);
         MUL(n, counts, (size_t)chars_per_count((uint64_t)g->src_w * (uint64_t)g->src_h));
+        ADD(n, 1);
         ADD(l->end, n);
     }
     return 0;
@@ -202,24 +216,25 @@ size_t mk_scratch_nbytes(const mk_geometry *g, const mk_box *b, int format)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* Blocks                                                                                */
+/* Stretches                                                                             */
 
-/* The box's cells, taps, segments and block classes, laid out in the scratch. */
+/* The box's cells, taps, segments, and the current chunk's tables, in the scratch. */
 typedef struct {
-    int bw, bh, ncx, nxs, nys;
+    int bw, bh, ncx, ncy, nys;
     const float *cells;                          /* [ncy][ncx] */
-    const float *wx0, *wx1, *wy0, *wy1;          /* per column, per row */
-    const int32_t *xs_start, *xs_c0, *xs_c1;     /* x segment s: columns [start[s], start[s+1]) */
-    const int32_t *ys_start, *ys_r0, *ys_r1;     /* y segment s: rows alike */
-    const uint8_t *classes;                      /* [nxs][nys] */
+    const float *wx0, *wx1;                      /* per column */
+    const float *wy0, *wy1;                      /* per row */
+    const int32_t *xc0, *xc1;                    /* per column: its two cells along x */
+    const int32_t *ys_start, *ys_r0, *ys_r1;     /* y segment t: rows [start[t], start[t+1]) */
+    float *profile;                              /* [ncy][CHUNK] */
+    int32_t *firsts, *cuts, *offsets;            /* [nys][CHUNK] each */
+    int32_t *nflips;                             /* [CHUNK] */
 } blocks;
 
-enum { BLOCK_CLEAR = 0, BLOCK_SET = 1, BLOCK_MIXED = 2 };
-
-/* The taps and weights of n consecutive output indices from d0 along an axis, and its
- * segments: runs of indices with the same first tap (the taps are monotone in the
- * index, and the second tap is a function of the first). Taps are relative to cell
- * `first`. Returns the number of segments; start[count] = n. */
+/* The taps and weights of n consecutive output indices from d0 along an axis, relative
+ * to cell `first`. With start (not NULL), its segments instead of each index's taps: runs
+ * of indices with the same first tap (the taps are monotone in the index, and the second
+ * tap is a function of the first); returns the number of segments, start[count] = n. */
 static int segment_axis(float scale, int in, int out, int d0, int n, int first, float *w0,
                         float *w1, int32_t *start, int32_t *t0, int32_t *t1)
 {
@@ -227,38 +242,19 @@ static int segment_axis(float scale, int in, int out, int d0, int n, int first, 
     for (int d = 0; d < n; d++) {
         int i0, i1;
         axis_taps(scale, in, out, d0 + d, &i0, &i1, &w0[d], &w1[d]);
-        if (count == 0 || i0 - first != t0[count - 1]) {
+        if (!start) {
+            t0[d] = i0 - first;
+            t1[d] = i1 - first;
+        } else if (count == 0 || i0 - first != t0[count - 1]) {
             start[count] = d;
             t0[count] = i0 - first;
             t1[count] = i1 - first;
             count++;
         }
     }
-    start[count] = n;
+    if (start)
+        start[count] = n;
     return count;
-}
-
-/* The class of the block reading cells a = (r0, c0), b = (r0, c1), c = (r1, c0),
- * d = (r1, c1). Every pixel of it is v = (a*wx0 + b*wx1)*wy0 + (c*wx0 + d*wx1)*wy1, each
- * operation rounded to float32, with weights in [0, 1] of which the larger of each pair
- * is >= 1/2 (lambda >= 1/2, or else 1 - lambda > 1/2, and rounding is monotone; 1 and 0
- * when in == out).
- * - a, b, c, d all <= 0 (-0 and -inf included): every product is <= 0 or NaN (-inf*0),
- *   and so is a sum of such (no +inf can arise), so v <= 0 or NaN: clear.
- * - a, b, c, d all in [2^-100, 2^100]: every product is in [0, 2^100], the larger
- *   weight's >= fl(2^-100 * 2^-1) = 2^-101 (no underflow: rounding is monotone and
- *   2^-101 is normal), and a sum of non-negatives is >= each term, so both row values lie
- *   in [2^-101, 2^101]; by the same steps v >= 2^-102 > 0: set.
- * Anything else (signs mixed, NaN, magnitudes that could underflow or overflow) is mixed:
- * computed pixel by pixel. */
-static uint8_t classify(float a, float b, float c, float d)
-{
-    const float lo = 0x1p-100f, hi = 0x1p100f;
-    if (a <= 0.0f && b <= 0.0f && c <= 0.0f && d <= 0.0f)
-        return BLOCK_CLEAR;
-    if (a >= lo && a <= hi && b >= lo && b <= hi && c >= lo && c <= hi && d >= lo && d <= hi)
-        return BLOCK_SET;
-    return BLOCK_MIXED;
 }
 
 static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const char *coeffs,
@@ -267,11 +263,10 @@ static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const c
     const int bw = b->x1 - b->x0, bh = b->y1 - b->y0;
     const int ncx = b->cx1 - b->cx0, ncy = b->cy1 - b->cy0;
     float *cells = (float *)(scratch + l->cells);
-    float *wx0 = (float *)(scratch + l->weights), *wx1 = wx0 + bw, *wy0 = wx1 + bw, *wy1 = wy0 + bh;
-    int32_t *xs_start = (int32_t *)(scratch + l->segments), *xs_c0 = xs_start + bw + 1;
-    int32_t *xs_c1 = xs_c0 + bw, *ys_start = xs_c1 + bw, *ys_r0 = ys_start + bh + 1;
-    int32_t *ys_r1 = ys_r0 + bh;
-    uint8_t *classes = (uint8_t *)(scratch + l->classes);
+    float *wx0 = (float *)(scratch + l->weights), *wx1 = wx0 + bw;
+    float *wy0 = wx1 + bw, *wy1 = wy0 + bh;
+    int32_t *xc0 = (int32_t *)(scratch + l->taps), *xc1 = xc0 + bw;
+    int32_t *ys_start = xc1 + bw, *ys_r0 = ys_start + bh + 1, *ys_r1 = ys_r0 + bh;
 
     /* Logits of the cells read, summed over the channels in order (the contiguous case
      * apart so that the compiler vectorizes it; the same operations either way). */
@@ -294,102 +289,162 @@ static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const c
         }
     }
 
-    const int nxs = segment_axis(g->scale_x, g->in_w, g->src_w, b->x0, bw, b->cx0, wx0, wx1,
-                                 xs_start, xs_c0, xs_c1);
+    segment_axis(g->scale_x, g->in_w, g->src_w, b->x0, bw, b->cx0, wx0, wx1, NULL, xc0, xc1);
     const int nys = segment_axis(g->scale_y, g->in_h, g->src_h, b->y0, bh, b->cy0, wy0, wy1,
                                  ys_start, ys_r0, ys_r1);
-    for (int s = 0; s < nxs; s++)
-        for (int t = 0; t < nys; t++) {
-            const float *r0 = cells + (ptrdiff_t)ys_r0[t] * ncx, *r1 = cells + (ptrdiff_t)ys_r1[t] * ncx;
-            classes[(ptrdiff_t)s * nys + t] = classify(r0[xs_c0[s]], r0[xs_c1[s]], r1[xs_c0[s]],
-                                                      r1[xs_c1[s]]);
-        }
-    *k = (blocks){bw, bh, ncx, nxs, nys, cells, wx0, wx1, wy0, wy1, xs_start, xs_c0, xs_c1,
-                  ys_start, ys_r0, ys_r1, classes};
+    int32_t *stretches = (int32_t *)(scratch + l->stretches);
+    const ptrdiff_t table = (ptrdiff_t)ncy * CHUNK;
+    *k = (blocks){bw, bh, ncx, ncy, nys, cells, wx0, wx1, wy0, wy1, xc0, xc1, ys_start, ys_r0,
+                  ys_r1, (float *)(scratch + l->profile), stretches, stretches + table,
+                  stretches + 2 * table, (int32_t *)(scratch + l->nflips)};
 }
 
-/* One column's stretch of a mixed block, rows [y0, y1): top and bottom are the block's
- * two cell rows interpolated at the column (finite or not), and each pixel is
- * v = top*wy0 + bottom*wy1, rounded as torch rounds. Along the stretch lambda does not
- * decrease (src is monotone, the tap fixed), so wy0 = 1 - lambda does not increase and
- * wy1 does not decrease. Hence, with the steps of classify():
- * - top, bottom <= 0: clear; both in [2^-100, FLT_MAX]: set (v >= 2^-101, or +inf);
+/* LANES columns at once (GCC's vector extensions: AVX2 registers in the AVX2 clone,
+ * pairs of SSE2 ones in the baseline). Comparisons give -1 (true) or 0 per lane. */
+#define LANES 8
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+/* (Vectors passed by address: by value their ABI would differ between the clones.) */
+static inline void load_lanes(vfloat *v, const float *p)
+{
+    memcpy(v, p, sizeof *v);
+}
+
+static inline void store_lanes(int32_t *p, const vint *v)
+{
+    memcpy(p, v, sizeof *v);
+}
+
+static inline int any_lane(const vint *m)
+{
+    uint64_t u[LANES / 2];
+    memcpy(u, m, sizeof u);
+    uint64_t any = 0;
+    for (int i = 0; i < LANES / 2; i++)
+        any |= u[i];
+    return any != 0;
+}
+
+/* A column's stretch: its rows [y0, y1) in one y segment, which read the same two cell
+ * rows. top and bottom are those rows interpolated at the column (finite or not), and
+ * each pixel is v = top*wy0 + bottom*wy1, each operation rounded to float32 as torch
+ * rounds, with weights wy0 = 1 - lambda, wy1 = lambda in [0, 1] of which the larger is
+ * >= 1/2 (lambda >= 1/2, or else 1 - lambda > 1/2, and rounding is monotone; 1 and 0 when
+ * in == out). Along the stretch lambda does not decrease (src is monotone, the tap fixed,
+ * the clamps monotone), so wy0 does not increase and wy1 does not decrease. Hence:
+ * - top, bottom <= 0 (-0 and -inf included): each product is <= 0 or NaN (-inf*0), and
+ *   so is a sum of such (no +inf can arise), so v <= 0 or NaN: clear.
+ * - top, bottom in [2^-100, FLT_MAX]: each product is >= 0, the larger weight's
+ *   >= fl(2^-100 * 2^-1) = 2^-101 (no underflow: rounding is monotone and 2^-101 is
+ *   normal), and a sum of non-negatives is >= each term: v >= 2^-101 (or +inf): set.
  * - both finite, top >= 0 >= bottom: both products, so their sum and its rounding, do
- *   not increase: the set pixels are a prefix; top <= 0 <= bottom: a suffix. Its end
- *   is found from where the exact interpolation crosses 0, checked pixel by pixel;
- * - otherwise (NaN, inf, a tiny positive beside a positive) pixel by pixel.
- * Appends the flips against v (the value before y0) and returns the new v. */
-static uint8_t stretch_flips(float top, float bottom, const float *wy0, const float *wy1,
-                             int y0, int y1, uint8_t v, int32_t *flips, int *n)
+ *   not increase: the set pixels are a prefix of the stretch, as many as are set;
+ *   top <= 0 <= bottom: a suffix. Either way the stretch flips at most once.
+ * - otherwise (NaN, inf, a tiny positive beside a positive) nothing is known.
+ *
+ * classify_chunk() classifies the stretches of nx columns from xa, LANES columns at once
+ * without a branch per column: it interpolates the cell rows along x at each column (the
+ * profile, the reference's first pass exactly), counts the set pixels of the sloped
+ * (prefix or suffix) stretches a row at a time, and lays out each column's flips: per
+ * stretch (t, column j), at [t * CHUNK + j],
+ * - offsets: the index of its first flip in the column's list (the flips before it),
+ * - firsts: that flip, y0 where the stretch's first pixel differs from the pixel above
+ *   (the value above the box taken as 0), else its cut,
+ * - cuts: the row from which its value is the other one (y1: none);
+ * and nflips[j], the column's number of flips, or -1 where a stretch of which nothing is
+ * known makes the column go pixel by pixel (column_flips()). */
+static VAS_VECTOR_CLONES void classify_chunk(const blocks *k, int xa, int nx)
 {
-    const float lo = 0x1p-100f;
-    const int clear = top <= 0.0f && bottom <= 0.0f;
-    if (clear || (top >= lo && top <= FLT_MAX && bottom >= lo && bottom <= FLT_MAX)) {
-        if (v == clear)
-            flips[(*n)++] = y0;
-        return !clear;
+    const int ncy = k->ncy, ncx = k->ncx, nys = k->nys;
+    const int32_t *c0 = k->xc0 + xa, *c1 = k->xc1 + xa;
+    const float *w0 = k->wx0 + xa, *w1 = k->wx1 + xa;
+    const int padded = (nx + LANES - 1) / LANES * LANES;
+    for (int r = 0; r < ncy; r++) {
+        const float *row = k->cells + (ptrdiff_t)r * ncx;
+        float *out = k->profile + (ptrdiff_t)r * CHUNK;
+        for (int j = 0; j < nx; j++)
+            out[j] = row[c0[j]] * w0[j] + row[c1[j]] * w1[j];
+        for (int j = nx; j < padded; j++)  /* lanes past the chunk: computed, ignored */
+            out[j] = 0.0f;
     }
-    const int falls = top >= 0.0f && bottom <= 0.0f, rises = top <= 0.0f && bottom >= 0.0f;
-    if (isfinite(top) && isfinite(bottom) && (falls || rises)) {
-        /* Not both 0 (clear), so exactly one holds. head: the prefix's value; the search
-         * finds a, the first row of the other value. */
-        const uint8_t head = (uint8_t)falls;
-        /* Start where the exact v crosses 0, lambda = top / (top - bottom), lambda being
-         * linear in the row; then step to the exact cut (rounding moves it a row or so). */
-        const double l0 = wy1[y0], l1 = wy1[y1 - 1];
-        double at = l1 > l0 ? (top / ((double)top - bottom) - l0) / (l1 - l0) * (y1 - 1 - y0) : 0;
-        at = at > 0 ? ceil(at) : 0;  /* also NaN */
-        int a = at < y1 - y0 ? y0 + (int)at : y1;
-        if (a < y1 && (top * wy0[a] + bottom * wy1[a] > 0.0f) == head) {
-            do
-                a++;
-            while (a < y1 && (top * wy0[a] + bottom * wy1[a] > 0.0f) == head);
-        } else {
-            while (a > y0 && (top * wy0[a - 1] + bottom * wy1[a - 1] > 0.0f) != head)
-                a--;
+    const vfloat zero = {0}, lo = zero + 0x1p-100f, big = zero + FLT_MAX;
+    const vint none = {0};
+    const float *wy0 = k->wy0, *wy1 = k->wy1;
+    for (int j = 0; j < padded; j += LANES) {
+        vint below = none;    /* the value of the last pixel so far */
+        vint count = none;    /* flips so far */
+        vint unknown = none;  /* a stretch of which nothing is known */
+        for (int t = 0; t < nys; t++) {
+            const ptrdiff_t at = (ptrdiff_t)t * CHUNK + j;
+            vfloat top, bottom;
+            load_lanes(&top, k->profile + (ptrdiff_t)k->ys_r0[t] * CHUNK + j);
+            load_lanes(&bottom, k->profile + (ptrdiff_t)k->ys_r1[t] * CHUNK + j);
+            const int y0 = k->ys_start[t], y1 = k->ys_start[t + 1];
+            const vint first = none + y0, end = none + y1, len = end - first;
+            const vint clear = (top <= zero) & (bottom <= zero);
+            const vint set = (top >= lo) & (top <= big) & (bottom >= lo) & (bottom <= big);
+            const vint falls = (top >= zero) & (top <= big) & (bottom <= zero)
+                               & (bottom >= -big) & ~clear;
+            const vint rises = (top <= zero) & (top >= -big) & (bottom >= zero)
+                               & (bottom <= big) & ~clear;
+            const vint sloped = falls | rises;
+            vint n = none;  /* set pixels, for the sloped lanes */
+            if (any_lane(&sloped))
+                for (int y = y0; y < y1; y++)
+                    n -= top * wy0[y] + bottom * wy1[y] > zero;
+            /* The value from y0 and the cut: a prefix of n pixels is set from y0 if
+             * n > 0, clear from y0 + n; a suffix is set from y1 - n, all of it if n is len. */
+            const vint prefix = falls & (n > 0), suffix = rises & (n < len);
+            const vint value = set | prefix | (rises & (n == len));
+            const vint cut = (prefix & (first + n)) | (suffix & (end - n))
+                             | (~(prefix | suffix) & end);
+            const vint enters = value != below, leaves = cut < end;
+            store_lanes(k->offsets + at, &count);
+            const vint flip = (enters & first) | (~enters & cut);
+            store_lanes(k->firsts + at, &flip);
+            store_lanes(k->cuts + at, &cut);
+            count -= enters + leaves;
+            below = value ^ leaves;
+            unknown |= ~(clear | set | sloped);
         }
-        if (a > y0 && head != v) {
-            flips[(*n)++] = y0;
-            v = head;
-        }
-        if (a < y1 && head == v) {
-            flips[(*n)++] = a;
-            v = !head;
-        }
-        return v;
+        const vint nflips = unknown | (~unknown & count);  /* -1 where unknown */
+        store_lanes(k->nflips + j, &nflips);
     }
-    for (int y = y0; y < y1; y++) {
-        const uint8_t bit = top * wy0[y] + bottom * wy1[y] > 0.0f;
-        if (bit != v) {
-            flips[(*n)++] = y;
-            v = bit;
-        }
-    }
-    return v;
 }
 
-/* Column x (in x segment s) of the mask, as the rows where its value flips, the value
- * before row 0 taken as v: writes them to flips and returns how many. */
-static int column_flips(const blocks *k, int s, int x, uint8_t v, int32_t *flips)
+/* Column j of the chunk classify_chunk() last filled, as the rows where its value flips,
+ * the value above the box taken as 0: writes them to flips (bh + 1 slots) and returns how
+ * many. */
+static int column_flips(const blocks *k, int j, int32_t *flips)
 {
-    const uint8_t *classes = k->classes + (ptrdiff_t)s * k->nys;
-    const int c0 = k->xs_c0[s], c1 = k->xs_c1[s];
-    const float wx0 = k->wx0[x], wx1 = k->wx1[x];
-    int n = 0;
-    for (int t = 0; t < k->nys; t++) {
-        if (classes[t] != BLOCK_MIXED) {
-            if (classes[t] != v) {
-                flips[n++] = k->ys_start[t];
-                v = classes[t];
-            }
-            continue;
+    const int n = k->nflips[j];
+    if (n >= 0) {
+        /* Each stretch writes two slots; those past its flips are the next stretch's
+         * (written after) or past the column's. A stretch's flips are rows in [y0, y1),
+         * so its offset is <= y0 < bh. */
+        for (int t = 0; t < k->nys; t++) {
+            const ptrdiff_t at = (ptrdiff_t)t * CHUNK + j;
+            const int32_t o = k->offsets[at];
+            flips[o] = k->firsts[at];
+            flips[o + 1] = k->cuts[at];
         }
-        const float *r0 = k->cells + (ptrdiff_t)k->ys_r0[t] * k->ncx;
-        const float *r1 = k->cells + (ptrdiff_t)k->ys_r1[t] * k->ncx;
-        v = stretch_flips(r0[c0] * wx0 + r0[c1] * wx1, r1[c0] * wx0 + r1[c1] * wx1, k->wy0,
-                          k->wy1, k->ys_start[t], k->ys_start[t + 1], v, flips, &n);
+        return n;
     }
-    return n;
+    int m = 0;
+    uint8_t v = 0;
+    for (int t = 0; t < k->nys; t++) {
+        const float top = k->profile[(ptrdiff_t)k->ys_r0[t] * CHUNK + j];
+        const float bottom = k->profile[(ptrdiff_t)k->ys_r1[t] * CHUNK + j];
+        for (int y = k->ys_start[t]; y < k->ys_start[t + 1]; y++) {
+            const uint8_t bit = top * k->wy0[y] + bottom * k->wy1[y] > 0.0f;
+            if (bit != v) {
+                flips[m++] = y;
+                v = bit;
+            }
+        }
+    }
+    return m;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -402,12 +457,24 @@ typedef struct {
 } rle_writer;
 
 /* pycocotools' rleToString for one count: from the fourth count on, the difference with
- * the count two before; 5 bits a character, low first, 0x20 = more follow, + 48. */
+ * the count two before; 5 bits a character, low first, 0x20 = more follow, + 48. Most
+ * take one or two characters, written without a branch (the second byte is written
+ * either way: the text has a byte to spare at its end). */
 static inline void put_count(rle_writer *w, uint64_t count)
 {
     int64_t x = (int64_t)count;
     if (w->n > 2)
         x -= (int64_t)w->prev2;
+    w->prev2 = w->prev1;
+    w->prev1 = count;
+    w->n++;
+    if (x >= -512 && x < 512) {  /* x's high part, x >> 5, is in [-16, 16) */
+        const int one = x >= -16 && x < 16;
+        w->s[0] = (char)((x & 0x1f) + (one ? 48 : 48 + 0x20));
+        w->s[1] = (char)((((uint64_t)x >> 5) & 0x1f) + 48);
+        w->s += 2 - one;
+        return;
+    }
     for (;;) {
         int c = (int)(x & 0x1f);
         x = x < 0 ? ~(~x >> 5) : x >> 5;  /* arithmetic shift, spelled out */
@@ -418,9 +485,6 @@ static inline void put_count(rle_writer *w, uint64_t count)
         if (!more)
             break;
     }
-    w->prev2 = w->prev1;
-    w->prev1 = count;
-    w->n++;
 }
 
 size_t mk_rle(const mk_geometry *g, const mk_protos *p, const char *coeffs,
@@ -442,21 +506,34 @@ size_t mk_rle(const mk_geometry *g, const mk_protos *p, const char *coeffs,
          * of 1s ends at the column's end unless the box spans whole columns, or the frame
          * ends there (the last count is then that run). */
         const int spans = b->y0 == 0 && b->y1 == g->src_h;
-        for (int s = 0; s < k.nxs; s++)
-            for (int x = k.xs_start[s]; x < k.xs_start[s + 1]; x++) {
+        for (int xa = 0; xa < bw; xa += CHUNK) {
+            const int nx = bw - xa < CHUNK ? bw - xa : CHUNK;
+            classify_chunk(&k, xa, nx);
+            for (int j = 0; j < nx; j++) {
+                const int x = xa + j;
                 const uint64_t at = (uint64_t)(b->x0 + x) * h + (uint64_t)b->y0;
-                const int n = column_flips(&k, s, x, v, flips);
-                for (int i = 0; i < n; i++) {
+                const int n = column_flips(&k, j, flips);
+                /* The flips are against 0 above the box; with v (the last run carried
+                 * from the column before) a flip at 0 cancels, or else one is due. */
+                int i = 0;
+                if (v && n > 0 && flips[0] == 0) {
+                    i = 1;
+                } else if (v) {
+                    put_count(&w, at - last);
+                    last = at;
+                }
+                for (; i < n; i++) {
                     put_count(&w, at + (uint64_t)flips[i] - last);
                     last = at + (uint64_t)flips[i];
                 }
-                v ^= (uint8_t)(n & 1);
+                v = (uint8_t)(n & 1);
                 if (v && (!spans || x == bw - 1) && at + (uint64_t)bh < total) {
                     put_count(&w, at + (uint64_t)bh - last);
                     last = at + (uint64_t)bh;
                     v = 0;
                 }
             }
+        }
     }
     put_count(&w, total - last);
     *counts = base + l.text;
@@ -497,11 +574,13 @@ static void join(run *runs, int32_t a, int32_t b)
 static int32_t label(const blocks *k, int32_t *flips, int32_t *columns, run *runs)
 {
     int32_t n = 0;
-    for (int s = 0; s < k->nxs; s++)
-        for (int x = k->xs_start[s]; x < k->xs_start[s + 1]; x++) {
+    for (int xa = 0; xa < k->bw; xa += CHUNK) {
+        const int nx = k->bw - xa < CHUNK ? k->bw - xa : CHUNK;
+        classify_chunk(k, xa, nx);
+        for (int x = xa; x < xa + nx; x++) {
             const int32_t prev = x ? columns[x - 1] : 0;
             columns[x] = n;
-            const int m = column_flips(k, s, x, 0, flips);
+            const int m = column_flips(k, x - xa, flips);
             for (int i = 0; i < m; i += 2) {
                 const int32_t y0 = flips[i], y1 = i + 1 < m ? flips[i + 1] : k->bh;
                 runs[n] = (run){y0, y1, n, y1 - y0, y0 * k->bw + x};
@@ -519,6 +598,7 @@ static int32_t label(const blocks *k, int32_t *flips, int32_t *columns, run *run
                     j++;
             }
         }
+    }
     columns[k->bw] = n;
     return n;
 }
