@@ -134,7 +134,7 @@ typedef struct {
     size_t weights;    /* float wx0[bw], wx1[bw], wy0[bh], wy1[bh] */
     size_t taps;       /* int32 x: c0[bw], c1[bw]; y segments: start[bh+1], r0[bh], r1[bh] */
     size_t profile;    /* float [ncy][CHUNK]: the chunk's columns interpolated along x */
-    size_t stretches;  /* int32 [3][ncy][CHUNK]: each stretch's flips (see walk_chunk()) */
+    size_t stretches;  /* int32 [3][ncy][CHUNK]: each stretch's flips (classify_chunk()) */
     size_t nflips;     /* int32 [CHUNK]: each column's number of flips */
     size_t flips;      /* int32 [bh + 1]: one column's flips (and a slot written past them) */
     size_t columns;    /* MK_POLYGON: int32 [bw+1], each column's first run */
@@ -227,7 +227,8 @@ typedef struct {
     const int32_t *xc0, *xc1;                    /* per column: its two cells along x */
     const int32_t *ys_start, *ys_r0, *ys_r1;     /* y segment t: rows [start[t], start[t+1]) */
     float *profile;                              /* [ncy][CHUNK] */
-    int32_t *firsts, *cuts, *offsets;            /* [nys][CHUNK] each */
+    int32_t *offsets;                            /* [nys][CHUNK] */
+    int32_t *flip_pairs;                         /* [nys][CHUNK][2] */
     int32_t *nflips;                             /* [CHUNK] */
 } blocks;
 
@@ -296,7 +297,7 @@ static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const c
     const ptrdiff_t table = (ptrdiff_t)ncy * CHUNK;
     *k = (blocks){bw, bh, ncx, ncy, nys, cells, wx0, wx1, wy0, wy1, xc0, xc1, ys_start, ys_r0,
                   ys_r1, (float *)(scratch + l->profile), stretches, stretches + table,
-                  stretches + 2 * table, (int32_t *)(scratch + l->nflips)};
+                  (int32_t *)(scratch + l->nflips)};
 }
 
 /* LANES columns at once (GCC's vector extensions: AVX2 registers in the AVX2 clone,
@@ -349,9 +350,9 @@ static inline int any_lane(const vint *m)
  * (prefix or suffix) stretches a row at a time, and lays out each column's flips: per
  * stretch (t, column j), at [t * CHUNK + j],
  * - offsets: the index of its first flip in the column's list (the flips before it),
- * - firsts: that flip, y0 where the stretch's first pixel differs from the pixel above
- *   (the value above the box taken as 0), else its cut,
- * - cuts: the row from which its value is the other one (y1: none);
+ * - flip_pairs: that flip, y0 where the stretch's first pixel differs from the pixel
+ *   above (the value above the box taken as 0), else its cut; then its cut, the row
+ *   from which its value is the other one (y1: none);
  * and nflips[j], the column's number of flips, or -1 where a stretch of which nothing is
  * known makes the column go pixel by pixel (column_flips()). */
 static VAS_VECTOR_CLONES void classify_chunk(const blocks *k, int xa, int nx)
@@ -360,11 +361,20 @@ static VAS_VECTOR_CLONES void classify_chunk(const blocks *k, int xa, int nx)
     const int32_t *c0 = k->xc0 + xa, *c1 = k->xc1 + xa;
     const float *w0 = k->wx0 + xa, *w1 = k->wx1 + xa;
     const int padded = (nx + LANES - 1) / LANES * LANES;
+    /* The chunk's x segments, runs of columns with the same two cells along x. */
+    int starts[CHUNK + 1], nxs = 0;
+    for (int j = 0; j < nx; j++)
+        if (j == 0 || c0[j] != c0[j - 1])
+            starts[nxs++] = j;
+    starts[nxs] = nx;
     for (int r = 0; r < ncy; r++) {
         const float *row = k->cells + (ptrdiff_t)r * ncx;
         float *out = k->profile + (ptrdiff_t)r * CHUNK;
-        for (int j = 0; j < nx; j++)
-            out[j] = row[c0[j]] * w0[j] + row[c1[j]] * w1[j];
+        for (int s = 0; s < nxs; s++) {
+            const float a = row[c0[starts[s]]], b = row[c1[starts[s]]];
+            for (int j = starts[s]; j < starts[s + 1]; j++)
+                out[j] = a * w0[j] + b * w1[j];
+        }
         for (int j = nx; j < padded; j++)  /* lanes past the chunk: computed, ignored */
             out[j] = 0.0f;
     }
@@ -402,8 +412,11 @@ static VAS_VECTOR_CLONES void classify_chunk(const blocks *k, int xa, int nx)
             const vint enters = value != below, leaves = cut < end;
             store_lanes(k->offsets + at, &count);
             const vint flip = (enters & first) | (~enters & cut);
-            store_lanes(k->firsts + at, &flip);
-            store_lanes(k->cuts + at, &cut);
+            int32_t *pairs = k->flip_pairs + 2 * at;
+            for (int i = 0; i < LANES; i++) {
+                pairs[2 * i] = flip[i];
+                pairs[2 * i + 1] = cut[i];
+            }
             count -= enters + leaves;
             below = value ^ leaves;
             unknown |= ~(clear | set | sloped);
@@ -426,8 +439,7 @@ static int column_flips(const blocks *k, int j, int32_t *flips)
         for (int t = 0; t < k->nys; t++) {
             const ptrdiff_t at = (ptrdiff_t)t * CHUNK + j;
             const int32_t o = k->offsets[at];
-            flips[o] = k->firsts[at];
-            flips[o + 1] = k->cuts[at];
+            memcpy(flips + o, k->flip_pairs + 2 * at, 2 * sizeof(int32_t));
         }
         return n;
     }
