@@ -65,7 +65,7 @@ static inline void axis_taps(float scale, int in, int out, int d, int *i0, int *
     float src = scale * ((float)d + 0.5f) - 0.5f;
     if (src < 0.0f)
         src = 0.0f;
-    int i = (int)floorf(src);
+    int i = (int)src;  /* floor: src >= 0 */
     if (i > in - 1)
         i = in - 1;
     float lambda = src - (float)i;
@@ -232,45 +232,45 @@ typedef struct {
     int32_t *nflips;                             /* [CHUNK] */
 } blocks;
 
-/* The taps and weights of n consecutive output indices from d0 along an axis, relative
- * to cell `first`. With start (not NULL), its segments instead of each index's taps: runs
- * of indices with the same first tap (the taps are monotone in the index, and the second
- * tap is a function of the first); returns the number of segments, start[count] = n. */
-static int segment_axis(float scale, int in, int out, int d0, int n, int first, float *w0,
-                        float *w1, int32_t *start, int32_t *t0, int32_t *t1)
+/* The taps, relative to cell `first`, and the weights of n consecutive output indices
+ * from d0 along an axis (a loop the compiler vectorizes). */
+static VAS_VECTOR_CLONES void axis_run(float scale, int in, int out, int d0, int n, int first,
+                                       float *restrict w0, float *restrict w1,
+                                       int32_t *restrict t0, int32_t *restrict t1)
 {
-    int count = 0;
     for (int d = 0; d < n; d++) {
         int i0, i1;
         axis_taps(scale, in, out, d0 + d, &i0, &i1, &w0[d], &w1[d]);
-        if (!start) {
-            t0[d] = i0 - first;
-            t1[d] = i1 - first;
-        } else if (count == 0 || i0 - first != t0[count - 1]) {
+        t0[d] = i0 - first;
+        t1[d] = i1 - first;
+    }
+}
+
+/* The segments of axis_run()'s n indices: runs with the same first tap (the taps are
+ * monotone in the index, and the second tap is a function of the first). Compacts t0
+ * and t1 to one entry per segment, segment s being indices [start[s], start[s+1]);
+ * returns the number of segments. */
+static int segments(int n, int32_t *start, int32_t *t0, int32_t *t1)
+{
+    int count = 0;
+    for (int d = 0; d < n; d++)
+        if (count == 0 || t0[d] != t0[count - 1]) {  /* count <= d: in place */
             start[count] = d;
-            t0[count] = i0 - first;
-            t1[count] = i1 - first;
+            t0[count] = t0[d];
+            t1[count] = t1[d];
             count++;
         }
-    }
-    if (start)
-        start[count] = n;
+    start[count] = n;
     return count;
 }
 
-static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const char *coeffs,
-                    ptrdiff_t coeff_stride, const mk_box *b, char *scratch, const layout *l)
+/* Logits of the cells read, summed over the channels in order (the contiguous case apart
+ * so that the compiler vectorizes it; the same operations either way). */
+static VAS_VECTOR_CLONES void cell_logits(const mk_geometry *g, const mk_protos *p,
+                                          const char *coeffs, ptrdiff_t coeff_stride,
+                                          const mk_box *b, float *cells)
 {
-    const int bw = b->x1 - b->x0, bh = b->y1 - b->y0;
     const int ncx = b->cx1 - b->cx0, ncy = b->cy1 - b->cy0;
-    float *cells = (float *)(scratch + l->cells);
-    float *wx0 = (float *)(scratch + l->weights), *wx1 = wx0 + bw;
-    float *wy0 = wx1 + bw, *wy1 = wy0 + bh;
-    int32_t *xc0 = (int32_t *)(scratch + l->taps), *xc1 = xc0 + bw;
-    int32_t *ys_start = xc1 + bw, *ys_r0 = ys_start + bh + 1, *ys_r1 = ys_r0 + bh;
-
-    /* Logits of the cells read, summed over the channels in order (the contiguous case
-     * apart so that the compiler vectorizes it; the same operations either way). */
     memset(cells, 0, (size_t)ncx * (size_t)ncy * sizeof(float));
     for (int c = 0; c < p->channels; c++) {
         const float w = *(const float *)(coeffs + c * coeff_stride);
@@ -289,10 +289,23 @@ static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const c
             }
         }
     }
+}
 
-    segment_axis(g->scale_x, g->in_w, g->src_w, b->x0, bw, b->cx0, wx0, wx1, NULL, xc0, xc1);
-    const int nys = segment_axis(g->scale_y, g->in_h, g->src_h, b->y0, bh, b->cy0, wy0, wy1,
-                                 ys_start, ys_r0, ys_r1);
+static void prepare(blocks *k, const mk_geometry *g, const mk_protos *p, const char *coeffs,
+                    ptrdiff_t coeff_stride, const mk_box *b, char *scratch, const layout *l)
+{
+    const int bw = b->x1 - b->x0, bh = b->y1 - b->y0;
+    const int ncx = b->cx1 - b->cx0, ncy = b->cy1 - b->cy0;
+    float *cells = (float *)(scratch + l->cells);
+    float *wx0 = (float *)(scratch + l->weights), *wx1 = wx0 + bw;
+    float *wy0 = wx1 + bw, *wy1 = wy0 + bh;
+    int32_t *xc0 = (int32_t *)(scratch + l->taps), *xc1 = xc0 + bw;
+    int32_t *ys_start = xc1 + bw, *ys_r0 = ys_start + bh + 1, *ys_r1 = ys_r0 + bh;
+
+    cell_logits(g, p, coeffs, coeff_stride, b, cells);
+    axis_run(g->scale_x, g->in_w, g->src_w, b->x0, bw, b->cx0, wx0, wx1, xc0, xc1);
+    axis_run(g->scale_y, g->in_h, g->src_h, b->y0, bh, b->cy0, wy0, wy1, ys_r0, ys_r1);
+    const int nys = segments(bh, ys_start, ys_r0, ys_r1);
     int32_t *stretches = (int32_t *)(scratch + l->stretches);
     const ptrdiff_t table = (ptrdiff_t)ncy * CHUNK;
     *k = (blocks){bw, bh, ncx, ncy, nys, cells, wx0, wx1, wy0, wy1, xc0, xc1, ys_start, ys_r0,
@@ -436,11 +449,10 @@ static int column_flips(const blocks *k, int j, int32_t *flips)
         /* Each stretch writes two slots; those past its flips are the next stretch's
          * (written after) or past the column's. A stretch's flips are rows in [y0, y1),
          * so its offset is <= y0 < bh. */
-        for (int t = 0; t < k->nys; t++) {
-            const ptrdiff_t at = (ptrdiff_t)t * CHUNK + j;
-            const int32_t o = k->offsets[at];
-            memcpy(flips + o, k->flip_pairs + 2 * at, 2 * sizeof(int32_t));
-        }
+        const int nys = k->nys;
+        const int32_t *offsets = k->offsets + j, *pairs = k->flip_pairs + 2 * j;
+        for (int t = 0; t < nys; t++)
+            memcpy(flips + offsets[t * CHUNK], pairs + 2 * t * CHUNK, 2 * sizeof(int32_t));
         return n;
     }
     int m = 0;
