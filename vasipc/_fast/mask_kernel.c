@@ -123,8 +123,8 @@ typedef struct {
     int32_t x, y;     /* the traced part's first pixel (in the box); x < 0: empty mask */
 } trace_state;
 
-/* Columns of the box whose stretches are classified together: the chunk's tables stay in
- * L1 and the classification loop is long enough to vectorize. */
+/* Columns of the box whose stretches are classified together: the loops run long enough
+ * to vectorize, and the chunk's tables (tens of KiB) stay in cache. */
 #define CHUNK 64
 
 /* Where each part of the scratch lies (byte offsets), for one box and format; every part
@@ -174,11 +174,13 @@ static int plan(layout *l, const mk_geometry *g, const mk_box *b, int format)
     n = (2 * bw + 3 * bh + 1) * sizeof(int32_t);
     l->profile = l->taps;
     ADD(l->profile, n);
-    const size_t table = ncy * CHUNK;  /* ncy <= the prototypes' rows < 2^31 */
+    size_t table;  /* bytes of one [ncy][CHUNK] table of 4-byte elements */
+    MUL(table, ncy, CHUNK * sizeof(float));
     l->stretches = l->profile;
-    ADD(l->stretches, table * sizeof(float));
+    ADD(l->stretches, table);
     l->nflips = l->stretches;
-    ADD(l->nflips, 3 * table * sizeof(int32_t));
+    MUL(n, table, 3);
+    ADD(l->nflips, n);
     l->flips = l->nflips;
     ADD(l->flips, CHUNK * sizeof(int32_t));
     l->columns = l->flips;

@@ -8,11 +8,13 @@
  * whose index lies in [x1, x2) x [y1, y2) of the box are kept (ops.crop_mask's float
  * comparison) and thresholded at logit > 0 (sigmoid > 0.5).
  *
- * Only the box is computed: the logits of the prototype cells its pixels read, then the
- * box's pixels, pixel by pixel only where the mask's edge passes (mask_kernel.c). Out come either the COCO compressed RLE of the whole src_h x src_w mask
- * (pycocotools' column-major runs and rleToString) or the outer contour of the mask's
- * largest 8-connected part as OpenCV's findContours(RETR_EXTERNAL, CHAIN_APPROX_SIMPLE)
- * traces it. Arguments are validated by the caller (masks.pyx).
+ * Only the box is computed: the logits of the prototype cells its pixels read, then each
+ * column's stretches of rows that read the same cells, each uniform or flipping once
+ * (mask_kernel.c), pixel by pixel only around NaN, inf or tiny logits. Out come either the
+ * COCO compressed RLE of the whole src_h x src_w mask (pycocotools' column-major runs and
+ * rleToString) or the outer contour of the mask's largest 8-connected part as OpenCV's
+ * findContours(RETR_EXTERNAL, CHAIN_APPROX_SIMPLE) traces it. Arguments are validated by
+ * the caller (masks.pyx).
  */
 #ifndef VASIPC_MASK_KERNEL_H
 #define VASIPC_MASK_KERNEL_H
