@@ -158,6 +158,20 @@ def pipeline(sock: str, msgs: list[dict], timeout: float = 60.0) -> list[dict]:
         return [wire.recv(s) for _ in msgs]
 
 
+def requests_read(sock: str) -> int:
+    """`infer` requests the server has read so far (health's requests_total)."""
+    return wire.roundtrip(sock, {"op": "health"})["requests_total"]
+
+
+def wait_read(sock: str, total: int, timeout: float = 60.0) -> None:
+    """Until the server has read `total` infer requests (not a sleep: a loaded machine may
+    take any time to schedule the server's I/O thread)."""
+    deadline = time.monotonic() + timeout
+    while requests_read(sock) < total:
+        assert time.monotonic() < deadline, f"the server did not read {total} requests"
+        time.sleep(0.005)
+
+
 class BackgroundLoad:
     """Keeps `depth` slow requests queued on one pipelined connection while the block runs."""
 
@@ -170,8 +184,9 @@ class BackgroundLoad:
         self.responses = pipeline(self.sock, [self.msg] * self.depth, timeout=120.0)
 
     def __enter__(self) -> BackgroundLoad:
+        before = requests_read(self.sock)
         self._thread.start()
-        time.sleep(0.15)  # the requests are read and queued
+        wait_read(self.sock, before + self.depth)  # every request is read: queued or running
         return self
 
     def __exit__(self, *exc: object) -> None:

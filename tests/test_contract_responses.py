@@ -27,6 +27,7 @@ from contract_util import (
     gray,
     infer_msg,
     is_number,
+    wait_read,
     write_dir,
     write_meta,
     write_raw,
@@ -289,9 +290,10 @@ def test_shutting_down(server_factory, bench_model, root):
     slow = infer_msg(root / "astronaut", model_id="bench")
     with wire.connect(sock, 60) as s, wire.connect(sock, 60) as busy:
         wire.send(s, {"op": "health"})
-        assert wire.recv(s)["status"] == "ok"
+        health = wire.recv(s)
+        assert health["status"] == "ok"
         busy.sendall(b"".join(wire.encode(slow) for _ in range(6)))
-        time.sleep(0.2)
+        wait_read(sock, health["requests_total"] + 6)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         wire.send(s, {**slow, "request_id": "late"})
