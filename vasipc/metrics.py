@@ -208,7 +208,8 @@ class ServerCollector(Collector):
         model = server.model  # read now: a reload shows the new version
         yield InfoMetricFamily("vasipc_model", "The model being served.", value={
             "model_id": server.model_id, "model_version": str(model.spec.model_version),
-            "providers": ",".join(model.providers), "device": model.device.name})
+            "providers": ",".join(model.providers), "device": model.device.name,
+            "architecture": model.head.architecture, "task": model.head.task})
         reloads = CounterMetricFamily("vasipc_reloads", "Model reloads by result.",
                                       labels=["result"])
         counts = server.reload_counts
