@@ -430,3 +430,23 @@ def test_near_zero_logits_compiled_equals_reference(w, h, mh, mw, scale) -> None
         for points, mask in zip(compiled.segment_masks(protos, coeffs, boxes, w, h, 1), masks,
                                 strict=True):
             np.testing.assert_array_equal(points, opencv_polygon(mask))
+
+
+@pytest.mark.parametrize("w", [1, 7, 8, 9, 63, 64, 65, 129])
+@pytest.mark.parametrize(("mh", "mw"), [(1, 3), (3, 5), (40, 40)], ids=["one-row", "upscale", "downscale"])
+def test_chunk_and_lane_edges_compiled_equals_reference(w: int, mh: int, mw: int) -> None:
+    """The kernel classifies columns 64 at a time, 8 lanes at once, and carries a run of
+    1s from a column's end into the next when the box spans whole columns: widths around
+    those boundaries, stretches up to 300 rows long (a single prototype row) or a row
+    each (downscaled), masks mostly set (runs crossing column ends) or half set."""
+    h = 37 if mh == 40 else (300 if w > 60 else 3 * w)
+    top, bottom, left, right = reference_masks.pad_cut(mh, mw, h, w)
+    assert 0 <= top < bottom and 0 <= left < right
+    rng = np.random.default_rng(w * 1000 + mh)
+    protos = rng.standard_normal((3, mh, mw)).astype(np.float32)
+    protos[:, :, : max(1, mw - 1)] = np.abs(protos[:, :, : max(1, mw - 1)])
+    coeffs = rng.standard_normal((4, 3)).astype(np.float32)
+    coeffs[1] = np.abs(coeffs[1])  # set but where the last prototype column weighs in
+    boxes = fractional_boxes(rng, 4, w, h)
+    boxes[1] = [0, 0, w, h]
+    assert_compiled_is_reference(protos, coeffs, boxes, w, h)
