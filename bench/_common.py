@@ -164,13 +164,20 @@ class Conn:
 
     def call(self, framed: bytes) -> bytes:
         self.sock.sendall(framed)
-        data = self.sock.recv(65536)
-        while len(data) < 4 or len(data) < 4 + _LENGTH.unpack_from(data)[0]:
-            chunk = self.sock.recv(65536)
-            if not chunk:
+        head = self._read(4)
+        return self._read(_LENGTH.unpack(head)[0])
+
+    def _read(self, n: int) -> bytes:
+        """Exactly n bytes, received into one buffer (a large answer, a segment model's
+        masks, is not copied once per chunk)."""
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
                 raise EOFError("server closed the connection")
-            data += chunk
-        return data[4:]
+            got += k
+        return bytes(buf)
 
     def close(self) -> None:
         self.sock.close()

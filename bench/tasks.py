@@ -1,11 +1,13 @@
 """Every task end to end: the zoo's exports through the socket, throughput side by side.
 
     python bench/tasks.py [--duration 10] [--repeats 3] [--concurrency 4] [--models a,b]
+                          [--width 1920 --height 1080]
 
 Each round serves each model of ../shared/models/zoo/ in turn (`python -m vasipc.serve`,
-default options) and drives it closed loop at `--concurrency` with 1080p NV12 frames of
-the astronaut photo (`_common.write_frames`). Printed per model: requests/s, the server's
-medians of inference and postprocess ms, results per answer, and the ratio of its
+default options) and drives it closed loop at `--concurrency` with NV12 frames of the
+astronaut photo (`_common.write_frames`, 1920x1080 unless `--width`/`--height`). Printed
+per model: requests/s, the server's medians of inference and postprocess ms, results per
+answer, and the ratio of its
 throughput to the detect model's in the same round (the issue's target: segment >= 0.9x
 detect, post-processing never dominating). The yolo11n detect, segment, pose and obb
 exports share the backbone, so the ratio is what each task's head and post-processing
@@ -58,6 +60,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--width", type=int, default=1920)
+    ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--models", help="comma-separated zoo model names (default: all)")
     args = ap.parse_args()
     models = args.models.split(",") if args.models else MODELS
@@ -72,9 +76,10 @@ def main() -> int:
     ratio: dict[str, list[float]] = {m: [] for m in models}
     stages: dict[str, list[tuple[float, float, int]]] = {m: [] for m in models}
     print(f"# tasks: {machine()}\n# {PYTHON} bench/tasks.py --duration {args.duration} "
-          f"--repeats {args.repeats} --concurrency {args.concurrency}; 1920x1080 NV12", flush=True)
+          f"--repeats {args.repeats} --concurrency {args.concurrency}; {args.width}x{args.height} "
+          "NV12", flush=True)
     try:
-        paths = write_frames(shm, args.frames, 1920, 1080)
+        paths = write_frames(shm, args.frames, args.width, args.height)
         sock = os.path.join(shm, "tasks.sock")
         for rnd in range(args.repeats):
             for m in models:
