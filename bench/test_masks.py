@@ -91,9 +91,12 @@ def vasipc_polygons(protos, coeffs, boxes):
     return segment_masks(protos, coeffs, boxes, W, H, MASK_POLYGON)
 
 
+def _box_area(boxes: np.ndarray) -> float:
+    return float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum())
+
+
 def _group(case) -> str:
-    boxes = case[2]
-    area = float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum())
+    area = _box_area(case[2])
     return f"{W}x{H}, {K} instances, protos [{C}, {MH}, {MW}], {area / (W * H):.1f} frames of box"
 
 
@@ -150,8 +153,8 @@ def zoo():
 
 def _zoo_group(zoo) -> str:
     boxes = zoo[2]
-    area = float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum())
-    return f"{ZW}x{ZH}, zoo yolo11n-320-seg, {len(boxes)} instances, {area / 1e6:.1f} Mpx of box"
+    return (f"{ZW}x{ZH}, zoo yolo11n-320-seg, {len(boxes)} instances, "
+            f"{_box_area(boxes) / 1e6:.1f} Mpx of box")
 
 
 @pytest.mark.parametrize("fmt", [MASK_RLE, MASK_POLYGON], ids=["rle", "polygon"])

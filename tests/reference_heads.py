@@ -11,21 +11,12 @@ tests/reference_masks.py, the numpy reference of the mask kernel.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import reference_masks
 
+from vasipc.preprocess import Geometry as Geom  # input pixel = source pixel * scale + pad
+
 MAX_NMS = 30000
-
-
-class Geom(NamedTuple):  # input pixel = source pixel * scale + pad
-    scale_x: float
-    scale_y: float
-    pad_left: float
-    pad_top: float
-    src_w: int
-    src_h: int
 
 
 def r6(x) -> list | float:

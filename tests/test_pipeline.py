@@ -29,6 +29,7 @@ from vasipc._fast.frameview import FrameView
 from vasipc.batcher import BUFFERS, Batcher, Pending
 from vasipc.errors import Overloaded
 from vasipc.frame_source import FrameOpener, FrameRoots
+from vasipc.heads.base import round6_scalar
 from vasipc.heads.detection import detection_dicts
 from vasipc.model import ModelSpec, load_model
 from vasipc.runtime import Device
@@ -357,6 +358,19 @@ def _postprocess_reference(model, req, pred, geom):
         for c, s, b in zip(found.class_ids.tolist(), np.round(found.scores.astype(np.float64), 6).tolist(),
                            np.round(found.boxes.astype(np.float64), 6).tolist(), strict=True)
     ]
+
+
+def test_round6_scalar_is_numpy_round():
+    rng = np.random.default_rng(7)
+    xs = [0.0, -0.0, 5e-7, -5e-7, 4e-7, -4e-7, 1.5e-6, 2.5e-6, 0.1234565, 1.0, 0.9999995]
+    for scale in (1e-7, 1e-6, 1e-3, 1.0, 1e3):
+        xs += (rng.standard_normal(2000).astype(np.float32) * scale).tolist()
+    want = np.round(np.asarray(xs, np.float64), 6).tolist()
+    got = [round6_scalar(x * 1e6) for x in xs]
+    assert json.dumps(got) == json.dumps(want)  # equal, signs of zero included
+    for bad in (math.nan, math.inf):
+        with pytest.raises((ValueError, OverflowError)):
+            round6_scalar(bad)
 
 
 @pytest.mark.parametrize("config", [{}, {"confidence_threshold": 0.0, "max_detections": 50},

@@ -177,6 +177,13 @@ def known_class_count(facts: ModelFacts) -> int | None:
     return None if names is None else len(names)
 
 
+def round6_scalar(y: float) -> float:
+    """`np.round(x, 6)` of a float64 x, given y = x * 1e6: rint(y) / 1e6, the sign of a zero
+    kept. Raises ValueError / OverflowError for NaN / inf."""
+    r = round(y)  # round half to even, as rint
+    return r / 1e6 if r else y * 0.0
+
+
 def round6(values: np.ndarray) -> list:
     """`np.round(x, 6)` as nested lists of Python floats (x * 1e6, rint, / 1e6: exactly
     what np.round does)."""

@@ -16,7 +16,7 @@ import numpy as np
 from vasipc._fast.decode import Decoded, DecodeLayout, decode_detections
 from vasipc._fast.masks import MASK_POLYGON, MASK_RLE, segment_masks
 from vasipc.client import rle_counts
-from vasipc.heads.base import Head, Keypoints, round6
+from vasipc.heads.base import Head, Keypoints, round6, round6_scalar
 from vasipc.preprocess import Geometry, Preprocess
 from vasipc.schema import InferConfig
 
@@ -104,16 +104,25 @@ def detection_dicts(found: Decoded, names: tuple[str, ...]) -> list[dict[str, An
     k = len(found.scores)
     if not k:
         return []
-    rounded = np.empty((k, 5))  # [score, x_min, y_min, x_max, y_max] as float64
-    rounded[:, 0] = found.scores
-    rounded[:, 1:] = found.boxes
-    rounded *= 1e6  # np.round(x, 6) is exactly this: x * 1e6, rint, / 1e6
-    np.rint(rounded, out=rounded)
-    rounded /= 1e6
+    ids = found.class_ids.tolist()
+    if k <= 3:  # a few: np.round(x, 6) of each float in plain Python is cheaper
+        try:
+            return [
+                {"class_id": c, "class_name": names[c], "confidence": round6_scalar(s * 1e6),
+                 "bbox": [round6_scalar(x0 * 1e6), round6_scalar(y0 * 1e6),
+                          round6_scalar(x1 * 1e6), round6_scalar(y1 * 1e6)], "track_id": None}
+                for c, s, (x0, y0, x1, y1) in zip(ids, found.scores.tolist(),
+                                                  found.boxes.tolist(), strict=True)
+            ]
+        except (ValueError, OverflowError):  # NaN or inf: rounded as numpy does, below
+            pass
+    rows = np.empty((k, 5))  # [score, x_min, y_min, x_max, y_max]
+    rows[:, 0] = found.scores
+    rows[:, 1:] = found.boxes
     return [
         {"class_id": c, "class_name": names[c], "confidence": row[0], "bbox": row[1:],
          "track_id": None}
-        for c, row in zip(found.class_ids.tolist(), rounded.tolist(), strict=True)
+        for c, row in zip(ids, round6(rows), strict=True)
     ]
 
 
