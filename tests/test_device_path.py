@@ -154,7 +154,7 @@ def test_padded_batch_equals_unpadded_requests(models, nv12_frames):
             buf[:3] = x
         else:
             for i, nv12 in enumerate(nv12s):
-                four.device_path.letterbox(_staged(four, buf, nv12, w, h), buf[i])
+                four.device_path.preprocess_into(_staged(four, buf, nv12, w, h), buf[i])
         (in_buffer,) = four.run_batch(buf, 3)  # runs the buffer's first 4 slots
         assert in_buffer.shape == (3, 4 + four.num_classes, in_buffer.shape[2])
         for i in range(3):  # each alone in a batch-1 buffer of the same path
@@ -162,7 +162,7 @@ def test_padded_batch_equals_unpadded_requests(models, nv12_frames):
             if mode == "cpu":
                 b1[0] = x[i]
             else:
-                one.device_path.letterbox(_staged(one, b1, nv12s[i], w, h), b1[0])
+                one.device_path.preprocess_into(_staged(one, b1, nv12s[i], w, h), b1[0])
             (alone,) = one.run_batch(b1, 1)
             assert np.abs(in_buffer[i] - alone[0]).max() <= 1e-4
 
@@ -194,7 +194,7 @@ def test_slot_is_the_graph_output(models, astronaut_rgb, fmt_name):
     data = np.asarray(frames.encode_frame(rgb, fmt_name, stride)).reshape(-1)
     buf = model.new_buffer()
     before = buf.value.numpy()
-    geom = model.device_path.letterbox(_staged(model, buf, data, w, h, fmt, stride), buf[2])
+    geom = model.device_path.preprocess_into(_staged(model, buf, data, w, h, fmt, stride), buf[2])
     after = buf.value.numpy()
     expected_geom, placement = LETTERBOX.placement(w, h, model.input_width, model.input_height)
     assert geom == expected_geom
@@ -225,7 +225,7 @@ def test_every_family_preprocess_on_the_path(models, astronaut_rgb, pre):
     h, w = rgb.shape[:2]
     data = frames.rgb_to_nv12(rgb)
     staged = path.stage(_Frame(data, lb.NV12, w, h, w), buf)
-    geom = path.letterbox(staged, buf[0])
+    geom = path.preprocess_into(staged, buf[0])
     expected_geom, placement = pre.placement(w, h, model.input_width, model.input_height)
     assert geom == expected_geom
     got = buf.value.numpy()[0]

@@ -423,4 +423,4 @@ class Batcher:
             raise FrameChanged("the frame file was truncated while it was read",
                                frame_id=frame.frame_id) from None
         frame.check_unchanged()  # a header replaced during the copy is a torn read
-        return path.letterbox(staged, slot)
+        return path.preprocess_into(staged, slot)

@@ -17,8 +17,8 @@ staging buffers and IO bindings. A request goes through it in two steps:
    a host staging ``OrtValue`` (pinned memory on CUDA where this onnxruntime can allocate
    it, else pageable), by ``copy_frame_guarded``: no GIL, under the SIGBUS guard, so a
    frame file truncated while it is copied raises ``FrameBusError``, never a crash.
-2. :meth:`DevicePath.letterbox`: the preprocessing graph (any resize mode, despite the
-   name) runs from the staging buffer
+2. :meth:`DevicePath.preprocess_into`: the preprocessing graph (the family's resize
+   mode) runs from the staging buffer
    (ORT uploads it: the raw frame, 1.5 bytes a pixel for NV12) and writes its ``images``
    output straight into the request's slot of the device batch buffer (the output is
    bound to the slot's address), so the float tensor never travels to the host.
@@ -162,7 +162,7 @@ class DeviceBatch:
             binding = m.session.io_binding()
             binding.bind_input(m.input_name, p.device_type, p.device_index, np.float32,
                                [size, *self.slot_shape[1:]], self.address)
-            for name in output_names(m):
+            for name in m.output_names:
                 binding.bind_output(name, p.device_type, p.device_index)
             self._runs[size] = binding
         return binding
@@ -173,12 +173,6 @@ class DeviceBatch:
             binding = self.path.preprocess_session(pixel_format).io_binding()
             self._pre[pixel_format] = binding
         return binding
-
-
-def output_names(model: LoadedModel) -> tuple[str, ...]:
-    """The model's outputs in order (`LoadedModel.output_names`; a model without that
-    attribute has its one `output_name`)."""
-    return tuple(getattr(model, "output_names", None) or (model.output_name,))
 
 
 class DevicePath:
@@ -280,12 +274,12 @@ class DevicePath:
         copy_frame_guarded(frame.view, value.data_ptr(), nbytes)
         return Staged(value, frame.pixel_format, frame.width, frame.height, frame.stride)
 
-    def letterbox(self, staged: Staged, slot: DeviceSlot) -> Geometry:
+    def preprocess_into(self, staged: Staged, slot: DeviceSlot) -> Geometry:
         """Run the preprocessing graph from the staging buffer into `slot`; returns the
         frame's Geometry (``Preprocess.placement``)."""
-        geom, _ = self.preprocess.placement(staged.width, staged.height, self.in_w, self.in_h)
-        geometry = geometry_input(self.preprocess, staged.width, staged.height, staged.stride,
-                                  self.in_w, self.in_h)
+        geom, placement = self.preprocess.placement(staged.width, staged.height, self.in_w,
+                                                    self.in_h)
+        geometry = geometry_input(staged.width, staged.height, staged.stride, placement)
         batch = slot.batch
         session = self.preprocess_session(staged.pixel_format)
         binding = batch.preprocess_binding(staged.pixel_format)
@@ -300,16 +294,14 @@ class DevicePath:
     def run(self, model: LoadedModel, batch: DeviceBatch, n: int,
             options: Any = None) -> list[np.ndarray]:
         """Run slots [0, n) of `batch`, padded to the model's run size for n, with the
-        model's extra inputs (``model.extra_inputs(size)``: name -> host array, if it has
-        them); returns every output in ``model.output_names`` order, each cut to the first
-        n images, on the host, C-contiguous, in its own dtype (float outputs as float32,
-        integer ones as they are)."""
+        model's extra inputs (``model.extra_inputs(size)``: name -> host array); returns
+        every output in ``model.output_names`` order, each cut to the first n images, on
+        the host, C-contiguous, in its own dtype (float outputs as float32, integer ones
+        as they are)."""
         size = model.run_size(n)
         binding = batch.run_binding(size)
-        extra_inputs = getattr(model, "extra_inputs", None)
         # Kept referenced until the run returns: the binding may point at their memory.
-        feeds = ({} if extra_inputs is None else
-                 {name: np.ascontiguousarray(v) for name, v in extra_inputs(size).items()})
+        feeds = {name: np.ascontiguousarray(v) for name, v in model.extra_inputs(size).items()}
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         model.session.run_with_iobinding(binding, options)
@@ -329,7 +321,7 @@ class DevicePath:
             value = self.new_staging(frame.nbytes)
             copy_frame_guarded(frame, value.data_ptr(), frame.nbytes)
             try:
-                self.letterbox(Staged(value, NV12, w, h, w), batch[0])
+                self.preprocess_into(Staged(value, NV12, w, h, w), batch[0])
                 return
             except Exception as exc:
                 if attempt or self.staging_kind != "pinned":

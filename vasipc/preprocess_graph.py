@@ -239,11 +239,11 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int,
     return model
 
 
-def geometry_input(preprocess: Preprocess, width: int, height: int, stride: int, in_w: int,
-                   in_h: int) -> np.ndarray:
-    """The ``geometry`` input for a frame (see GEOMETRY_FIELDS)."""
-    _, (new_w, new_h, left, top) = preprocess.placement(width, height, in_w, in_h)
-    return np.array([width, height, stride, new_w, new_h, left, top], dtype=np.int64)
+def geometry_input(width: int, height: int, stride: int,
+                   placement: tuple[int, int, int, int]) -> np.ndarray:
+    """The ``geometry`` input for a frame (see GEOMETRY_FIELDS), from its placement
+    ``(new_w, new_h, left, top)`` (``Preprocess.placement``)."""
+    return np.array([width, height, stride, *placement], dtype=np.int64)
 
 
 class PreprocessSession:
@@ -263,7 +263,8 @@ class PreprocessSession:
 
     def geometry(self, width: int, height: int, stride: int) -> np.ndarray:
         """The ``geometry`` input for a frame (see GEOMETRY_FIELDS)."""
-        return geometry_input(self.preprocess, width, height, stride, self.in_w, self.in_h)
+        _, placement = self.preprocess.placement(width, height, self.in_w, self.in_h)
+        return geometry_input(width, height, stride, placement)
 
     def run(self, frame_bytes: np.ndarray, width: int, height: int, stride: int) -> np.ndarray:
         """Preprocess one frame: `frame_bytes` a uint8 1-D array (a view is used as is, not
