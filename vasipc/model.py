@@ -77,7 +77,7 @@ class LoadedModel:
 
     def extra_inputs(self, size: int) -> dict[str, np.ndarray]:
         """The inputs besides the image for a run of `size` (D-FINE's target sizes)."""
-        return (self.head or self.family).extra_inputs(size)
+        return self.family.extra_inputs(size)
 
     def new_input(self, batch: int | None = None) -> np.ndarray:
         """A numpy input buffer of `batch` slots (default: the largest run size)."""

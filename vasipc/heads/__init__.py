@@ -33,10 +33,17 @@ class Family:
     def __init__(self, module: ModuleType, facts: ModelFacts, task: str, preprocess: Preprocess) -> None:
         self.module, self.facts, self.task, self.preprocess = module, facts, task, preprocess
         self.architecture: str = module.ARCHITECTURE
+        self._extra_inputs = getattr(module, "extra_inputs", None)
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}  # by batch size, made once
 
     def extra_inputs(self, size: int) -> dict[str, np.ndarray]:
-        fn = getattr(self.module, "extra_inputs", None)
-        return {} if fn is None else fn(self.facts, size)
+        """Inputs besides the image for a run of `size` images (D-FINE's target sizes)."""
+        if self._extra_inputs is None:
+            return {}
+        feeds = self._feeds.get(size)
+        if feeds is None:  # two threads may both make it: the same value
+            feeds = self._feeds[size] = self._extra_inputs(self.facts, size)
+        return feeds
 
     def build(self, shapes: list[tuple[int, ...]]) -> Head:
         """The head for these output shapes (a probe run's), or ModelError."""

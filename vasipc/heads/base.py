@@ -219,10 +219,6 @@ class Head:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def extra_inputs(self, size: int) -> dict[str, np.ndarray]:
-        """Inputs besides the image, for a batch of `size` images."""
-        return {}
-
     def decode(self, outputs: Sequence[np.ndarray], i: int, geom: Geometry, cfg: InferConfig,
                defaults: Any) -> dict:
         """Image i of the batch's outputs -> the response's result fields (`detections`,

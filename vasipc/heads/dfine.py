@@ -34,16 +34,9 @@ def extra_inputs(facts: ModelFacts, size: int) -> dict[str, np.ndarray]:
 
 
 class DfineHead(DetectionHead):
-    def __init__(self, facts: ModelFacts, *, order: tuple[int, int, int], **kw) -> None:
+    def __init__(self, *, order: tuple[int, int, int], **kw) -> None:
         super().__init__(**kw)
-        self.facts, self.order = facts, order
-        self.sizes: dict[int, dict[str, np.ndarray]] = {}  # by batch size, made once
-
-    def extra_inputs(self, size):
-        feeds = self.sizes.get(size)
-        if feeds is None:
-            feeds = self.sizes[size] = extra_inputs(self.facts, size)
-        return feeds
+        self.order = order  # indices of boxes, scores, labels
 
     def rows(self, outputs, i):
         b, s, c = self.order
@@ -71,6 +64,6 @@ def build(facts: ModelFacts, task: str, shapes: list[tuple[int, ...]],
                            "names (--labels or model.yaml output_schema.class_names_file)")
     layout = DecodeLayout(num_fields=6, num_classes=nc, box_format=BOX_XYXY,
                           score_mode=SCORE_FIELD, score_field=4, class_field=5, nms=NMS_NONE)
-    return DfineHead(facts, architecture=ARCHITECTURE, task=task, nms="model",
+    return DfineHead(architecture=ARCHITECTURE, task=task, nms="model",
                      class_names=class_names_for(facts, nc), preprocess=preprocess,
                      layout=layout, order=(b, s, c))
