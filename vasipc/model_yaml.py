@@ -3,8 +3,10 @@
 The one place that reads `model.yaml` (the original onboarding format, docs/contract.md 8):
 `model_id`, `model_name`, `model_version`, `model_weights`, `confidence_threshold`,
 `nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file`,
-`resource_requirements.gpu_required` / `cpu_fallback_allowed`, and for models without
-Ultralytics metadata `architecture`, `task`, `preprocess`, `keypoint_names`, `skeleton`
+`resource_requirements.gpu_required` / `cpu_fallback_allowed`, `weights_sha256` (checked
+against the weights every time the source is read), `source` (informational: where
+`vasipc register` got the model), and for models without Ultralytics metadata
+`architecture`, `task`, `preprocess`, `keypoint_names`, `skeleton`
 (docs/contract.md 6). Every problem is one
 `ModelSourceError` line naming the file and the key; what can only be checked against the
 loaded model (the class count, `expected_resolution` against the input size) is checked by
@@ -13,6 +15,7 @@ loaded model (the class count, `expected_resolution` against the input size) is 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,10 +31,12 @@ if TYPE_CHECKING:
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would allow a trailing newline
 # ASCII digits only: str.isdigit() also takes "²", which int() then refuses
 VERSION_RE = re.compile(r"^[0-9]+\Z")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 KNOWN_KEYS = frozenset({
-    "model_id", "model_name", "model_version", "model_weights", "confidence_threshold",
+    "model_id", "model_name", "model_version", "model_weights", "weights_sha256", "confidence_threshold",
     "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements",
-    "architecture", "task", "preprocess", "keypoint_names", "skeleton"})
+    "architecture", "task", "preprocess", "keypoint_names", "skeleton", "source"})
+HASH_CHUNK_BYTES = 1 << 20
 
 
 class ModelSourceError(ValueError):
@@ -81,6 +86,32 @@ def read_labels(path: str, what: str = "labels file") -> tuple[str, ...]:
         raise ModelSourceError(f"{what} {path}: line {lines.index('') + 1} is blank "
                                "(one class name per line, by class id)")
     return tuple(lines)
+
+
+def sha256_file(path: str) -> str:
+    """The hex SHA-256 of a file, read 1 MiB at a time (weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_sha256(doc: dict, weights: str, where: str) -> None:
+    """model.yaml's weights_sha256, when present, must be the weights' digest: a weights
+    file replaced or damaged after it was registered is refused, not served."""
+    expected = doc.get("weights_sha256")
+    if expected is None:
+        return
+    if not isinstance(expected, str) or not SHA256_RE.match(expected):
+        raise ModelSourceError(f"{where}: weights_sha256 must be 64 hex digits, got {_show(expected)}")
+    try:
+        actual = sha256_file(weights)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot read {weights}: {exc.strerror or exc}") from None
+    if actual != expected.lower():
+        raise ModelSourceError(f"{weights} does not match {where}'s weights_sha256: expected "
+                               f"{expected.lower()[:12]}..., got {actual[:12]}...")
 
 
 def version_dirs(directory: str) -> list[str]:
@@ -258,6 +289,7 @@ def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
     elif not isinstance(weights, str) or not weights.strip():
         raise ModelSourceError(f"{where}: model_weights must be a file path, got {_show(weights)}")
     weights = _weights(in_dir(weights), f"{where}: model_weights")
+    _verify_sha256(doc, weights, where)
 
     model_id = doc.get("model_id")
     if model_id is not None and (not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id)):
