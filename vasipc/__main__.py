@@ -1,7 +1,8 @@
 """`vasipc COMMAND ...` (the console script) and `python -m vasipc COMMAND ...`.
 
-Commands: `check DIR` validates a model without serving it (vasipc.check); `serve ...`
-runs the server (vasipc.serve, the same as `python -m vasipc.serve`).
+Commands: `check DIR` validates a model without serving it (vasipc.check); `register SRC
+--models-root ROOT` checks one and installs it as the next version (vasipc.register);
+`serve ...` runs the server (vasipc.serve, the same as `python -m vasipc.serve`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = {"check": "vasipc.check", "serve": "vasipc.serve"}
-USAGE = "usage: vasipc {check,serve} ...  (vasipc check DIR --help, vasipc serve --help)"
+COMMANDS = {"check": "vasipc.check", "register": "vasipc.register", "serve": "vasipc.serve"}
+USAGE = ("usage: vasipc {check,register,serve} ...  (vasipc check DIR --help, "
+         "vasipc register --help, vasipc serve --help)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

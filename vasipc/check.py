@@ -134,15 +134,17 @@ def run_synthetic(model: Any, runs: int = RUNS) -> tuple[list[dict[str, float]],
 
 
 def check(path: str, *, device: str = "auto", version: str | None = None,
-          labels: str | None = None, runs: int = RUNS) -> dict[str, Any]:
+          labels: str | None = None, model_id: str | None = None, runs: int = RUNS) -> dict[str, Any]:
     """Load and run the model at `path` as the server would; the report (see `--json`).
-    Raises CheckError, ModelSourceError, ModelError or RuntimeUnavailable (one line each)."""
+    `model_id` is the id it will be served under (`vasipc register --model-id`; default as
+    the server's). Raises CheckError, ModelSourceError, ModelError or RuntimeUnavailable
+    (one line each)."""
     from vasipc import model_yaml as my
     from vasipc.model import load_model
     from vasipc.runtime import import_onnxruntime, resolve_device
 
     source, layout_id = resolve_source(path, version)
-    model_id = my.model_id_for(source, layout_id)
+    model_id = my.model_id_for(source, model_id or layout_id)
     ort = import_onnxruntime()
     dev, device_note = resolve_device(device, ort)
     spec = my.model_spec(source, dev, model_id, device_arg=device, labels=labels)
