@@ -211,6 +211,16 @@ def test_an_ultralytics_checkpoint_is_exported_at_registration(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["models", "tiny.pt"]  # exported elsewhere
 
 
+def test_a_pytorch_file_that_is_no_ultralytics_checkpoint_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("ultralytics")
+    pt = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(3, 4), pt)  # a module: no input size, no outputs to decode
+    root = tmp_path / "models"
+    assert_refused(register(pt, root), "not an Ultralytics checkpoint", max_lines=1)
+    assert entries(root) == []
+
+
 def append_byte(d: Path) -> None:
     with open(d / "320n.onnx", "ab") as f:
         f.write(b"\0")

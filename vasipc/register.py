@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -71,8 +72,10 @@ def export_pytorch(path: str, workdir: str) -> str:
         raise RegisterError(NEEDS_TORCH) from None
     from vasipc.errors import first_line
 
-    # Ultralytics logs to the stdout of its import time: stderr, so --json stays one document
-    with contextlib.redirect_stdout(sys.stderr):
+    # Ultralytics logs to the stdout of its import time: kept aside, so that --json stays one
+    # document and a refusal one line; an export's log goes to stderr
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
         try:
             from ultralytics import YOLO
         except ImportError:
@@ -87,10 +90,12 @@ def export_pytorch(path: str, workdir: str) -> str:
             raise RegisterError(f"{path} is not an Ultralytics checkpoint ({first_line(exc)}); "
                                 "only those can be registered from PyTorch") from None
         try:
-            return str(model.export(format="onnx", imgsz=model.overrides.get("imgsz", 640),
-                                    opset=ONNX_OPSET, dynamic=True))
+            exported = str(model.export(format="onnx", imgsz=model.overrides.get("imgsz", 640),
+                                         opset=ONNX_OPSET, dynamic=True))
         except Exception as exc:
             raise RegisterError(f"exporting {path} to ONNX failed: {first_line(exc)}") from None
+    sys.stderr.write(log.getvalue())
+    return exported
 
 
 def _source_yaml(path: str) -> dict[str, Any]:
