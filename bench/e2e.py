@@ -17,7 +17,7 @@ Per round, each for `--duration` seconds, closed loop:
   lock, numpy decode + cv2.dnn.NMSBoxesBatched, json.dumps), ratios to vasipc per round;
 - `what-if`: session.run with one ORT setting changed (1 intra-op thread; no spinning),
   to show what the server's session options cost on this machine (`--no-what-if` skips).
-The in-process session is made as the server makes its own (vasipc.runtime.create_session:
+The in-process session is made as the server makes its own (vasipc.backends.onnxruntime.create_session:
 default options, ORT_ENABLE_ALL, default thread counts), so the figures compare like
 with like; they never run at the same time.
 """
@@ -53,7 +53,8 @@ from _common import (
 
 from vasipc._fast.decode import DecodeLayout, decode_detections
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
-from vasipc.runtime import Device, create_session, import_onnxruntime
+from vasipc.backends.onnxruntime import create_session, import_onnxruntime
+from vasipc.runtime import Device
 
 WIDTH, HEIGHT, SIZE = 1920, 1080, 640
 STAGES = ("queue_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
@@ -195,7 +196,7 @@ def main() -> None:
 
 
 def what_if_session(ort, threads: int = 0, spinning: bool = True):
-    """A session like the server's (vasipc.runtime.create_session) with one setting changed."""
+    """A session like the server's (vasipc.backends.onnxruntime.create_session) with one setting changed."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vasipc.runtime import create_session, import_onnxruntime, resolve_device
+from vasipc.backends.onnxruntime import create_session, cuda_available, import_onnxruntime
+from vasipc.runtime import resolve_device
 
 
 def timed(fn, seconds: float, min_runs: int = 5) -> list[float]:
@@ -44,7 +45,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     ort = import_onnxruntime()
-    device, warning = resolve_device(args.device, ort)
+    device, warning = resolve_device(args.device, cuda_available())
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     session = create_session(args.model, device, ort)

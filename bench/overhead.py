@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, shm: str, model_path: str,
     os.makedirs(os.path.join(shm, "s"))
     sock = os.path.join(shm, "s", "overhead.sock")
     spec = ModelSpec(path=model_path, model_id="bench", model_name="tiny", model_version="1",
-                     intra_op_threads=1)
+                     threads=1)
     model = load_model(spec, Device("cpu"), None)  # the server's own loader, 1 thread
     session = model.session
     opener = FrameOpener(FrameRoots([shm]), 8192)

@@ -68,7 +68,7 @@ def test_batch_sizes(max_batch, sizes):
 
 def _spec(path: str) -> ModelSpec:
     return ModelSpec(path=path, model_id=MODEL_ID, model_name="n", model_version="1",
-                     intra_op_threads=1)
+                     threads=1)
 
 
 class _Recording:
@@ -91,16 +91,16 @@ class _Recording:
 
 @pytest.mark.parametrize("mode", ["cpu", "graph"])
 def test_warm_up_runs_each_padded_size_once(nudenet_model, monkeypatch, mode):
-    import vasipc.model as model_mod
+    import vasipc.backends.onnxruntime as ort_backend
 
     made: list[_Recording] = []
-    real = model_mod.create_session
+    real = ort_backend.create_session
 
     def recording(*args, **kw):
         made.append(_Recording(real(*args, **kw)))
         return made[-1]
 
-    monkeypatch.setattr(model_mod, "create_session", recording)
+    monkeypatch.setattr(ort_backend, "create_session", recording)
     m = load_model(_spec(nudenet_model), Device("cpu"), 6, mode)
     assert m.batch_sizes == (1, 2, 4, 6) and m.max_batch == 6 and m.preprocess == mode
     assert made[0].sizes == [1, 2, 4, 6]

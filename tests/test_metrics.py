@@ -166,7 +166,8 @@ def test_metrics_follow_the_requests(server_factory, astronaut_frame, shm_dir):
     assert val(after, "vasipc_open_connections") >= len(held)
     assert val(after, "vasipc_model_info", model_id=MODEL_ID,
                model_version=info["model_version"], providers=",".join(info["providers"]),
-               device=info["device"], architecture="yolo", task="detect") == 1
+               device=info["device"], backend=info["backend"], precision=info["precision"],
+               streams=str(info["streams"]), architecture="yolo", task="detect") == 1
     assert val(after, "vasipc_reloads_total", result="ok") == 0
     assert ("vasipc_reloads_total", (("result", "failed"),)) in after
     assert val(after, "process_resident_memory_bytes") > 0

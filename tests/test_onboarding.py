@@ -197,6 +197,7 @@ def test_check_reports_model(nudenet_model, tmp_path):
     assert rows["transform"] == "letterbox (pad 114), RGB, /255"
     assert rows["classes"].startswith("18: FEMALE_GENITALIA_COVERED, FACE_FEMALE, ")
     assert rows["providers"] == "CPUExecutionProvider"
+    assert rows["runtime"].startswith("onnxruntime ") and ", precision fp32, " in rows["runtime"]
     assert rows["device"] == "cpu"
     assert rows["weights"] == str(d / "w.onnx")
     assert "1 warmed (max batch 1)" in out and "median of 5" in out
@@ -319,7 +320,7 @@ def test_model_spec_precedence(nudenet_model, tmp_path):
     assert (spec.confidence_threshold, spec.nms_iou_threshold, spec.max_detections) == (0.4, 0.45, 300)
     spec = my.model_spec(src, cpu, "x", conf=0.1, iou=0.2, max_detections=5, threads=2)
     assert (spec.confidence_threshold, spec.nms_iou_threshold, spec.max_detections,
-            spec.intra_op_threads) == (0.1, 0.2, 5, 2)
+            spec.threads) == (0.1, 0.2, 5, 2)
     assert spec.class_names is None and spec.class_names_source is None
     gpu = my.ModelSource(weights=src.weights, model_id=None, model_name="m", model_version="1",
                          gpu_required=True, cpu_fallback_allowed=False)

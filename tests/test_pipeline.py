@@ -26,7 +26,7 @@ import wire
 from vasipc import frames
 from vasipc._fast.decode import Decoded, DecodeLayout, decode_detections
 from vasipc._fast.frameview import FrameView
-from vasipc.batcher import BUFFERS, Batcher, Pending
+from vasipc.batcher import MIN_WORKERS, Batcher, Pending
 from vasipc.errors import Overloaded
 from vasipc.frame_source import FrameOpener, FrameRoots
 from vasipc.heads.base import round6_scalar
@@ -42,7 +42,7 @@ MODEL_ID = "m"
 @pytest.fixture(scope="module")
 def models(nudenet_model):
     spec = ModelSpec(path=nudenet_model, model_id=MODEL_ID, model_name="n", model_version="1",
-                     intra_op_threads=1)
+                     threads=1)
     return {b: load_model(spec, Device("cpu"), b) for b in (1, 4)}
 
 
@@ -62,8 +62,8 @@ def frame_dirs(astronaut_rgb):
     shutil.rmtree(root, ignore_errors=True)
 
 
-class GatedSession:
-    """Wraps an ORT session: each run waits for the gate (if closed) and may fail. With
+class GatedBackend:
+    """Wraps the model's backend (ONNX Runtime): each run waits for the gate (if closed) and may fail. With
     `permits` set, each run also takes one permit (so runs can be let through one by one).
     Records the batch size and the thread of each run."""
 
@@ -76,7 +76,7 @@ class GatedSession:
         self.runs: list[int] = []
         self.threads: list[int] = []
 
-    def run(self, names, feeds, options=None):
+    def run(self, feeds, size, stream, options=None):
         self.threads.append(threading.get_ident())
         self.started.release()
         assert self.gate.wait(30)
@@ -85,15 +85,15 @@ class GatedSession:
         self.runs.append(next(iter(feeds.values())).shape[0])
         if self.fail:
             raise RuntimeError(self.fail)
-        return self.inner.run(names, feeds, options)
+        return self.inner.run(feeds, size, stream, options)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
 def gated(model, **kw):
-    s = GatedSession(model.session, **kw)
-    return dataclasses.replace(model, session=s), s
+    s = GatedBackend(model.backend, **kw)
+    return dataclasses.replace(model, backend=s), s
 
 
 def make_batcher(model, root, **kw):
@@ -147,7 +147,7 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     assert b.queued() == 3                   # the pipeline holds at most one prepared batch
     with pytest.raises(Overloaded):
         b.submit(pending(paths[0]))
-    assert b._ahead == BUFFERS and b._running and not b._filling  # both workers hold a batch
+    assert b._ahead == MIN_WORKERS and b._busy and not b._filling  # both workers hold a batch
     sess.gate.set()
     for p in ps:
         assert p.wait(30)
@@ -159,7 +159,7 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     assert ps[1].response[1]["queue_ms"] >= 40
     for t in b._threads:
         t.join(30)
-    assert b._ahead == 0 and not b._running and not b._filling
+    assert b._ahead == 0 and not b._busy and not b._filling
 
 
 def test_a_batch_keeps_the_model_it_captured(models, frame_dirs):
@@ -299,18 +299,18 @@ def test_on_complete_is_called_once_by_the_completing_thread(models, frame_dirs)
 
     def hook(p):
         calls.append((p, threading.get_ident(), p.done() and p.wait(5)))
-        if len(calls) <= BUFFERS + 1:
+        if len(calls) <= MIN_WORKERS + 1:
             raise RuntimeError("hook failed")
 
     ps = [pending(paths[i % 6]) for i in range(8)]
     for p in ps:
         p.on_complete = hook
-    for p in ps[:BUFFERS + 1]:  # the hook raises for these
+    for p in ps[:MIN_WORKERS + 1]:  # the hook raises for these
         b.submit(p)
         assert p.wait(30)
-    wait_for(lambda: len(calls) == BUFFERS + 1)
+    wait_for(lambda: len(calls) == MIN_WORKERS + 1)
     assert all(t.is_alive() for t in b._threads)
-    for p in ps[BUFFERS + 1:]:
+    for p in ps[MIN_WORKERS + 1:]:
         b.submit(p)
     for p in ps:
         assert p.wait(30) and isinstance(p.response[0], dict)
@@ -661,7 +661,7 @@ def test_sticky_device_error_in_graph_preprocessing_reports(nudenet_model, frame
     there answers `internal` and makes the session fatal, as one in the model's run does."""
     root, paths = frame_dirs
     spec = ModelSpec(path=nudenet_model, model_id=MODEL_ID, model_name="n", model_version="1",
-                     intra_op_threads=1)
+                     threads=1)
     model = load_model(spec, Device("cpu"), 1, preprocess="graph")
     dp = model.device_path
     dp._sessions[frames.NV12] = _FailingRuns(dp.preprocess_session(frames.NV12),
@@ -679,7 +679,7 @@ def test_sticky_device_error_in_graph_preprocessing_reports(nudenet_model, frame
 def test_ordinary_preprocessing_failure_is_not_fatal(nudenet_model, frame_dirs):
     root, paths = frame_dirs
     spec = ModelSpec(path=nudenet_model, model_id=MODEL_ID, model_name="n", model_version="1",
-                     intra_op_threads=1)
+                     threads=1)
     model = load_model(spec, Device("cpu"), 1, preprocess="graph")
     dp = model.device_path
     dp._sessions[frames.NV12] = _FailingRuns(dp.preprocess_session(frames.NV12), "shape mismatch")

@@ -1,31 +1,33 @@
 """The request queue and the inference workers (leader/follower: a batch never changes thread).
 
-Connections submit `Pending` requests to the queue. `BUFFERS` (2) identical worker threads
-serve it, each owning one input buffer of the current model (re-allocated when `model` was
+Connections submit `Pending` requests to the queue. S + 1 identical worker threads serve
+it (S: the model's backend streams, the runs that may be in flight at once; at least 2
+workers), each owning one input buffer of the current model (re-allocated when `model` was
 replaced). A worker loops:
 
 1. it waits for the *fill role* (no other worker filling) and a queued request;
 2. filling, it takes requests off the queue (never mixing models: a batch captures the
    current `LoadedModel` once, when it starts), checks each deadline as the request leaves
    the queue and opens and preprocesses its frame straight into its slot of the worker's
-   buffer. It keeps filling while the device is busy (up to max_batch) and goes at once
-   when the device is idle, unless `batch_timeout_s` lets a first request that waited for
-   the busy device wait a little longer for company;
-3. it gives up the fill role (the other worker may start filling the next batch), waits
-   for the device, runs the batch, frees the device, then decodes and answers each request
-   of its batch itself, while the other worker's batch runs.
+   buffer. It keeps filling while every stream is busy (up to max_batch) and goes at once
+   when a stream is free, unless `batch_timeout_s` lets a first request that waited for
+   a busy device wait a little longer for company;
+3. it gives up the fill role (another worker may start filling the next batch), waits
+   for a free stream of its model, runs the batch on it, frees it, then decodes and
+   answers each request of its batch itself, while other batches run.
 
 So at concurrency 1 a request is handed over once (submitting thread -> a worker) and is
 prepared, run and answered on that worker's thread; under load, batch k+1 is opened and
-preprocessed while batch k runs (the C kernel and ORT release the GIL). At most two
-batches are out of the queue (one running, one prepared or filling); the rest wait in
+preprocessed while batches run (the C kernel and the runtimes release the GIL). At most
+S + 1 batches are out of the queue (S running, one prepared or filling); the rest wait in
 the real queue, where `--max-queue` counts them and their deadline is checked. Requests
 complete in no set order (an early error, or batch k+1 answered before the end of batch
 k's decode): the server keeps each connection's responses in order. Conditions
-over one lock wake only a thread that can act: each idle worker's own (the fill role is
+over one lock wake only threads that can act: each idle worker's own (the fill role is
 free and a request is queued; the most recently idle worker is woken first, so at low load
-one warm thread does the work), `_fill` (the filler: a request came, or the device went
-idle) and `_device` (a prepared batch: the device is free).
+one warm thread does the work), `_fill` (the filler: a request came, or a stream went
+idle) and `_device` (prepared batches: a stream was freed). Streams are counted per model,
+so a hot reload's model never runs more batches at once than its own backend has streams.
 
 Buffers: `model.new_buffer()`, with a slot per request of the model's largest run size
 (batches run padded to 1, 2, 4, ... max_batch: `LoadedModel.run_batch`). With the C kernel
@@ -35,10 +37,10 @@ the model's device: each frame is copied to a staging buffer and resized by the
 preprocessing graph straight into its device slot, and the batch runs IO-bound.
 
 Semantics (docs/contract.md 3.1, 4):
-- `--max-queue` counts requests waiting in the queue; at most two batches more are
-  between the queue and their response (one prepared, one running).
+- `--max-queue` counts requests waiting in the queue; at most S + 1 batches more are
+  between the queue and their response (S running, one prepared).
 - `deadline_ms` is checked when a request leaves the queue, before its frame is opened;
-  a prepared request may then wait up to one batch's inference for its turn.
+  a prepared request may then wait up to one batch's inference for a free stream.
 - `queue_ms` is all the time a request waited before its batch's inference started,
   except its own preprocessing: (inference start - arrival) - preprocess_ms. For a
   request answered before inference (deadline, frame errors) it is the time until it
@@ -77,12 +79,7 @@ from vasipc.schema import InferRequest
 log = logging.getLogger("vasipc")
 _now = time.perf_counter
 
-# Errors after which the session cannot be trusted again (docs/contract.md 7): the server stops
-# being ready and exits 1 so its supervisor restarts it.
-_STICKY_MARKERS = ("CUDA failure", "cudaError", "CUDNN_STATUS", "CUBLAS_STATUS",
-                   "illegal memory access", "device-side assert")
-
-BUFFERS = 2  # workers, each with one input buffer: one batch running, the next one prepared
+MIN_WORKERS = 2  # one batch running, the next one prepared, even on one stream
 
 
 class Pending:
@@ -173,17 +170,18 @@ class Batcher:
         # most recently idle is woken first (its caches and core are still warm)
         self._idle: list[threading.Condition] = []
         self._fill = threading.Condition(self._lock)    # the filler: a request, or device idle
-        self._device = threading.Condition(self._lock)  # a prepared batch: the device is free
+        self._device = threading.Condition(self._lock)  # prepared batches: a stream was freed
         self._queue: deque[Pending] = deque()
         self._stopped = False
         self._filling = False  # a worker holds the fill role
-        self._ahead = 0  # prepared batches not yet run (waiting for the device or running)
+        self._ahead = 0  # prepared batches not yet done (waiting for a stream or running)
         # bytes of the frames opened (metrics); only the fill-role holder adds to it, so
         # there is one writer at a time and no lock is needed
         self.frame_bytes_read = 0
-        self._running = False  # a worker holds the device
+        self._busy: dict[int, set[int]] = {}  # id(model) -> its streams running a batch
+        workers = max(MIN_WORKERS, model.streams + 1)  # kept by reloads
         self._threads = [threading.Thread(target=self._worker, name=f"vasipc-worker-{i}",
-                                          daemon=True) for i in range(BUFFERS)]
+                                          daemon=True) for i in range(workers)]
 
     def start(self) -> None:
         for t in self._threads:
@@ -310,19 +308,19 @@ class Batcher:
                 return None
             if self._queue:
                 if n == 0:
-                    batch.eager = not self._ahead
+                    batch.eager = self._ahead < batch.model.streams
                 return self._queue.popleft()
             if n == 0:
                 return None  # what it took was answered already; the role goes back
-            if not self._ahead:
-                # The device is idle: go now, unless the batch timeout lets a request that
+            if self._ahead < batch.model.streams:
+                # A stream is idle: go now, unless the batch timeout lets a request that
                 # waited for the busy device wait a little longer for company.
                 remaining = batch.items[0][0].arrival + self.batch_timeout_s - _now()
                 if batch.eager or remaining <= 0 or self._stopped:
                     return None
                 self._fill.wait(remaining)
             else:
-                self._fill.wait()  # the device is busy: keep filling the batch
+                self._fill.wait()  # every stream is busy: keep filling the batch
 
     def _admit(self, batch: _Batch, p: Pending) -> None:
         """Check the deadline, then open and preprocess the frame into the next slot; a
@@ -345,40 +343,50 @@ class Batcher:
             log.exception("preprocessing failed")
             text = str(exc)
             self._respond(p, InternalError(f"preprocessing failed: {first_line(exc)}"), stage, model)
-            if any(m in text for m in _STICKY_MARKERS):  # the graph path runs on the device too
+            if model.backend.sticky(text):  # the graph path runs on the device too
                 self._on_fatal(text)
             return
         batch.items.append((p, geom, frame_id, (_now() - t0) * 1e3))
 
+    def _take_stream(self, model: LoadedModel) -> int | None:
+        """Under the lock: a free stream of `model`, marked busy, or None."""
+        busy = self._busy.setdefault(id(model), set())
+        for stream in range(model.streams):
+            if stream not in busy:
+                busy.add(stream)
+                return stream
+        return None
+
     def _run_batch(self, batch: _Batch) -> None:
-        """A prepared batch (counted in `_ahead`): wait for the device, run, free the device,
+        """A prepared batch (counted in `_ahead`): wait for a free stream, run, free it,
         then decode and answer each request on this thread."""
         model, live = batch.model, batch.items
         failure: Exception | None = None
         with self._lock:
-            while self._running:
+            while (stream := self._take_stream(model)) is None:
                 self._device.wait()
-            self._running = True
         try:
             t_run = _now()
-            out = model.run_batch(batch.x, len(live))
+            out = model.run_batch(batch.x, len(live), stream)
             inference_ms = (_now() - t_run) * 1e3
         except Exception as exc:
             failure = exc
         finally:
             with self._lock:
-                self._running = False
+                busy = self._busy[id(model)]
+                busy.discard(stream)
+                if not busy:
+                    del self._busy[id(model)]
                 self._ahead -= 1
-                if self._ahead:
-                    self._device.notify()  # the prepared batch runs next
-                else:
-                    self._fill.notify()  # the device is idle: a filling batch may go
+                self._device.notify_all()  # prepared batches: a stream is free (few waiters)
+                if self._ahead < self.model.streams:
+                    self._fill.notify()  # a filling batch may go
         if failure is not None:
             text = str(failure)
             why = f"inference failed: {first_line(failure)}"
             for p, _, frame_id, _ in live:
                 self._respond(p, InternalError(why, frame_id=frame_id), {}, model)
-            if any(m in text for m in _STICKY_MARKERS):
+            if model.backend.sticky(text):
                 self._on_fatal(text)
             return
         n = len(live)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 PROG = "vasipc check"
-USAGE = "vasipc check DIR [--device auto|cpu|cuda[:N]] [--model-version V] [--labels FILE] [--json]"
+USAGE = ("vasipc check DIR [--device auto|cpu|cuda[:N]] [--backend B] [--precision P] "
+         "[--model-version V] [--labels FILE] [--json]")
 RUNS = 5  # timed requests; the time reported is their median
 FRAME_WIDTH, FRAME_HEIGHT = 1280, 720
 SHOWN_CHARS = 100  # of class names on the text report's line; --json lists them all
@@ -45,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vasipc.serve import _device  # the server's --device parsing, same messages
+    from vasipc.backends.base import BACKENDS, PRECISIONS
+    from vasipc.serve import _choice, _device  # the server's parsing, same messages
 
     p = _Parser(prog=PROG, usage=USAGE,
                 description="Load a model as the server would, run it once on a synthetic "
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--model-version", metavar="V", help="version subdirectory (default: highest)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (over model.yaml's)")
+    p.add_argument("--backend", type=_choice("backend", BACKENDS),
+                   help="auto (default) | onnxruntime | openvino | tensorrt, as the server's")
+    p.add_argument("--precision", type=_choice("precision", PRECISIONS),
+                   help="auto (default) | fp32 | fp16 | bf16 | int8, as the server's")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -134,20 +140,23 @@ def run_synthetic(model: Any, runs: int = RUNS) -> tuple[list[dict[str, float]],
 
 
 def check(path: str, *, device: str = "auto", version: str | None = None,
-          labels: str | None = None, model_id: str | None = None, runs: int = RUNS) -> dict[str, Any]:
+          labels: str | None = None, model_id: str | None = None, backend: str | None = None,
+          precision: str | None = None, runs: int = RUNS) -> dict[str, Any]:
     """Load and run the model at `path` as the server would; the report (see `--json`).
     `model_id` is the id it will be served under (`vasipc register --model-id`; default as
     the server's). Raises CheckError, ModelSourceError, ModelError or RuntimeUnavailable
     (one line each)."""
     from vasipc import model_yaml as my
+    from vasipc.backends import choose_backend, select_device
     from vasipc.model import load_model
-    from vasipc.runtime import import_onnxruntime, resolve_device
 
     source, layout_id = resolve_source(path, version)
     model_id = my.model_id_for(source, model_id or layout_id)
-    ort = import_onnxruntime()
-    dev, device_note = resolve_device(device, ort)
-    spec = my.model_spec(source, dev, model_id, device_arg=device, labels=labels)
+    backend = backend or source.backend or "auto"
+    precision = precision or source.precision or "auto"
+    dev, device_note = select_device(backend, device)
+    spec = my.model_spec(source, dev, model_id, device_arg=device, labels=labels,
+                         backend=choose_backend(backend, dev, precision), precision=precision)
     t0 = time.perf_counter()
     model = load_model(spec, dev, None)  # max batch: the device's default, as the server's
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -166,7 +175,7 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
         "class_names_source": spec.class_names_source,  # null: the model's metadata / class_{id}
         "confidence_threshold": spec.confidence_threshold,
         "nms_iou_threshold": spec.nms_iou_threshold, "max_detections": spec.max_detections,
-        "device": dev.name, "device_note": device_note, "providers": list(model.providers),
+        "device": dev.name, "device_note": device_note, **model.backend.describe(),
         "preprocess": model.preprocess, "max_batch": model.max_batch,
         "batch_sizes": list(model.batch_sizes),
         "load_ms": round(load_ms, 1), "runs": runs, "run_ms": median("total_ms"),
@@ -206,6 +215,8 @@ def format_report(r: dict[str, Any]) -> str:
         ("thresholds", f"confidence {r['confidence_threshold']:g}, NMS IoU "
                        f"{r['nms_iou_threshold']:g}, max detections {r['max_detections']}"),
         ("device", r["device"] + (f" ({r['device_note']})" if r["device_note"] else "")),
+        ("runtime", f"{r['backend']} {r['runtime_version']}, precision {r['precision']}, "
+                    f"{r['streams']} stream(s)"),
         ("providers", ", ".join(r["providers"])),
         ("batch sizes", f"{'/'.join(map(str, r['batch_sizes']))} warmed (max batch "
                         f"{r['max_batch']}), preprocess {r['preprocess']}"),
@@ -235,7 +246,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     try:
         report = check(args.path, device=args.device, version=args.model_version,
-                       labels=args.labels)
+                       labels=args.labels, backend=args.backend, precision=args.precision)
     except (CheckError, ModelSourceError, ModelError, RuntimeUnavailable) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

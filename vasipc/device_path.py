@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vasipc._fast.letterbox import copy_frame_guarded, frame_nbytes
+from vasipc.backends.onnxruntime import cuda_provider, import_onnxruntime
 from vasipc.errors import first_line
 from vasipc.frames import NV12
 from vasipc.preprocess import LETTERBOX, Geometry, Preprocess
@@ -64,7 +65,7 @@ from vasipc.preprocess_graph import (
     build_preprocess_graph,
     geometry_input,
 )
-from vasipc.runtime import Device, import_onnxruntime, usable_cpus
+from vasipc.runtime import Device, usable_cpus
 
 if TYPE_CHECKING:
     from vasipc.frame_source import OpenFrame
@@ -159,7 +160,7 @@ class DeviceBatch:
         binding = self._runs.get(size)
         if binding is None:
             m, p = self.model, self.path
-            binding = m.session.io_binding()
+            binding = m.backend.session().io_binding()
             binding.bind_input(m.input_name, p.device_type, p.device_index, np.float32,
                                [size, *self.slot_shape[1:]], self.address)
             for name in m.output_names:
@@ -178,7 +179,7 @@ class DeviceBatch:
 class DevicePath:
     """Graph preprocessing and IO-bound runs for one LoadedModel (see the module doc)."""
 
-    def __init__(self, device: Device, in_w: int, in_h: int, intra_op_threads: int = 0,
+    def __init__(self, device: Device, in_w: int, in_h: int, threads: int = 0,
                  preprocess: Preprocess = LETTERBOX) -> None:
         self.ort = import_onnxruntime()
         self.device = device
@@ -186,13 +187,20 @@ class DevicePath:
         self.device_type = "cuda" if device.kind == "cuda" else "cpu"
         self.device_index = device.index if device.kind == "cuda" else 0
         self.in_w, self.in_h = in_w, in_h
-        self.intra_op_threads = intra_op_threads
+        self.threads = threads
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
         # "pinned" (CUDA, page-locked host memory), "pageable" or "cpu" (the CPU provider)
         self.staging_kind = "cpu" if device.kind == "cpu" else self._probe_pinned()
 
     # ---- sessions and buffers --------------------------------------------------------
+    def _providers(self) -> list:
+        """The preprocessing graph's: CUDA (under TensorRT too: a resize gains nothing
+        from an engine) or the CPU."""
+        if self.device.kind == "cuda":
+            return [cuda_provider(self.device), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
     def _pinned_memory_info(self) -> Any:
         """The CUDA EP's host-accessible (pinned) memory info, where this onnxruntime
         exposes it (EP devices, onnxruntime >= 1.23), else None."""
@@ -249,12 +257,12 @@ class DevicePath:
                 ort = self.ort
                 opts = ort.SessionOptions()
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                opts.intra_op_num_threads = self.intra_op_threads or usable_cpus()
+                opts.intra_op_num_threads = self.threads or usable_cpus()
                 opts.log_severity_level = 3
                 graph = build_preprocess_graph(pixel_format, self.in_w, self.in_h,
                                                self.preprocess)
                 session = ort.InferenceSession(graph.SerializeToString(), sess_options=opts,
-                                               providers=self.device.providers())
+                                               providers=self._providers())
                 self._sessions[pixel_format] = session
         return session
 
@@ -304,7 +312,7 @@ class DevicePath:
         feeds = {name: np.ascontiguousarray(v) for name, v in model.extra_inputs(size).items()}
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        model.session.run_with_iobinding(binding, options)
+        model.backend.session().run_with_iobinding(binding, options)
         outs = []
         for out in binding.copy_outputs_to_cpu():
             dtype = np.float32 if out.dtype.kind == "f" else out.dtype

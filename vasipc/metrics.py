@@ -209,6 +209,8 @@ class ServerCollector(Collector):
         yield InfoMetricFamily("vasipc_model", "The model being served.", value={
             "model_id": server.model_id, "model_version": str(model.spec.model_version),
             "providers": ",".join(model.providers), "device": model.device.name,
+            "backend": model.backend.name, "precision": model.backend.precision,
+            "streams": str(model.streams),
             "architecture": model.head.architecture, "task": model.head.task})
         reloads = CounterMetricFamily("vasipc_reloads", "Model reloads by result.",
                                       labels=["result"])

@@ -1,8 +1,9 @@
 """The loaded model: one immutable object that each batch captures once.
 
-`LoadedModel` holds the session and everything derived from the model (input size,
-class names, thresholds, version). A hot reload builds a new one and swaps a single
-reference; a batch in flight keeps the object it started with.
+`LoadedModel` holds the backend (the runtime serving it, vasipc/backends/) and everything
+derived from the model (input size, class names, thresholds, version). A hot reload
+builds a new one and swaps a single reference; a batch in flight keeps the object it
+started with.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from vasipc.backends import Backend, BackendOptions, BackendUnavailable, open_backend
 from vasipc.device_path import DevicePath, resolve_preprocess
 from vasipc.errors import ModelError, first_line
-from vasipc.heads import Declared, Family, Head, ModelFacts, TensorFacts, family_for
-from vasipc.runtime import Device, create_session, import_onnxruntime
+from vasipc.heads import Declared, Family, Head, ModelFacts, family_for
+from vasipc.runtime import Device
 
 __all__ = ["LoadedModel", "ModelError", "ModelSpec", "batch_sizes_for", "load_model"]
 
@@ -34,7 +36,11 @@ class ModelSpec:
     confidence_threshold: float = 0.25
     nms_iou_threshold: float = 0.45
     max_detections: int = 300
-    intra_op_threads: int = 0  # 0: one per usable CPU
+    backend: str = "onnxruntime"  # resolved by backends.select_backend
+    precision: str = "auto"
+    streams: int = 0  # concurrent runs; 0: the backend's choice for the device
+    threads: int = 0  # inference threads in all; 0: one per usable CPU
+    cache_dir: str | None = None  # compiled engines (tensorrt)
     class_names_source: str | None = None  # where class_names came from, for error messages
     expected_resolution: tuple[int, int] | None = None  # model.yaml's (w, h): must be the input's
     declared: Declared = field(default_factory=Declared)  # model.yaml: architecture, task, ...
@@ -44,14 +50,13 @@ class ModelSpec:
 @dataclass(frozen=True, slots=True, weakref_slot=True)  # weakly referenced: tests see it freed
 class LoadedModel:
     spec: ModelSpec
-    session: Any = field(repr=False)
+    backend: Backend = field(repr=False)
     device: Device
     input_name: str
     output_names: tuple[str, ...]
     input_width: int
     input_height: int
     max_batch: int
-    providers: tuple[str, ...]
     family: Family = field(repr=False, compare=False)
     head: Head | None = field(default=None, repr=False, compare=False)  # set once outputs were seen
     fixed_batch: int = 0  # the model's static batch dimension when above 1
@@ -59,6 +64,14 @@ class LoadedModel:
     batch_sizes: tuple[int, ...] = (1,)  # the padded sizes runs use (batch_sizes_for)
     preprocess: str = "cpu"  # "cpu": the C kernel into numpy buffers; "graph": device_path
     device_path: Any = field(default=None, repr=False, compare=False)  # DevicePath in graph mode
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self.backend.providers
+
+    @property
+    def streams(self) -> int:
+        return self.backend.streams
 
     @property
     def num_classes(self) -> int:
@@ -94,15 +107,17 @@ class LoadedModel:
         x[:] = self.family.preprocess.pad_pixel[:, None, None]
         return x
 
-    def run_batch(self, buffer: Any, n: int, options: Any = None) -> list[np.ndarray]:
-        """Run the first n slots of a `new_buffer()` buffer at the padded size for n (the
-        pad slots hold whatever was there: their outputs are dropped); every output, in
-        `output_names` order, sliced to the n images (float outputs as C-contiguous float32)."""
+    def run_batch(self, buffer: Any, n: int, stream: int = 0,
+                  options: Any = None) -> list[np.ndarray]:
+        """Run the first n slots of a `new_buffer()` buffer at the padded size for n, on
+        stream `stream` of the backend (the pad slots hold whatever was there: their
+        outputs are dropped); every output, in `output_names` order, sliced to the n
+        images (float outputs as C-contiguous float32)."""
         if self.device_path is not None:
             return self.device_path.run(self, buffer, n, options)
         size = self.run_size(n)
         feeds = {self.input_name: buffer[:size], **self.extra_inputs(size)}
-        outs = self.session.run(list(self.output_names), feeds, options)
+        outs = self.backend.run(feeds, size, stream, options)
         return [np.ascontiguousarray(o[:n], dtype=np.float32) if o.dtype.kind == "f" else o[:n]
                 for o in outs]
 
@@ -122,46 +137,33 @@ def batch_sizes_for(max_batch: int, fixed_batch: int = 0) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
-def _metadata(session: Any) -> dict[str, str]:
-    try:
-        return dict(session.get_modelmeta().custom_metadata_map)
-    except Exception:  # metadata is optional
-        return {}
-
-
-def model_facts(path: str, session: Any, declared: Declared) -> ModelFacts:
-    def tensors(items: list) -> tuple[TensorFacts, ...]:
-        return tuple(TensorFacts(t.name, tuple(t.shape), t.type) for t in items)
-    return ModelFacts(path, tensors(session.get_inputs()), tensors(session.get_outputs()),
-                      _metadata(session), declared)
-
-
 def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
                preprocess: str = "auto") -> LoadedModel:
-    """Create the session, recognize the model's family (heads/), check its outputs on a
-    probe run and warm it up; ModelError for anything it cannot serve.
+    """Open the model with its backend, recognize its family (heads/), compile it for its
+    batch sizes, check its outputs on a probe run and warm it up; ModelError for anything
+    it cannot serve, BackendUnavailable for a runtime or precision this machine lacks.
 
     max_batch None means the device's default (1 on CPU, 16 on CUDA), capped by the
     model's static batch dimension. Batches run padded to a few sizes (`batch_sizes_for`:
-    1, 2, 4, ... and max_batch); warm-up runs each of them once (cuDNN's algorithm search
-    runs per shape). preprocess: "auto" (graph on CUDA, the C kernel on CPU), "cpu" or
-    "graph" (see device_path); in graph mode the warm-up goes through the device path.
+    1, 2, 4, ... and max_batch); warm-up runs each of them once on every stream (cuDNN's
+    algorithm search runs per shape). preprocess: "auto" (graph on CUDA, the C kernel on
+    CPU), "cpu" or "graph" (see device_path; ONNX Runtime backends only); in graph mode
+    the warm-up goes through the device path.
     """
     try:
         mode = resolve_preprocess(preprocess, device)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    if mode == "graph" and spec.backend == "openvino":
+        raise BackendUnavailable("--preprocess graph runs on ONNX Runtime backends, not openvino")
     if not os.path.isfile(spec.path):
         raise ModelError(f"model file {spec.path} does not exist")
-    ort = import_onnxruntime()
-    try:
-        session = create_session(spec.path, device, ort, spec.intra_op_threads)
-    except Exception as exc:
-        if type(exc).__name__ == "RuntimeUnavailable":
-            raise
-        raise ModelError(f"cannot load {spec.path}: {first_line(exc)}") from None
-    facts = model_facts(spec.path, session, dataclasses.replace(
-        spec.declared, class_names=spec.class_names, class_names_source=spec.class_names_source))
+    backend = open_backend(spec.backend, spec.path, device, BackendOptions(
+        precision=spec.precision, streams=spec.streams, threads=spec.threads,
+        cache_dir=spec.cache_dir))
+    facts = ModelFacts(spec.path, backend.inputs, backend.outputs, backend.metadata,
+                       dataclasses.replace(spec.declared, class_names=spec.class_names,
+                                           class_names_source=spec.class_names_source))
     family = family_for(facts)
     image = facts.image_input()
     if image.shape[1] not in (3, None) and not isinstance(image.shape[1], str):
@@ -182,30 +184,31 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
         limit = min(limit, batch_dim)
         fixed = batch_dim if batch_dim > 1 else 0
     sizes = batch_sizes_for(limit, fixed)
+    backend.prepare(sizes, width, height)
 
-    model = LoadedModel(spec, session, device, image.name, tuple(t.name for t in facts.outputs),
-                        width, height, limit, tuple(session.get_providers()), family,
-                        fixed_batch=fixed, batch_sizes=sizes, preprocess=mode)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a failed warm-up is our one error line, not ORT's log too
+    model = LoadedModel(spec, backend, device, image.name, tuple(t.name for t in facts.outputs),
+                        width, height, limit, family, fixed_batch=fixed, batch_sizes=sizes,
+                        preprocess=mode)
+    quiet = backend.quiet_options()  # a failed warm-up is our one error line, not the runtime's
     if mode == "graph":
         try:
             model = dataclasses.replace(model, device_path=DevicePath(
-                device, width, height, spec.intra_op_threads, family.preprocess))
+                device, width, height, spec.threads, family.preprocess))
             buffer = model.new_buffer()
             model.device_path.warm_up(model, buffer)
         except Exception as exc:
             raise ModelError(f"{spec.path}: device path setup failed: {first_line(exc)}") from None
     else:
         buffer = model.new_buffer()
-    for b in sizes:  # warm up every batch size it will run; the first run shows the outputs
-        try:
-            outs = model.run_batch(buffer, b, quiet)
-        except Exception as exc:
-            raise ModelError(f"{spec.path}: warm-up inference failed: {first_line(exc)}") from None
-        shapes = [tuple(o.shape) for o in outs]
-        if any(not s or s[0] != b for s in shapes):
-            raise facts.refuse(f"the outputs of a batch of {b} are {shapes}, not batch-first")
-        if model.head is None:
-            model = dataclasses.replace(model, head=family.build([(1, *s[1:]) for s in shapes]))
+    for b in sizes:  # warm up every batch size on every stream; the first run shows the outputs
+        for stream in range(backend.streams):
+            try:
+                outs = model.run_batch(buffer, b, stream, quiet)
+            except Exception as exc:
+                raise ModelError(f"{spec.path}: warm-up inference failed: {first_line(exc)}") from None
+            shapes = [tuple(o.shape) for o in outs]
+            if any(not s or s[0] != b for s in shapes):
+                raise facts.refuse(f"the outputs of a batch of {b} are {shapes}, not batch-first")
+            if model.head is None:
+                model = dataclasses.replace(model, head=family.build([(1, *s[1:]) for s in shapes]))
     return model

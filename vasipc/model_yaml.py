@@ -7,7 +7,8 @@ The one place that reads `model.yaml` (the original onboarding format, docs/cont
 against the weights every time the source is read), `source` (informational: where
 `vasipc register` got the model), and for models without Ultralytics metadata
 `architecture`, `task`, `preprocess`, `keypoint_names`, `skeleton`
-(docs/contract.md 6). Every problem is one
+(docs/contract.md 6), and how to serve it: `backend`, `precision` (under the command
+line's `--backend`, `--precision`). Every problem is one
 `ModelSourceError` line naming the file and the key; what can only be checked against the
 loaded model (the class count, `expected_resolution` against the input size) is checked by
 `model.load_model`, from the `ModelSpec` that `model_spec` builds.
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vasipc.backends.base import BACKENDS, PRECISIONS
 from vasipc.heads import ARCHITECTURES, TASKS, Declared
 from vasipc.model import ModelSpec
 from vasipc.preprocess import KEYS
@@ -35,7 +37,8 @@ SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 KNOWN_KEYS = frozenset({
     "model_id", "model_name", "model_version", "model_weights", "weights_sha256", "confidence_threshold",
     "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements",
-    "architecture", "task", "preprocess", "keypoint_names", "skeleton", "source"})
+    "architecture", "task", "preprocess", "keypoint_names", "skeleton", "source",
+    "backend", "precision"})
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -58,6 +61,8 @@ class ModelSource:
     cpu_fallback_allowed: bool = True
     expected_resolution: tuple[int, int] | None = None  # (width, height): must be the model's
     ignored_keys: tuple[str, ...] = ()  # model.yaml keys this format does not have (typos?)
+    backend: str | None = None    # the runtime to serve with (the CLI's --backend wins)
+    precision: str | None = None  # the precision to serve at (the CLI's --precision wins)
     declared: Declared = field(default_factory=Declared)  # architecture, task, preprocess, keypoints
 
 
@@ -324,6 +329,8 @@ def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
         expected_resolution=_resolution(doc, where),
         ignored_keys=tuple(sorted(str(k) for k in doc if k not in KNOWN_KEYS)),
         declared=_declared(doc, where),
+        backend=_choice(doc, "backend", BACKENDS, where),
+        precision=_choice(doc, "precision", PRECISIONS, where),
     )
 
 
@@ -357,7 +364,9 @@ def model_id_for(source: ModelSource, given: str | None = None) -> str:
 def model_spec(source: ModelSource, device: Device, model_id: str, *,
                device_arg: str | None = None, labels: str | None = None,
                conf: float | None = None, iou: float | None = None,
-               max_detections: int | None = None, threads: int | None = None) -> ModelSpec:
+               max_detections: int | None = None, threads: int | None = None,
+               backend: str = "onnxruntime", precision: str | None = None,
+               streams: int | None = None, cache_dir: str | None = None) -> ModelSpec:
     """What to load: the command line's values (None: not given) over model.yaml's over
     ModelSpec's defaults (docs/contract.md 8). The server and `vasipc check` both build it here.
 
@@ -376,12 +385,14 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
     names = read_labels(names_file, what) if names_file else None
     given = {"confidence_threshold": conf if conf is not None else source.confidence_threshold,
              "nms_iou_threshold": iou if iou is not None else source.nms_iou_threshold,
-             "max_detections": max_detections, "intra_op_threads": threads}
+             "max_detections": max_detections, "threads": threads, "streams": streams,
+             "precision": precision if precision is not None else source.precision,
+             "cache_dir": cache_dir}
     return ModelSpec(
         path=source.weights, model_id=model_id, model_name=source.model_name,
         model_version=source.model_version, class_names=names,
         class_names_source=f"{what} {names_file}" if names is not None else None,
         expected_resolution=source.expected_resolution,
-        declared=source.declared,
+        declared=source.declared, backend=backend,
         **{k: v for k, v in given.items() if v is not None},  # the rest: ModelSpec's defaults
     )

@@ -64,6 +64,16 @@ def _device(text: str) -> str:
     return text
 
 
+def _choice(what: str, choices: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {text!r} (choose from {', '.join(choices)})")
+        return text
+    parse.__name__ = what
+    return parse
+
+
 def _preprocess(text: str) -> str:
     from vasipc.device_path import PREPROCESS_MODES
     if text not in PREPROCESS_MODES:
@@ -77,6 +87,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vasipc.backends.base import BACKENDS, PRECISIONS
+
     env = os.environ
     p = _Parser(prog=PROG, usage=USAGE, description="Serve a YOLO-style ONNX detector on a Unix socket.")
 
@@ -108,8 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--drain-timeout", type=_ranged(float, 0), help="seconds (default 10)")
     opt("--max-frame-dim", type=_ranged(int, 1), help="default 8192")
     opt("--max-batch", type=_ranged(int, 1), help="default 1 on CPU, 16 on CUDA")
+    opt("--backend", type=_choice("backend", BACKENDS),
+        help="the runtime: auto (default: onnxruntime; openvino for bf16 and int8 on CPU, "
+             "tensorrt for fp16 on a GPU), onnxruntime, openvino or tensorrt")
+    opt("--precision", type=_choice("precision", PRECISIONS),
+        help="auto (default: the model's own, int8 for a quantized model, else fp32; fp16 on "
+             "tensorrt), fp32, fp16, bf16 (openvino, CPUs with BF16) or int8 (a model made "
+             "by vasipc quantize)")
+    opt("--streams", type=_ranged(int, 1),
+        help="inference runs in flight at once (default: the backend's choice for the device; "
+             "1 gives one run all the threads, the lowest latency at concurrency 1)")
     opt("--threads", type=_ranged(int, 1),
-        help="ONNX Runtime intra-op threads (default: the CPUs this process may use)")
+        help="inference threads in all, split between the streams (default: the CPUs this "
+             "process may use)")
+    opt("--cache-dir", metavar="DIR",
+        help="compiled engines (tensorrt; default $XDG_CACHE_HOME/vasipc/tensorrt)")
     opt("--preprocess-threads", type=_ranged(int, 1),
         help="threads letterboxing one frame (default 1; used where the kernel supports it)")
     opt("--preprocess", metavar="{auto,cpu,graph}", type=_preprocess,
@@ -177,6 +202,7 @@ class ModelLoader:
         self.source = None  # the source of the model being served (what --watch follows)
 
     def __call__(self, source=None):
+        from vasipc.backends import choose_backend
         from vasipc.model import load_model
         from vasipc.model_yaml import model_spec
 
@@ -187,9 +213,14 @@ class ModelLoader:
             if model_id != self.model_id:
                 raise CliError(f"the model id changed from {self.model_id} to {model_id}; "
                                "a reload cannot change it (the socket is named after it)")
+        precision = args.precision or source.precision or "auto"
+        backend = choose_backend(args.backend or source.backend or "auto", self.device,
+                                 precision, args.preprocess or "auto")
         spec = model_spec(source, self.device, self.model_id, device_arg=args.device,
                           labels=args.labels, conf=args.conf, iou=args.iou,
-                          max_detections=args.max_detections, threads=args.threads)
+                          max_detections=args.max_detections, threads=args.threads,
+                          backend=backend, precision=precision, streams=args.streams,
+                          cache_dir=args.cache_dir)
         model = load_model(spec, self.device, args.max_batch, args.preprocess or "auto")
         self.source = source
         return model
@@ -246,11 +277,12 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"{args.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
+    from vasipc.backends import select_device
     from vasipc.listener import StartupError, check_socket_path, default_socket_path
     from vasipc.model import ModelError
     from vasipc.model_yaml import ModelSourceError
     from vasipc.reload import Reloader, file_signature
-    from vasipc.runtime import RuntimeUnavailable, import_onnxruntime, resolve_device
+    from vasipc.runtime import RuntimeUnavailable
 
     try:
         source = _resolve_source(args)
@@ -262,8 +294,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         for r in roots:
             if not os.path.isdir(r):
                 raise CliError(f"--frame-root {r} is not a directory")
-        ort = import_onnxruntime()
-        device, warning = resolve_device(args.device or "auto", ort)
+        device, warning = select_device(args.backend or source.backend or "auto",
+                                        args.device or "auto")
         load = ModelLoader(args, model_id, device)
         load.source = source  # watched from before the load: a change during it is seen
         watched = file_signature(load.watched_files()) if args.watch else None
@@ -305,10 +337,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         log.warning("model.yaml keys not in the onboarding format, ignored: %s",
                     ", ".join(source.ignored_keys))
     log.info("serving model %s (%s, version %s) on %s: input %dx%d, %d classes, device %s, "
-             "providers %s, max batch %d (runs at %s), preprocess %s, batch timeout %d us, "
-             "frame roots %s, metrics %s",
+             "backend %s %s, precision %s, %d stream(s), providers %s, max batch %d (runs at "
+             "%s), preprocess %s, batch timeout %d us, frame roots %s, metrics %s",
              model_id, spec.model_name, spec.model_version, socket_path, model.input_width,
-             model.input_height, model.num_classes, device.name, ",".join(model.providers),
+             model.input_height, model.num_classes, device.name, model.backend.name,
+             model.backend.version, model.backend.precision, model.streams,
+             ",".join(model.providers),
              model.max_batch, "/".join(map(str, model.batch_sizes)),
              model.preprocess + (f" (staging {model.device_path.staging_kind})"
                                  if model.device_path is not None else ""),
@@ -316,6 +350,8 @@ def run(argv: Sequence[str] | None = None) -> int:
              metrics.url() if metrics is not None else "off",
              extra={"model_id": model_id, "model_version": spec.model_version,  # json fields
                     "providers": list(model.providers), "device": device.name,
+                    "backend": model.backend.name, "precision": model.backend.precision,
+                    "streams": model.streams,
                     "socket": socket_path, "max_batch": model.max_batch})
     reloader = Reloader(load, server, trigger=hup, initial=watched,
                         watched=load.watched_files if args.watch else None,

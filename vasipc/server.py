@@ -352,7 +352,7 @@ class Server:
             "model_id": self.model_id, "model_name": m.spec.model_name,
             "model_version": m.spec.model_version, **m.head.info(),
             "input": {"width": m.input_width, "height": m.input_height},
-            "classes": list(m.class_names), "providers": list(m.providers),
-            "max_batch_size": m.max_batch, "socket": self.config.socket_path,
-            "device": m.device.name, "preprocess": m.preprocess,
+            "classes": list(m.class_names), "max_batch_size": m.max_batch,
+            "socket": self.config.socket_path, "preprocess": m.preprocess,
+            **m.backend.describe(),  # backend, runtime_version, device, precision, streams, providers
         }
