@@ -27,6 +27,23 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    not _has_openvino(), reason="openvino is not installed (extra `openvino`)"))])
+def every_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per backend: servers started by it get `VASIPC_BACKEND` (the
+    lifecycle and batching guarantees hold on every runtime)."""
+    monkeypatch.setenv("VASIPC_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture
 def child_env() -> dict[str, str]:
     """The environment for `python -m vasipc...` children: this checkout on the path."""

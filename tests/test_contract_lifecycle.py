@@ -15,6 +15,8 @@ import wire
 
 from vasipc import frames
 
+pytestmark = pytest.mark.usefixtures("every_backend")  # each test on every runtime
+
 MODEL_ID = "nudenet-320n"
 
 

@@ -124,5 +124,5 @@ def test_classifier_top5_is_ultralytics_on_a_2x_frame(astronaut_rgb: np.ndarray)
     _, placement = pre.placement(448, 448, 224, 224)
     letterbox_into(frame, RGB24, 448, 448, 3 * 448, x[0], *placement,
                    antialias=pre.filter == "antialias")
-    probs = model.session.run(None, {model.input_name: x})[0][0]
+    probs = model.run_batch(x, 1)[0][0]
     assert np.argsort(-probs, kind="stable")[:5].tolist() == [723, 980, 437, 15, 955]
