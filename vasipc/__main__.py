@@ -2,7 +2,9 @@
 
 Commands: `check DIR` validates a model without serving it (vasipc.check); `register SRC
 --models-root ROOT` checks one and installs it as the next version (vasipc.register);
-`serve ...` runs the server (vasipc.serve, the same as `python -m vasipc.serve`).
+`quantize MODEL_DIR --calibration FRAMES_DIR` installs an INT8 version of one
+(vasipc.quantize); `serve ...` runs the server (vasipc.serve, the same as `python -m
+vasipc.serve`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = {"check": "vasipc.check", "register": "vasipc.register", "serve": "vasipc.serve"}
-USAGE = ("usage: vasipc {check,register,serve} ...  (vasipc check DIR --help, "
-         "vasipc register --help, vasipc serve --help)")
+COMMANDS = {"check": "vasipc.check", "quantize": "vasipc.quantize", "register": "vasipc.register",
+            "serve": "vasipc.serve"}
+USAGE = ("usage: vasipc {check,quantize,register,serve} ...  (vasipc check DIR --help, "
+         "vasipc quantize --help, vasipc register --help, vasipc serve --help)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,8 +5,9 @@ The one place that reads `model.yaml` (the original onboarding format, docs/cont
 `nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file`,
 `resource_requirements.gpu_required` / `cpu_fallback_allowed`, `weights_sha256` (checked
 against the weights every time the source is read), `source` (informational: where
-`vasipc register` got the model), and for models without Ultralytics metadata
-`architecture`, `task`, `preprocess`, `keypoint_names`, `skeleton`
+`vasipc register` got the model, or the version `vasipc quantize` quantized),
+`quantization_report` (informational: `vasipc quantize`'s agreement figures), and for
+models without Ultralytics metadata `architecture`, `task`, `preprocess`, `keypoint_names`, `skeleton`
 (docs/contract.md 6), and how to serve it: `backend`, `precision` (under the command
 line's `--backend`, `--precision`). Every problem is one
 `ModelSourceError` line naming the file and the key; what can only be checked against the
@@ -38,7 +39,7 @@ KNOWN_KEYS = frozenset({
     "model_id", "model_name", "model_version", "model_weights", "weights_sha256", "confidence_threshold",
     "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements",
     "architecture", "task", "preprocess", "keypoint_names", "skeleton", "source",
-    "backend", "precision"})
+    "backend", "precision", "quantization_report"})
 HASH_CHUNK_BYTES = 1 << 20
 
 
