@@ -26,6 +26,7 @@ import wire
 from vasipc import frames
 from vasipc._fast.decode import Decoded, DecodeLayout, decode_detections
 from vasipc._fast.frameview import FrameView
+from vasipc.backends.base import SOLO
 from vasipc.batcher import MIN_WORKERS, Batcher, Pending
 from vasipc.errors import Overloaded
 from vasipc.frame_source import FrameOpener, FrameRoots
@@ -168,22 +169,29 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
 
 
 def test_streams_run_batches_at_once(nudenet_model, frame_dirs):
-    """With 2 streams: two batches run at the same time, each on its own stream, a third
-    waits prepared for a free one; every answer is the single-stream answer."""
+    """With 2 streams: a batch alone runs SOLO (every thread); batches that come while it
+    runs take the streams beside it, so three run at once; every answer is the
+    single-stream answer."""
     root, paths = frame_dirs
     spec = ModelSpec(path=nudenet_model, model_id=MODEL_ID, model_name="n", model_version="1",
                      threads=2, streams=2)
     model, sess = gated(load_model(spec, Device("cpu"), 1))
-    assert model.streams == 2
-    sess.gate.clear()
+    assert model.streams == 2 and model.backend.solo
     b, _ = make_batcher(model, root)
-    assert len(b._threads) == 3  # two running, one filling
+    assert len(b._threads) == 3  # one per stream, one more to fill
+    first = pending(paths[0])
+    b.submit(first)
+    assert first.wait(30) and sess.streams_used == [SOLO]  # alone: solo
+    assert sess.started.acquire(timeout=10)  # (its start)
+    sess.gate.clear()
     ps = [pending(paths[i]) for i in range(4)]
-    for p in ps:
+    b.submit(ps[0])
+    assert sess.started.acquire(timeout=10)  # ps[0] runs solo (held by the gate)
+    for p in ps[1:]:
         b.submit(p)
-    assert sess.started.acquire(timeout=10) and sess.started.acquire(timeout=10)  # both in flight
-    wait_for(lambda: b._ahead == 3 and b.queued() == 1)  # the third prepared, the fourth queued
-    assert sorted(sess.streams_used) == [0, 1]
+    assert sess.started.acquire(timeout=10) and sess.started.acquire(timeout=10)
+    wait_for(lambda: b.queued() == 1)  # three workers run; the fourth request waits
+    assert sorted(sess.streams_used) == [SOLO, SOLO, 0, 1]
     sess.gate.set()
     single, _ = make_batcher(load_model(dataclasses.replace(spec, streams=1), Device("cpu"), 1), root)
     want = [pending(paths[i]) for i in range(4)]
@@ -192,7 +200,6 @@ def test_streams_run_batches_at_once(nudenet_model, frame_dirs):
     for p, q in zip(ps, want, strict=True):
         assert p.wait(30) and q.wait(30)
         assert p.response[0]["detections"] == q.response[0]["detections"]
-    assert set(sess.streams_used) == {0, 1} and len(sess.streams_used) == 4
     b.stop()
     single.stop()
 

@@ -14,7 +14,9 @@ replaced). A worker loops:
    a busy device wait a little longer for company;
 3. it gives up the fill role (another worker may start filling the next batch), waits
    for a free stream of its model, runs the batch on it, frees it, then decodes and
-   answers each request of its batch itself, while other batches run.
+   answers each request of its batch itself, while other batches run. A batch alone
+   (nothing else running, prepared, filling or queued) runs on the backend's SOLO layout
+   where it has one: every thread on one run, the lowest latency at low load.
 
 So at concurrency 1 a request is handed over once (submitting thread -> a worker) and is
 prepared, run and answered on that worker's thread; under load, batch k+1 is opened and
@@ -61,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from vasipc._fast.letterbox import FrameBusError
+from vasipc.backends.base import SOLO
 from vasipc.device_path import DeviceSlot
 from vasipc.errors import (
     DeadlineExceeded,
@@ -349,7 +352,13 @@ class Batcher:
         batch.items.append((p, geom, frame_id, (_now() - t0) * 1e3))
 
     def _take_stream(self, model: LoadedModel) -> int | None:
-        """Under the lock: a free stream of `model`, marked busy, or None."""
+        """Under the lock: a free stream of `model`, marked busy, or None. SOLO (every
+        thread on one run) when the batch is alone: nothing running, prepared, being
+        filled or queued; what comes while it runs takes a stream beside it."""
+        if model.backend.solo and not self._busy and self._ahead == 1 and not self._queue \
+                and not self._filling:
+            self._busy[id(model)] = {SOLO}
+            return SOLO
         busy = self._busy.setdefault(id(model), set())
         for stream in range(model.streams):
             if stream not in busy:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vasipc.backends import Backend, BackendOptions, BackendUnavailable, open_backend
+from vasipc.backends.base import SOLO
 from vasipc.device_path import DevicePath, resolve_preprocess
 from vasipc.errors import ModelError, first_line
 from vasipc.heads import Declared, Family, Head, ModelFacts, family_for
@@ -200,8 +201,9 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
             raise ModelError(f"{spec.path}: device path setup failed: {first_line(exc)}") from None
     else:
         buffer = model.new_buffer()
+    streams = [*range(backend.streams), *([SOLO] if backend.solo else [])]
     for b in sizes:  # warm up every batch size on every stream; the first run shows the outputs
-        for stream in range(backend.streams):
+        for stream in streams:
             try:
                 outs = model.run_batch(buffer, b, stream, quiet)
             except Exception as exc:

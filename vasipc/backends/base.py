@@ -3,10 +3,15 @@
 A backend opens one ONNX file for a device, says what the model's tensors are, compiles it
 for the padded batch sizes the batcher runs (`prepare`) and then runs batches on any of
 its `streams` at once: `run(feeds, size, stream)` with host numpy inputs, returning host
-outputs the caller owns. One module per runtime (`onnxruntime`, `openvino`, `tensorrt`);
-the batcher and the heads know none of them. Every problem a machine or a model causes
-at open or prepare is a `BackendUnavailable` (the runtime, device or precision cannot
-serve here) or a `ModelError` (the runtime refuses this file): one line, exit code 2.
+outputs the caller owns. On a CPU the streams split the threads between them, which pays
+under load and doubles the time of a run alone; so a backend with several streams also
+has a SOLO layout, one run with every thread, that the batcher uses when nothing else is
+running or waiting (bench/RESULTS.md, "backends": concurrency 1 at the latency of one
+full-width run, concurrency 4 at the streams' throughput). One module per runtime
+(`onnxruntime`, `openvino`, `tensorrt`); the batcher and the heads know none of them.
+Every problem a machine or a model causes at open or prepare is a `BackendUnavailable`
+(the runtime, device or precision cannot serve here) or a `ModelError` (the runtime
+refuses this file): one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if TYPE_CHECKING:  # kept light: the command line imports BACKENDS and PRECISION
     from vasipc.heads import TensorFacts
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+SOLO = -1  # the stream index of the solo layout: one run with every thread (Backend.solo)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 
 
@@ -48,6 +54,7 @@ class Backend(ABC):
     device: Device
     precision: str            # resolved: "fp32", "fp16", "bf16" or "int8"
     streams: int              # runs that may be in flight at once
+    solo: bool = False        # has a SOLO layout: a run alone on the device gets every thread
     inputs: tuple[TensorFacts, ...]
     outputs: tuple[TensorFacts, ...]
     metadata: dict[str, str]  # the ONNX file's metadata_props (set by open_backend)
@@ -60,7 +67,8 @@ class Backend(ABC):
     def run(self, feeds: dict[str, np.ndarray], size: int, stream: int,
             options: Any = None) -> list[np.ndarray]:
         """Every output for these inputs (batch `size`), in `outputs` order, as host
-        arrays the caller may keep. `options`: runtime-specific (quiet warm-up runs)."""
+        arrays the caller may keep. `stream`: 0..streams-1, or SOLO where `solo` is set.
+        `options`: runtime-specific (quiet warm-up runs)."""
 
     @abstractmethod
     def quiet_options(self) -> Any:

@@ -4,8 +4,10 @@ The model is read once and compiled per padded batch size, each with the image i
 reshaped to its static [size, 3, H, W] (OpenVINO's CPU plugin runs static shapes fastest)
 and the THROUGHPUT hint: the plugin splits the usable CPUs into streams, and the backend
 keeps one infer request per stream, `OPTIMAL_NUMBER_OF_INFER_REQUESTS` of them unless
-`--streams` says how many (bench/RESULTS.md, "runtimes in-process"). A synchronous
-`infer` on a request releases the GIL, so the batcher's workers run them concurrently.
+`--streams` says how many (bench/RESULTS.md, "runtimes in-process"). With several
+streams each size is compiled once more with the LATENCY hint, one stream with every
+thread: the SOLO layout for a run alone. A synchronous `infer` on a request releases the
+GIL, so the batcher's workers run them concurrently.
 
 Precision: `INFERENCE_PRECISION_HINT`. auto is the model's own: fp32 for a float file
 (within 1e-4 of ONNX Runtime), int8 for a quantized (QDQ) one, its float parts at fp32.
@@ -89,8 +91,7 @@ class OpenVinoBackend(Backend):
         self.inputs = _facts(self.model.inputs)
         self.outputs = _facts(self.model.outputs)
         self.streams = options.streams  # 0 until prepare() asks the plugin
-        self._compiled: dict[int, Any] = {}
-        self._requests: dict[int, list[Any]] = {}
+        self._requests: dict[int, list[Any]] = {}  # size -> one per stream (+ SOLO's)
 
     def _capabilities(self) -> list[str]:
         return list(self.core.get_property(self.ov_device, "OPTIMIZATION_CAPABILITIES"))
@@ -112,13 +113,20 @@ class OpenVinoBackend(Backend):
                                      f"{asked} (OpenVINO lists {', '.join(caps)})")
         return asked
 
-    def _config(self) -> dict[str, Any]:
-        config = {"PERFORMANCE_HINT": "THROUGHPUT",
+    def _config(self, hint: str = "THROUGHPUT") -> dict[str, Any]:
+        config = {"PERFORMANCE_HINT": hint,
                   "INFERENCE_NUM_THREADS": self.options.threads or usable_cpus(),
                   "INFERENCE_PRECISION_HINT": _HINTS.get(self.precision, "f32")}
-        if self.streams:
+        if self.streams and hint == "THROUGHPUT":
             config["NUM_STREAMS"] = self.streams
         return config
+
+    def _compile(self, model: Any, size: int, hint: str) -> Any:
+        try:
+            return self.core.compile_model(model, self.ov_device, self._config(hint))
+        except Exception as exc:
+            raise ModelError(f"{self.path}: OpenVINO cannot compile it for batch {size}: "
+                             f"{first_line(exc)}") from None
 
     def prepare(self, batch_sizes: tuple[int, ...], width: int, height: int) -> None:
         image = next(t.name for t in self.inputs if len(t.shape) == 4)
@@ -134,14 +142,17 @@ class OpenVinoBackend(Backend):
                 shapes[port.any_name] = dims
             try:
                 model.reshape(shapes)
-                compiled = self.core.compile_model(model, self.ov_device, self._config())
             except Exception as exc:
-                raise ModelError(f"{self.path}: OpenVINO cannot compile it for batch {size}: "
+                raise ModelError(f"{self.path}: OpenVINO cannot reshape it to batch {size}: "
                                  f"{first_line(exc)}") from None
+            compiled = self._compile(model, size, "THROUGHPUT")
             if not self.streams:
                 self.streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            self._compiled[size] = compiled
-            self._requests[size] = [compiled.create_infer_request() for _ in range(self.streams)]
+            self.solo = self.streams > 1
+            requests = [compiled.create_infer_request() for _ in range(self.streams)]
+            if self.solo:
+                requests.append(self._compile(model, size, "LATENCY").create_infer_request())
+            self._requests[size] = requests  # the SOLO request last: index -1
 
     def run(self, feeds: dict[str, np.ndarray], size: int, stream: int,
             options: Any = None) -> list[np.ndarray]:
