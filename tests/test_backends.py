@@ -28,7 +28,7 @@ from vasipc.backends import BackendUnavailable, choose_backend, select_device
 from vasipc.backends.onnxruntime import auto_streams
 from vasipc.backends.tensorrt import cache_key, profile_shapes, provider_options
 from vasipc.onnx_file import OnnxFileError, read_summary
-from vasipc.runtime import Device, usable_cpus
+from vasipc.runtime import Device, RuntimeUnavailable, usable_cpus
 
 ZOO = REPO_ROOT.parent / "shared" / "models" / "zoo"
 ZOO_MODELS = ["yolo11n-320-detect", "yolo11n-320-nms", "yolo26n-320-end2end", "yolo11n-320-seg",
@@ -109,6 +109,8 @@ def test_auto_takes_openvino_for_bf16_and_int8() -> None:
 def test_devices_a_backend_cannot_use_are_refused() -> None:
     with pytest.raises(BackendUnavailable, match="openvino serves on cpu"):
         select_device("openvino", "cuda:0")
+    with pytest.raises(RuntimeUnavailable, match="Intel GPU"):
+        select_device("onnxruntime", "gpu")
     assert select_device("openvino", "auto") == (CPU, None)
     with pytest.raises(BackendUnavailable, match="invalid backend"):
         select_device("tflite", "cpu")
@@ -153,6 +155,8 @@ def test_tensorrt_profiles_one_per_padded_batch_size() -> None:
     (["--precision", "int8"], "not quantized"),
     (["--backend", "openvino", "--precision", "int8"], "not quantized"),
     (["--backend", "tensorrt"], "tensorrt"),
+    (["--device", "gpu"], "needs --backend openvino"),
+    (["--backend", "openvino", "--device", "gpu:1"], "no Intel GPU 1"),
 ])
 def test_a_backend_or_precision_this_machine_cannot_run_is_exit_2(
         nudenet_model: str, tmp_path: Path, args: list[str], needle: str) -> None:

@@ -467,7 +467,8 @@ def _thread_count(pid: int) -> int:
 
 def test_threads_sets_the_onnx_runtime_pool(server_factory):
     """--threads N gives ONNX Runtime N intra-op threads (N-1 pool threads beside the
-    caller); its own default would count the machine's cores, not the usable ones."""
-    one = server_factory("--threads", "1")
-    four = server_factory("--threads", "4")
+    caller) on one stream; its own default would count the machine's cores, not the
+    usable ones."""
+    one = server_factory("--threads", "1", "--streams", "1", "--backend", "onnxruntime")
+    four = server_factory("--threads", "4", "--streams", "1", "--backend", "onnxruntime")
     assert _thread_count(four.pid) - _thread_count(one.pid) == 3

@@ -13,29 +13,33 @@ class RuntimeUnavailable(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """Where the session runs: kind 'cpu' or 'cuda', and the CUDA device index."""
+    """Where the model runs: kind 'cpu', 'cuda' (NVIDIA, through ONNX Runtime) or 'gpu'
+    (Intel, through OpenVINO), and the device index."""
 
     kind: str
     index: int = 0
 
     @property
     def name(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+        return "cpu" if self.kind == "cpu" else f"{self.kind}:{self.index}"
 
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|gpu)(?::(\d+))?$")
 
 
 def parse_device(text: str) -> tuple[str, int]:
     m = _DEVICE_RE.match(text)
-    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
-        raise ValueError(f"invalid device {text!r}: expected auto, cpu, cuda or cuda:N")
+    if not m or (m.group(2) is not None and m.group(1) not in ("cuda", "gpu")):
+        raise ValueError(f"invalid device {text!r}: expected auto, cpu, cuda[:N] or gpu[:N] "
+                         "(an Intel GPU, with --backend openvino)")
     return m.group(1), int(m.group(2) or 0)
 
 
 def resolve_device(text: str, has_cuda: bool) -> tuple[Device, str | None]:
     """(device, warning) for `--device`; raises RuntimeUnavailable for cuda without a GPU."""
     kind, index = parse_device(text)
+    if kind == "gpu":
+        raise RuntimeUnavailable(f"--device {text} is an Intel GPU: it needs --backend openvino")
     if kind == "cpu":
         return Device("cpu"), None
     if kind == "cuda":

@@ -34,9 +34,12 @@ def select_device(backend: str, device: str) -> tuple[Device, str | None]:
     if backend not in BACKENDS:
         raise BackendUnavailable(f"invalid backend {backend!r}: expected {', '.join(BACKENDS)}")
     if backend == "openvino":
+        from vasipc.backends.openvino import intel_gpu
+
         if device.startswith("cuda"):
-            raise BackendUnavailable(f"--backend openvino serves on cpu, not --device {device}")
-        return Device("cpu"), None
+            raise BackendUnavailable(f"--backend openvino serves on cpu or an Intel gpu, not "
+                                     f"--device {device}")
+        return (intel_gpu(device), None) if device.startswith("gpu") else (Device("cpu"), None)
     dev, warning = resolve_device(device, cuda_available())
     if backend == "tensorrt" and dev.kind != "cuda":
         raise BackendUnavailable("--backend tensorrt needs a CUDA GPU (onnxruntime lists no "

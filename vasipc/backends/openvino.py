@@ -1,4 +1,5 @@
-"""The OpenVINO backend (extra `openvino`): the ONNX file compiled for the CPU.
+"""The OpenVINO backend (extra `openvino`): the ONNX file compiled for the CPU, or for an
+Intel GPU (`--device gpu[:N]`, OpenVINO's `GPU.N`) where OpenVINO lists one.
 
 The model is read once and compiled per padded batch size, each with the image input
 reshaped to its static [size, 3, H, W] (OpenVINO's CPU plugin runs static shapes fastest)
@@ -62,6 +63,18 @@ def core() -> Any:
     return _core
 
 
+def intel_gpu(text: str) -> Device:
+    """`--device gpu[:N]`: Intel GPU N, which OpenVINO must list (else exit 2)."""
+    from vasipc.runtime import parse_device
+
+    _, index = parse_device(text)
+    devices = list(core().available_devices)
+    if f"GPU.{index}" not in devices and not (index == 0 and "GPU" in devices):
+        raise BackendUnavailable(f"--device {text}: OpenVINO lists no Intel GPU {index} "
+                                 f"(devices: {', '.join(devices)})")
+    return Device("gpu", index)
+
+
 def _facts(ports: list) -> tuple[TensorFacts, ...]:
     out = []
     for port in ports:
@@ -73,12 +86,13 @@ def _facts(ports: list) -> tuple[TensorFacts, ...]:
 
 class OpenVinoBackend(Backend):
     name = "openvino"
-    ov_device = "CPU"
 
     def __init__(self, path: str, device: Device, summary: OnnxSummary,
                  options: BackendOptions) -> None:
-        if device.kind != "cpu":
-            raise BackendUnavailable(f"--backend openvino serves on cpu, not {device.name}")
+        if device.kind not in ("cpu", "gpu"):
+            raise BackendUnavailable(f"--backend openvino serves on cpu or an Intel gpu, not "
+                                     f"{device.name}")
+        self.ov_device = "CPU" if device.kind == "cpu" else f"GPU.{device.index}"
         self.core = core()
         self.path = path
         self.device = device
