@@ -37,8 +37,9 @@ import numpy as np
 from _common import BENCH_MODEL, machine, photo, spread
 
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
+from vasipc.backends.onnxruntime import create_session, import_onnxruntime
 from vasipc.frames import rgb_to_nv12
-from vasipc.runtime import Device, create_session, import_onnxruntime, usable_cpus
+from vasipc.runtime import Device, usable_cpus
 
 WIDTH, HEIGHT, SIZE = 1920, 1080, 640
 FP32_TOLERANCE = 1e-4
@@ -109,14 +110,14 @@ def threaded(run: Callable[[int, np.ndarray], object], inputs: list[np.ndarray],
     return Run(len(runs) * inputs[0].shape[0], clock() - t0, runs)
 
 
-def ort_session(ort, threads: int, spinning: bool = True):
+def ort_session(ort, threads: int, spinning: bool = True, path: str = str(BENCH_MODEL)):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(BENCH_MODEL), sess_options=opts,
+    return ort.InferenceSession(path, sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 
 
