@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from vasipc.errors import first_line
 from vasipc.frames import FRAME_META, NV12, crop_even, rgb_to_nv12
 
 PROG = "vasipc quantize"
@@ -52,6 +53,7 @@ RAW_METADATA_SUFFIX = ".json"  # FILE.json beside a raw frame FILE: its frame_me
 DEFAULT_MAX_FRAMES = 100
 MAX_FRAME_DIM = 8192  # the server's --max-frame-dim default
 MATCH_IOU = 0.5
+CALIBRATION_CHUNK = 8  # frames whose activations ONNX Runtime keeps before merging their ranges
 WEIGHTS_NAME = "model.onnx"
 # model.yaml keys the new version writes itself; the source's others are carried over
 _REWRITTEN = frozenset({"model_version", "model_weights", "weights_sha256", "precision", "source",
@@ -149,7 +151,9 @@ def quantize_qdq(src: str, dst: str, feeds: Sequence[dict[str, np.ndarray]],
               # op; quantized conv outputs or SiLUs leave a standalone eltwise and layout
               # reorders after every conv, and cost int8 precision where it buys nothing.
               "op_types_to_quantize": ["Conv"],
-              "extra_options": {"OpTypesToExcludeOutputQuantization": ["Conv"]},
+              "extra_options": {"OpTypesToExcludeOutputQuantization": ["Conv"],
+                                # ranges merged every few frames: memory stays bounded
+                                "CalibMaxIntermediateOutputs": CALIBRATION_CHUNK},
               **options}
     quiet = logging.getLogger()  # its "consider pre-processing" advice goes to the root logger
     level = quiet.level
@@ -237,6 +241,7 @@ def load_frames(frames_dir: str, model: Any, max_frames: int) -> Frames:
     """Up to `max_frames` usable frames of `frames_dir`, each preprocessed by the family's
     `Preprocess.into` into a [3, H, W] slot of `model` (a LoadedModel); unusable ones are
     listed in `skipped`."""
+    from vasipc._fast.letterbox import FrameBusError  # the file truncated while read
     from vasipc.errors import VasipcError
     from vasipc.frame_source import FrameOpener, FrameRoots
     from vasipc.schema import FrameMetadata
@@ -260,8 +265,8 @@ def load_frames(frames_dir: str, model: Any, max_frames: int) -> Frames:
                 geometry = model.family.preprocess.into(frame, slot)
             finally:
                 frame.close()
-        except (VasipcError, OSError, ValueError) as exc:  # a JSON or image error is a ValueError
-            out.skipped.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        except (VasipcError, OSError, ValueError, FrameBusError) as exc:  # JSON: a ValueError
+            out.skipped.append(f"{name}: {first_line(exc)}")
             continue
         out.names.append(name)
         out.inputs.append(slot)
@@ -378,7 +383,10 @@ def quantize(path: str, calibration: str, *, version: str | None = None,
     if source.precision == "int8":
         raise QuantizeError(f"version {source.model_version} ({version_dir}) is already "
                             "quantized (model.yaml precision: int8)")
-    graph = onnx.load(source.weights)
+    try:
+        graph = onnx.load(source.weights)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise QuantizeError(f"cannot read {source.weights} as ONNX: {first_line(exc)}") from None
     if is_quantized(graph):
         raise QuantizeError(f"{source.weights} is already quantized (it has QuantizeLinear / "
                             "DequantizeLinear nodes)")
