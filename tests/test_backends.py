@@ -55,7 +55,8 @@ def test_metadata_is_onnxruntimes(name: str, nudenet_model: str) -> None:
         assert "Conv" in summary.op_types and not summary.quantized
 
 
-def test_quantized_graph_is_recognized(tmp_path: Path) -> None:
+def qdq_model(tmp_path: Path) -> Path:
+    """A tiny quantized graph: QuantizeLinear -> DequantizeLinear, with one metadata key."""
     onnx = pytest.importorskip("onnx")
     h = onnx.helper
     graph = h.make_graph(
@@ -68,7 +69,11 @@ def test_quantized_graph_is_recognized(tmp_path: Path) -> None:
     model = h.make_model(graph)
     model.metadata_props.add(key="task", value="detect")
     onnx.save(model, tmp_path / "q.onnx")
-    summary = read_summary(str(tmp_path / "q.onnx"))
+    return tmp_path / "q.onnx"
+
+
+def test_quantized_graph_is_recognized(tmp_path: Path) -> None:
+    summary = read_summary(str(qdq_model(tmp_path)))
     assert summary.quantized and summary.metadata == {"task": "detect"}
 
 
@@ -100,10 +105,13 @@ def test_auto_keeps_the_models_precision_on_onnxruntime() -> None:
     assert choose_backend("auto", CPU, "bf16", preprocess="graph") == "onnxruntime"
 
 
-def test_auto_takes_openvino_for_bf16_and_int8() -> None:
+def test_auto_takes_openvino_for_bf16_and_int8(tmp_path: Path, nudenet_model: str) -> None:
     pytest.importorskip("openvino")
     assert choose_backend("auto", CPU, "bf16") == "openvino"
     assert choose_backend("auto", CPU, "int8") == "openvino"
+    assert choose_backend("auto", CPU, "auto", weights=nudenet_model) == "onnxruntime"
+    assert choose_backend("auto", CPU, "auto", weights=str(qdq_model(tmp_path))) == "openvino"
+    assert choose_backend("auto", CPU, "fp32", weights=str(qdq_model(tmp_path))) == "onnxruntime"
 
 
 def test_devices_a_backend_cannot_use_are_refused() -> None:

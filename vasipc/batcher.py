@@ -198,6 +198,14 @@ class Batcher:
                 self._idle.pop().notify()
             self._fill.notify_all()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """After `stop`: wait for the workers to end (and let go of their model); whether
+        they all did within `timeout` seconds."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
     def set_model(self, model: LoadedModel) -> None:
         """Serve `model` from the next batch on (a hot reload: batches in flight finish on
         the one they started with); idle workers wake to let go of the old one."""

@@ -134,6 +134,9 @@ def run_synthetic(model: Any, runs: int = RUNS) -> tuple[list[dict[str, float]],
                 detections = len(result.get("classifications", result["detections"]))
         finally:
             batcher.stop()
+            # the workers let go of the model before the process ends: a runtime torn down
+            # at interpreter exit under a live thread's model aborts (OpenVINO does)
+            batcher.join(ANSWER_TIMEOUT_S)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return timings, detections
@@ -156,7 +159,8 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
     precision = precision or source.precision or "auto"
     dev, device_note = select_device(backend, device)
     spec = my.model_spec(source, dev, model_id, device_arg=device, labels=labels,
-                         backend=choose_backend(backend, dev, precision), precision=precision)
+                         backend=choose_backend(backend, dev, precision, weights=source.weights),
+                         precision=precision)
     t0 = time.perf_counter()
     model = load_model(spec, dev, None)  # max batch: the device's default, as the server's
     load_ms = (time.perf_counter() - t0) * 1e3

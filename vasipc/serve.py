@@ -215,7 +215,7 @@ class ModelLoader:
                                "a reload cannot change it (the socket is named after it)")
         precision = args.precision or source.precision or "auto"
         backend = choose_backend(args.backend or source.backend or "auto", self.device,
-                                 precision, args.preprocess or "auto")
+                                 precision, args.preprocess or "auto", source.weights)
         spec = model_spec(source, self.device, self.model_id, device_arg=args.device,
                           labels=args.labels, conf=args.conf, iou=args.iou,
                           max_detections=args.max_detections, threads=args.threads,

@@ -1,9 +1,10 @@
 """Installs a new numeric version directory of a model (`ROOT/ID/<n>/`) atomically.
 
 The one place that adds versions (`vasipc register`, `vasipc quantize`): the files and a
-`model.yaml` are written into a temporary directory inside the model's directory (a dot
-name, which `model_yaml.version_dirs` and so the server and its `--watch` ignore), flushed
-to disk and renamed into place, so a server never sees a half-written version. The number
+`model.yaml` are written into a temporary directory beside the model's directory (a dot
+name in ROOT, the same filesystem; inside ROOT/ID its creation would already touch what
+a `--watch` server polls), flushed to disk and renamed into place, so a server never sees
+a half-written version and reloads once. The number
 is the highest version + 1; if another process renamed its own directory onto that number
 meanwhile (a rename onto a non-empty directory fails), the next free one is taken.
 """
@@ -62,7 +63,8 @@ def install_version(model_dir: str, files: dict[str, str], doc: dict) -> str:
         if name == "model.yaml" or os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"install_version: {name!r} is not a plain file name other than model.yaml")
     os.makedirs(model_dir, exist_ok=True)
-    temp = os.path.join(model_dir, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+    parent, name = os.path.split(os.path.abspath(model_dir))
+    temp = os.path.join(parent, f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex}")
     os.mkdir(temp)  # mode 0777 less the umask, as the version directory should end up
     try:
         version = _next_version(model_dir, 0)

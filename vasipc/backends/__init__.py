@@ -2,12 +2,13 @@
 
 `select_device` resolves `--device` once, at start; `choose_backend` picks the runtime
 for each load (a new version's model.yaml may ask for another precision). auto picks by
-measurement (bench/RESULTS.md, "runtimes in-process" and "backends"): at the model's own
-precision ONNX Runtime, whose CPU streams match or beat OpenVINO fp32 and whose CUDA
-provider serves GPUs; OpenVINO (extra `openvino`) when bf16 is asked, which only it runs on
-a CPU (1.75-1.9x fp32), or int8, where it is the faster of the two; TensorRT for fp16 on
-a GPU. So installing a runtime never changes the answers of a server that was not told
-to trade precision for speed.
+measurement (bench/RESULTS.md, "runtimes in-process", "backends" and "INT8
+quantization"): at the model's own float precision ONNX Runtime, whose CPU streams match
+or beat OpenVINO fp32 and whose CUDA provider serves GPUs; OpenVINO (extra `openvino`)
+when bf16 is asked, which only it runs on a CPU (1.75-1.9x fp32), or for int8 (asked, or
+a quantized file), which it runs 2.4-2.6x today's float server where ONNX Runtime's CPU
+kernels run the same file at 0.73x; TensorRT for fp16 on a GPU. So installing a runtime
+never changes the answers of a server that was not told to trade precision for speed.
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ def select_device(backend: str, device: str) -> tuple[Device, str | None]:
 
 
 def choose_backend(backend: str, device: Device, precision: str = "auto",
-                   preprocess: str = "auto") -> str:
+                   preprocess: str = "auto", weights: str | None = None) -> str:
     """The runtime to serve with: `backend` unless it is auto (see the module doc); auto
-    takes ONNX Runtime for `--preprocess graph` (an ONNX Runtime graph bound to the run)."""
+    takes ONNX Runtime for `--preprocess graph` (an ONNX Runtime graph bound to the run).
+    `weights`, when given, is read for quantization: auto precision on a quantized file
+    is int8."""
     from vasipc.backends.openvino import openvino_available
 
     if backend != "auto":
         return backend
+    if precision == "auto" and weights is not None and _quantized(weights):
+        precision = "int8"
     if device.kind == "cuda":
         return "tensorrt" if precision == "fp16" else "onnxruntime"
     if preprocess == "graph" or precision in ("auto", "fp32"):
@@ -63,6 +68,13 @@ def choose_backend(backend: str, device: Device, precision: str = "auto",
         raise BackendUnavailable(f"--precision {precision} on a CPU needs OpenVINO: pip "
                                  "install 'vasipc[openvino]'")
     return "openvino" if openvino_available() else "onnxruntime"
+
+
+def _quantized(path: str) -> bool:
+    try:
+        return read_summary(path).quantized
+    except (OSError, OnnxFileError):
+        return False  # refused when it is opened, with the reason
 
 
 def open_backend(name: str, path: str, device: Device, options: BackendOptions) -> Backend:
