@@ -14,8 +14,10 @@ and, in the same rounds, the in-process references a user would otherwise write,
 same frames letterboxed by our kernel: ONNX Runtime's best layout (2 sessions of 1 thread,
 2 Python threads; more generally the server's own stream layout), OpenVINO's
 AsyncInferQueue of OPTIMAL_NUMBER_OF_INFER_REQUESTS with the THROUGHPUT hint per precision
-(the frames/s the socket should approach), and each backend's one run at a time (the p50
-a concurrency 1 request should approach).
+(the frames/s the socket should approach), and each backend's solo layout one run at a
+time (ONNX Runtime with every thread and no spinning, as the server's solo session;
+OpenVINO's LATENCY hint: the p50 a concurrency 1 request should approach). The last
+table gives the issue's targets per round.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ SERVERS = {
 
 def in_process(tensors: list, d: float, int8: str | None, has_bf16: bool
                ) -> dict[str, Callable[[], Run]]:
-    """The references: throughput layouts and one-run-at-a-time latency layouts."""
+    """The references, named `in-process <backend> <precision> streams|solo`: each
+    backend's throughput layout (the server's streams) and its solo layout (one run with
+    every thread, what a request alone gets)."""
     import openvino as ov
 
     ort = import_onnxruntime()
@@ -53,14 +57,16 @@ def in_process(tensors: list, d: float, int8: str | None, has_bf16: bool
     streams = auto_streams(Device("cpu"), n)
     per = max(1, n // streams)
     sessions = [ort_session(ort, per) for _ in range(streams)]
+    solo = ort_session(ort, n, spinning=False)  # as the server's solo session
     name = sessions[0].get_inputs()[0].name
 
     def ort_run(w, x):
         return sessions[w].run(None, {name: x})
 
     refs: dict[str, Callable[[], Run]] = {
-        f"in-process ort {streams}x{per}": lambda: threaded(ort_run, tensors, streams, d),
-        f"in-process ort 1 run of {per} thread(s)": lambda: threaded(ort_run, tensors, 1, d),
+        "in-process onnxruntime fp32 streams": lambda: threaded(ort_run, tensors, streams, d),
+        "in-process onnxruntime fp32 solo": lambda: threaded(
+            lambda w, x: solo.run(None, {name: x}), tensors, 1, d),
     }
     core = ov.Core()
     models = {"fp32": (str(BENCH_MODEL), "f32")}
@@ -69,13 +75,15 @@ def in_process(tensors: list, d: float, int8: str | None, has_bf16: bool
     if int8:
         models["int8"] = (int8, "f32")
     for label, (path, hint) in models.items():
-        compiled = core.compile_model(path, "CPU", {
-            "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": n,
-            "INFERENCE_PRECISION_HINT": hint})
-        reqs = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        refs[f"in-process ov {label} x{reqs} req"] = (
-            lambda c=compiled, r=reqs: ov_queue(c, tensors, r, d))
-        refs[f"in-process ov {label} 1 run"] = lambda c=compiled: ov_queue(c, tensors, 1, d)
+        def compiled(mode: str, path=path, hint=hint):
+            return core.compile_model(path, "CPU", {
+                "PERFORMANCE_HINT": mode, "INFERENCE_NUM_THREADS": n,
+                "INFERENCE_PRECISION_HINT": hint})
+        tput, latency = compiled("THROUGHPUT"), compiled("LATENCY")
+        reqs = int(tput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        refs[f"in-process openvino {label} streams"] = (
+            lambda c=tput, r=reqs: ov_queue(c, tensors, r, d))
+        refs[f"in-process openvino {label} solo"] = lambda c=latency: ov_queue(c, tensors, 1, d)
     return refs
 
 
@@ -134,6 +142,24 @@ def run(args, servers: dict[str, list[str]], payloads: list[bytes], tensors: lis
     report(results, p50s, conc)
 
 
+TARGETS = [  # (what, numerator, denominator, the target): per round
+    ("openvino bf16 c4 / today c4", "server openvino bf16 c4", "server today c4", ">= 1.8"),
+    ("openvino int8 c4 / today c4", "server openvino int8 c4", "server today c4", ">= 2.2"),
+    ("openvino bf16 c4 / its in-process streams", "server openvino bf16 c4",
+     "in-process openvino bf16 streams", ">= 0.9"),
+    ("openvino int8 c4 / its in-process streams", "server openvino int8 c4",
+     "in-process openvino int8 streams", ""),
+    ("onnxruntime c4 / its in-process streams", "server onnxruntime c4",
+     "in-process onnxruntime fp32 streams", ">= 0.95"),
+]
+LATENCY = [  # (server c1, the in-process solo layout it runs on)
+    ("server onnxruntime c1", "in-process onnxruntime fp32 solo"),
+    ("server openvino fp32 c1", "in-process openvino fp32 solo"),
+    ("server openvino bf16 c1", "in-process openvino bf16 solo"),
+    ("server openvino int8 c1", "in-process openvino int8 solo"),
+]
+
+
 def report(results: dict[str, list[float]], p50s: dict[str, list[float]], conc: int) -> None:
     today = results.get(f"server today c{conc}")
     print(f"\n| configuration | frames/s | / today c{conc} (per round) | p50 ms |\n|---|---|---|---|")
@@ -141,7 +167,17 @@ def report(results: dict[str, list[float]], p50s: dict[str, list[float]], conc: 
         ratio = (spread([f / t for f, t in zip(fps, today, strict=True)], ".2f")
                  if today else "")
         print(f"| {name} | {spread(fps)} | {ratio} | {spread(p50s[name])} |")
-    print("\nmedians:", {k: round(statistics.median(v), 2) for k, v in results.items()})
+    print("\n| target | per round | median | target |\n|---|---|---|---|")
+    for what, num, den, target in TARGETS:
+        if num in results and den in results:
+            r = [a / b for a, b in zip(results[num], results[den], strict=True)]
+            print(f"| {what} | {', '.join(f'{x:.2f}' for x in r)} | {statistics.median(r):.2f} "
+                  f"| {target} |")
+    for server_c1, solo in LATENCY:
+        if server_c1 in p50s and solo in p50s:
+            r = [a - b for a, b in zip(p50s[server_c1], p50s[solo], strict=True)]
+            print(f"| {server_c1} p50 - {solo} p50 (ms) | {', '.join(f'{x:+.1f}' for x in r)} | "
+                  f"{statistics.median(r):+.1f} | <= +1 |")
 
 
 if __name__ == "__main__":

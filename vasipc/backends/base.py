@@ -95,5 +95,19 @@ class Backend(ABC):
                 "precision": self.precision, "streams": self.streams, "providers": list(self.providers)}
 
 
+def quantized_precision(asked: str, quantized: bool, path: str) -> str | None:
+    """"int8" for a quantized (QDQ) file, None for a float one, whose precision the
+    backend decides; BackendUnavailable when `asked` does not fit the file."""
+    if quantized:
+        if asked not in ("auto", "int8"):
+            raise BackendUnavailable(f"{path} is quantized (int8): --precision {asked} "
+                                     "needs its float model")
+        return "int8"
+    if asked == "int8":
+        raise BackendUnavailable(f"{path} is not quantized: make an int8 version with "
+                                 "`vasipc quantize`, or serve it at another precision")
+    return None
+
+
 def threads_per_stream(threads: int, streams: int) -> int:
     return max(1, threads // max(1, streams))

@@ -26,6 +26,7 @@ from vasipc.backends.base import (
     Backend,
     BackendOptions,
     BackendUnavailable,
+    quantized_precision,
     threads_per_stream,
 )
 from vasipc.errors import ModelError, first_line
@@ -73,14 +74,18 @@ def cuda_provider(device: Device) -> tuple[str, dict]:
 
 
 def create_session(path: str, device: Device, ort: Any, threads: int = 0,
-                   providers: list | None = None) -> Any:
+                   providers: list | None = None, spinning: bool = True) -> Any:
     """threads 0: one per usable CPU. ONNX Runtime's own default counts the machine's cores
     and ignores affinity, so a server pinned to 2 of 16 cores would run 16 threads on 2
-    (bench/RESULTS.md). providers: default the device's (CUDA then CPU, or CPU)."""
+    (bench/RESULTS.md). providers: default the device's (CUDA then CPU, or CPU).
+    spinning False: the intra-op pool's threads block between parallel sections instead
+    of spinning (slower alone, but they leave the CPU to the runs beside them)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or usable_cpus()
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if providers is None:
         providers = ([cuda_provider(device), "CPUExecutionProvider"] if device.kind == "cuda"
                      else ["CPUExecutionProvider"])
@@ -110,21 +115,18 @@ class OnnxRuntimeBackend(Backend):
         sessions = 1 if device.kind != "cpu" or self.threads_per_stream == 1 else self.streams
         self._sessions = [self._open(self.threads_per_stream) for _ in range(sessions)]
         self.solo = device.kind == "cpu" and self.streams > 1 and threads > self.threads_per_stream
-        self._solo = self._open(threads) if self.solo else None
+        # the solo session does not spin: its pool would take the CPU from the streams' runs
+        # that start beside it (bench/RESULTS.md, "backends")
+        self._solo = self._open(threads, spinning=False) if self.solo else None
         first = self._sessions[0]
         self.inputs = _tensors(first.get_inputs())
         self.outputs = _tensors(first.get_outputs())
         self._output_names = [t.name for t in self.outputs]
 
     def _precision(self, asked: str, summary: OnnxSummary, path: str) -> str:
-        if summary.quantized:
-            if asked not in ("auto", "int8"):
-                raise BackendUnavailable(f"{path} is quantized (int8): --precision {asked} "
-                                         "needs its float model")
-            return "int8"
-        if asked == "int8":
-            raise BackendUnavailable(f"{path} is not quantized: make an int8 version with "
-                                     "`vasipc quantize`, or serve it at another precision")
+        int8 = quantized_precision(asked, summary.quantized, path)
+        if int8 is not None:
+            return int8
         if asked == "auto":
             return self._float_precisions[0]
         if asked not in self._float_precisions:
@@ -139,9 +141,10 @@ class OnnxRuntimeBackend(Backend):
             return [cuda_provider(self.device), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _open(self, threads: int) -> Any:
+    def _open(self, threads: int, spinning: bool = True) -> Any:
         try:
-            session = create_session(self.path, self.device, self.ort, threads, self._providers())
+            session = create_session(self.path, self.device, self.ort, threads, self._providers(),
+                                     spinning)
         except Exception as exc:
             raise ModelError(f"cannot load {self.path}: {first_line(exc)}") from None
         self._check_providers(session)

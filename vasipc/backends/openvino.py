@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vasipc.backends.base import Backend, BackendOptions, BackendUnavailable
+from vasipc.backends.base import Backend, BackendOptions, BackendUnavailable, quantized_precision
 from vasipc.errors import ModelError, first_line
 from vasipc.heads import TensorFacts
 from vasipc.onnx_file import OnnxSummary
@@ -111,14 +111,9 @@ class OpenVinoBackend(Backend):
         return list(self.core.get_property(self.ov_device, "OPTIMIZATION_CAPABILITIES"))
 
     def _precision(self, asked: str, summary: OnnxSummary) -> str:
-        if summary.quantized:
-            if asked not in ("auto", "int8"):
-                raise BackendUnavailable(f"{self.path} is quantized (int8): --precision {asked} "
-                                         "needs its float model")
-            return "int8"
-        if asked == "int8":
-            raise BackendUnavailable(f"{self.path} is not quantized: make an int8 version with "
-                                     "`vasipc quantize`, or serve it at another precision")
+        int8 = quantized_precision(asked, summary.quantized, self.path)
+        if int8 is not None:
+            return int8
         if asked == "auto":
             return "fp32"
         caps = self._capabilities()
