@@ -40,27 +40,22 @@ class CheckError(Exception):
     """A problem reported as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage line + one error line, exit 2 (as the server's)
-        self.exit(2, f"usage: {USAGE}\n{PROG}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from vasipc.backends.base import BACKENDS, PRECISIONS
-    from vasipc.serve import _choice, _device  # the server's parsing, same messages
+    from vasipc.cli import Parser, choice, device
 
-    p = _Parser(prog=PROG, usage=USAGE,
+    p = Parser(prog=PROG, usage=USAGE,
                 description="Load a model as the server would, run it once on a synthetic "
                             "frame and report; nothing is served.")
     p.add_argument("path", metavar="DIR",
                    help="model directory (model.yaml or one .onnx), DIR/ID/ with numeric "
                         "version subdirectories, or an .onnx file")
-    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--model-version", metavar="V", help="version subdirectory (default: highest)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (over model.yaml's)")
-    p.add_argument("--backend", type=_choice("backend", BACKENDS),
+    p.add_argument("--backend", type=choice("backend", BACKENDS),
                    help="auto (default) | onnxruntime | openvino | tensorrt, as the server's")
-    p.add_argument("--precision", type=_choice("precision", PRECISIONS),
+    p.add_argument("--precision", type=choice("precision", PRECISIONS),
                    help="auto (default) | fp32 | fp16 | bf16 | int8, as the server's")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p

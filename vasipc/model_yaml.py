@@ -261,6 +261,18 @@ def from_model_dir(directory: str) -> ModelSource:
     return _read_model_yaml(yaml_path, directory)
 
 
+def written_doc(directory: str) -> dict[str, Any]:
+    """The model.yaml of a model directory as written, {} without one (for the commands
+    that write a new version from it; read through `from_model_dir` first, so it is valid)."""
+    import yaml
+
+    path = os.path.join(directory, "model.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
 def _asdict(src: ModelSource) -> dict[str, Any]:
     return {f: getattr(src, f) for f in src.__slots__}
 

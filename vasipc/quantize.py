@@ -65,13 +65,10 @@ class QuantizeError(Exception):
     """A problem reported as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage line + one error line, exit 2 (as the server's)
-        self.exit(2, f"usage: {USAGE}\n{PROG}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, usage=USAGE,
+    from vasipc.cli import Parser
+
+    p = Parser(prog=PROG, usage=USAGE,
                 description="Quantize the model's highest version to INT8 on calibration "
                             "frames and install it as the next version.")
     p.add_argument("path", metavar="MODEL_DIR", help="ROOT/ID with numeric version subdirectories")
@@ -340,17 +337,6 @@ def agreement(reference: list[list[dict]], candidate: list[list[dict]]) -> dict[
 
 # --- the command ----------------------------------------------------------------------------
 
-def _source_doc(version_dir: str) -> dict[str, Any]:
-    """The source's model.yaml as a mapping ({} without one; model_yaml has checked it)."""
-    import yaml
-
-    path = os.path.join(version_dir, "model.yaml")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
-
-
 def _load_cpu(source: Any, model_id: str, precision: str) -> Any:
     """The model as the server loads it, on CPU with ONNX Runtime (one run at a time)."""
     from vasipc import model_yaml as my
@@ -429,9 +415,9 @@ def _new_version(version_dir: str, source: Any, model_id: str, weights: str,
     """The new version's model.yaml mapping (the source's keys carried over, those that
     describe the weights written anew) and its files: the int8 weights and the class names
     file, if the source has one."""
-    from vasipc.model_yaml import sha256_file
+    from vasipc.model_yaml import sha256_file, written_doc
 
-    doc = {k: v for k, v in _source_doc(version_dir).items() if k not in _REWRITTEN}
+    doc = {k: v for k, v in written_doc(version_dir).items() if k not in _REWRITTEN}
     doc.setdefault("model_id", model_id)  # without model.yaml the source was named by its
     doc.setdefault("model_name", source.model_name)  # weights' stem, now WEIGHTS_NAME
     files = {WEIGHTS_NAME: weights}

@@ -38,15 +38,10 @@ class RegisterError(Exception):
     """A problem reported as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage line + one error line, exit 2 (as check's)
-        self.exit(2, f"usage: {USAGE}\n{PROG}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from vasipc.serve import _device  # the server's --device parsing, same messages
+    from vasipc.cli import Parser, device
 
-    p = _Parser(prog=PROG, usage=USAGE,
+    p = Parser(prog=PROG, usage=USAGE,
                 description="Check a model as `vasipc check` does and install it as the next "
                             "version directory ROOT/ID/<n>/.")
     p.add_argument("src", metavar="SRC",
@@ -55,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-root", metavar="ROOT", required=True,
                    help="the directory of models (as the server's --models-root)")
     p.add_argument("--model-id", metavar="ID", help="default: model.yaml's, else the weights' stem")
-    p.add_argument("--device", type=_device, default="auto",
+    p.add_argument("--device", type=device, default="auto",
                    help="where the check runs: auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (over model.yaml's)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
@@ -98,17 +93,6 @@ def export_pytorch(path: str, workdir: str) -> str:
     return exported
 
 
-def _source_yaml(path: str) -> dict[str, Any]:
-    """The model.yaml of a model directory as written (already validated), {} for a file."""
-    import yaml
-
-    yaml_path = os.path.join(path, "model.yaml")
-    if not os.path.isfile(yaml_path):
-        return {}
-    with open(yaml_path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
-
-
 def register(src: str, models_root: str, *, model_id: str | None = None, device: str = "auto",
              labels: str | None = None) -> dict[str, Any]:
     """Check the model at `src` and install it under `models_root`; the report (`--json`).
@@ -144,7 +128,7 @@ def register(src: str, models_root: str, *, model_id: str | None = None, device:
             if labels_name in (weights_name, "model.yaml"):
                 labels_name = "class_names.txt"
             files[labels_name] = labels_file
-        raw = _source_yaml(path) if os.path.isdir(path) else {}
+        raw = my.written_doc(path) if os.path.isdir(path) else {}
         schema = {k: v for k, v in (raw.get("output_schema") or {}).items() if k != "class_names_file"}
         if labels_name is not None:
             schema["class_names_file"] = labels_name

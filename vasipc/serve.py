@@ -16,6 +16,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from vasipc import cli
+
 PROG = "vasipc.serve"
 USAGE = ("python -m vasipc.serve (--model PATH | --model-dir DIR | --models-root DIR "
          "--model-id ID) [options]")
@@ -55,25 +57,6 @@ def _mode(text: str) -> int:
     return v
 
 
-def _device(text: str) -> str:
-    from vasipc.runtime import parse_device
-    try:
-        parse_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _choice(what: str, choices: tuple[str, ...]):
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(
-                f"invalid {what} {text!r} (choose from {', '.join(choices)})")
-        return text
-    parse.__name__ = what
-    return parse
-
-
 def _preprocess(text: str) -> str:
     from vasipc.device_path import PREPROCESS_MODES
     if text not in PREPROCESS_MODES:
@@ -81,16 +64,11 @@ def _preprocess(text: str) -> str:
     return text
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage line + one error line, exit 2
-        self.exit(2, f"usage: {USAGE}\n{PROG}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from vasipc.backends.base import BACKENDS, PRECISIONS
 
     env = os.environ
-    p = _Parser(prog=PROG, usage=USAGE, description="Serve a YOLO-style ONNX detector on a Unix socket.")
+    p = cli.Parser(prog=PROG, usage=USAGE, description="Serve a YOLO-style ONNX detector on a Unix socket.")
 
     def opt(flag: str, **kw) -> None:
         dest = flag.lstrip("-").replace("-", "_")
@@ -110,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--socket-mode", metavar="MODE", type=_mode, help="socket file mode (default 0600)")
     p.add_argument("--frame-root", metavar="DIR", action="append",
                    help="where frames may be read from (repeatable; default /dev/shm)")
-    opt("--device", type=_device, help="auto | cpu | cuda[:N] (default auto)")
+    opt("--device", type=cli.device,
+        help="auto | cpu | cuda[:N] | gpu[:N] (an Intel GPU, --backend openvino) (default auto)")
     opt("--conf", type=_ranged(float, 0, 1), help="confidence threshold (default 0.25)")
     opt("--iou", type=_ranged(float, 0, 1), help="NMS IoU threshold (default 0.45)")
     opt("--max-detections", type=_ranged(int, 0), help="default 300")
@@ -120,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--drain-timeout", type=_ranged(float, 0), help="seconds (default 10)")
     opt("--max-frame-dim", type=_ranged(int, 1), help="default 8192")
     opt("--max-batch", type=_ranged(int, 1), help="default 1 on CPU, 16 on CUDA")
-    opt("--backend", type=_choice("backend", BACKENDS),
+    opt("--backend", type=cli.choice("backend", BACKENDS),
         help="the runtime: auto (default: onnxruntime; openvino for bf16 and int8 on CPU, "
              "tensorrt for fp16 on a GPU), onnxruntime, openvino or tensorrt")
-    opt("--precision", type=_choice("precision", PRECISIONS),
+    opt("--precision", type=cli.choice("precision", PRECISIONS),
         help="auto (default: the model's own, int8 for a quantized model, else fp32; fp16 on "
              "tensorrt), fp32, fp16, bf16 (openvino, CPUs with BF16) or int8 (a model made "
              "by vasipc quantize)")
