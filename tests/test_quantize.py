@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,38 @@ def test_a_model_dir_without_versions_is_refused(quantized, tmp_path):
     assert_refused(result, "is not a directory of numeric versions")
     result = run_cli("quantize", str(quantized["root"]))  # --calibration is required
     assert result.returncode == 2 and "--calibration" in result.stderr
+
+
+def test_a_watching_server_serves_the_int8_version(tmp_path, nudenet_model, astronaut_rgb,
+                                                   server_factory):
+    """`vasipc quantize` beside a `--watch` server: the server reloads once, onto version 2
+    at int8 (on OpenVINO where it is installed: auto's runtime for a quantized model), and
+    answers as before."""
+    from serve_cli import info, spawn
+
+    root = tmp_path / "models"
+    (root / MODEL_ID / "1").mkdir(parents=True)
+    shutil.copy(nudenet_model, root / MODEL_ID / "1" / "320n.onnx")
+    calibration = tmp_path / "frames"
+    write_calibration(calibration, astronaut_rgb)
+    sock = server_factory.socket_path("q.sock")
+    server = spawn(server_factory, ["--models-root", str(root), "--model-id", MODEL_ID,
+                                    "--watch", "--watch-interval", "0.1", "--socket", sock], sock)
+    before = info(sock)
+    assert (before["model_version"], before["precision"]) == ("1", "fp32")
+    result = run_cli("quantize", str(root / MODEL_ID), "--calibration", str(calibration))
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 120
+    while info(sock)["model_version"] != "2":
+        assert server.proc.poll() is None, server.stderr_text()
+        assert time.monotonic() < deadline, f"version 2 not served:\n{server.stderr_text()}"
+        time.sleep(0.05)
+    after = info(sock)
+    assert after["precision"] == "int8"
+    try:
+        import openvino  # noqa: F401
+        assert after["backend"] == "openvino"
+    except ImportError:
+        assert after["backend"] == "onnxruntime"
+    assert server.stderr_text().count("reloaded") == 1, server.stderr_text()
+    assert server.stop() == 0

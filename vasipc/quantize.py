@@ -389,8 +389,12 @@ def quantize(path: str, calibration: str, *, version: str | None = None,
     work = tempfile.mkdtemp(prefix="vasipc-quantize-")
     try:
         int8_path = os.path.join(work, WEIGHTS_NAME)
+        # quantize_static writes a shape-inferred copy beside its input: a copy here keeps
+        # the source version untouched (a --watch server would reload it; it may be read-only)
+        float_path = os.path.join(work, "float.onnx")
+        shutil.copyfile(source.weights, float_path)
         t0 = time.perf_counter()
-        quantize_qdq(source.weights, int8_path, feeds, keep_float)
+        quantize_qdq(float_path, int8_path, feeds, keep_float)
         quantize_s = time.perf_counter() - t0
         int8_model = _load_cpu(dataclasses.replace(source, weights=int8_path), model_id, "int8")
         report = agreement(answers(reference_model, frames), answers(int8_model, frames))
