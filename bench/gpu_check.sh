@@ -55,11 +55,12 @@ cat "$OUT/session_run.md" >> "$OUT/log.txt"
 
 # One server per batching setting; 1080p NV12 frames through the socket (vasipc.bench
 # writes them into /dev/shm); GPU utilization sampled alongside.
-serve_and_load() {  # name max_batch
+serve_and_load() {  # name max_batch [server options...]
   local name=$1 mb=$2 sock=/tmp/gpu_check_$1.sock
+  shift 2
   rm -f "$sock"
   $PY -m vasipc.serve --model "$MODEL" --model-id bench --device "$DEVICE" --socket "$sock" \
-    --max-batch "$mb" --batch-timeout-us 1000 ${VASIPC_CHECK_ARGS:-} > "$OUT/server_$name.txt" 2>&1 &
+    --max-batch "$mb" --batch-timeout-us 1000 ${VASIPC_CHECK_ARGS:-} "$@" > "$OUT/server_$name.txt" 2>&1 &
   local spid=$!
   for _ in $(seq 1 600); do [ -S "$sock" ] && break; sleep 0.2; done
   if [ ! -S "$sock" ]; then log "server $name did not start"; kill $spid 2>/dev/null; return 1; fi
@@ -78,6 +79,13 @@ serve_and_load() {  # name max_batch
 }
 log "server, batching on (--max-batch $BATCH)"; serve_and_load batched "$BATCH"
 log "server, batching off (--max-batch 1)"; serve_and_load unbatched 1
+# issue 11: the TensorRT provider (fp16, engines built during warm-up, cached in $OUT/trt)
+if $PY -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+  log "server, TensorRT fp16 (--max-batch $BATCH)"
+  serve_and_load tensorrt "$BATCH" --backend tensorrt --cache-dir "$OUT/trt"
+else
+  log "no TensorRT provider in this onnxruntime: tensorrt rows skipped"
+fi
 
 $PY - "$OUT" "$CN" > "$OUT/summary.md" <<'PYEOF'
 import json, os, sys
@@ -103,12 +111,13 @@ if os.path.exists(os.path.join(out, "gpu.txt")):
 print("\n| run | req/s | p50 ms | p90 ms | p99 ms | errors | batch (median / mean) | GPU util % |")
 print("|---|---|---|---|---|---|---|---|")
 res = {}
-for name in ("batched", "unbatched"):
+for name in ("batched", "unbatched", "tensorrt"):
     for c in ("c1", "cN"):
         s = load(f"{name}_{c}.json")
         res[(name, c)] = s
         if not s:
-            print(f"| {name} {c} | missing | | | | | | |")
+            if name != "tensorrt":
+                print(f"| {name} {c} | missing | | | | | | |")
             continue
         lat, srv = s["latency_ms"], s["server_ms"]
         print(f"| {name} {c if c == 'c1' else 'c' + cn} | {s['throughput_rps']:.1f} | {fmt(lat['p50'])} | "
@@ -128,6 +137,11 @@ if bn:
     print(f"- c{cn} >= 2500 frames/s: {bn['throughput_rps']:.0f}; p99 < 40 ms: {fmt(bn['latency_ms']['p99'])} ms")
 if bn and un and un["throughput_rps"]:
     print(f"- batching on / off >= 3x: {bn['throughput_rps'] / un['throughput_rps']:.2f}x")
+t1, tn = res[("tensorrt", "c1")], res[("tensorrt", "cN")]
+if t1 and b1 and tn and bn:
+    print(f"\nissue 11: TensorRT fp16 / CUDA EP: c1 p50 {fmt(t1['latency_ms']['p50'])} vs "
+          f"{fmt(b1['latency_ms']['p50'])} ms; c{cn} {tn['throughput_rps']:.0f} vs "
+          f"{bn['throughput_rps']:.0f} req/s ({tn['throughput_rps'] / bn['throughput_rps']:.2f}x)")
 PYEOF
 cat "$OUT/summary.md"
 log "done in $(( $(date +%s) - started )) s"
