@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 
 class RuntimeUnavailable(RuntimeError):
-    """No usable ONNX Runtime, or the requested device cannot be used (exit code 2)."""
+    """The requested runtime or device cannot be used here (exit code 2)."""
 
 
 @dataclass(frozen=True, slots=True)
