@@ -401,8 +401,9 @@ def test_config_is_per_request(sock, frame_dir, base_dets):
 
 # --- deadline_ms and overload (the slow benchmark model) -----------------------------------------
 
-def test_deadline_exceeded_when_queued_behind_others(bench_server, frame_dir):
-    sock = bench_server.socket
+@pytest.mark.usefixtures("every_backend")
+def test_deadline_exceeded_when_queued_behind_others(server_factory, bench_model, frame_dir):
+    sock = server_factory(model=bench_model, model_id="bench").socket
     slow = infer_msg(frame_dir, model_id="bench")
     with BackgroundLoad(sock, slow, depth=8) as load:
         h = health(sock)
@@ -437,6 +438,7 @@ def test_deadline_is_checked_before_the_frame_is_opened(bench_server):
     assert_serving(sock)
 
 
+@pytest.mark.usefixtures("every_backend")
 def test_overloaded_when_the_queue_is_full(server_factory, bench_model, frame_dir):
     server = server_factory("--max-queue", "1", model=bench_model, model_id="bench")
     msg = infer_msg(frame_dir, model_id="bench")
@@ -456,6 +458,7 @@ def test_overloaded_when_the_queue_is_full(server_factory, bench_model, frame_di
     assert wait_idle(server.socket)
 
 
+@pytest.mark.usefixtures("every_backend")
 def test_overloaded_from_one_pipelined_connection(server_factory, bench_model, frame_dir):
     """Pipelined requests fill the queue as well; every one is answered, in order."""
     server = server_factory("--max-queue", "1", model=bench_model, model_id="bench")
