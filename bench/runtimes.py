@@ -6,7 +6,7 @@ Measures frames/s and the p50 of one run, each layout for `--duration` seconds p
 all on the same letterboxed 1080p NV12 frames (the astronaut photo, shifted per frame),
 rounds repeated so every figure is a median with its spread, ratios to today's layout
 taken per round:
-- `ort 1x{all}`: ONNX Runtime as the server opens it today (vasipc.runtime.create_session:
+- `ort 1x{all}`: ONNX Runtime as the server opens it today (vasipc.backends.onnxruntime.create_session:
   one session, one intra-op thread per usable CPU), runs one after another;
 - `ort 1 session, 2 threads x 1`: one session of 1 intra-op thread, 2 Python threads calling
   run at once (inter-op concurrency on one session);

@@ -206,7 +206,7 @@ def test_drain_timeout_answers_the_rest_shutting_down(server_factory, astronaut_
     for answers in all_answers:  # each in request order (read_answers checks request_id)
         codes = [a["error_code"] for a in answers]
         assert set(codes) <= {None, "shutting_down"}, codes
-        # Not necessarily the done ones first: two workers finish batches in no set order
+        # Not necessarily the done ones first: the workers finish batches in no set order
         # (a starved thread may answer request k after k+1's batch ran), and a request
         # whose batch finished before the timeout keeps its answer.
         for a in answers:

@@ -1,7 +1,8 @@
 """The batcher's workers (leader/follower: each batch is filled, run and answered by one
-worker thread, two workers with one input buffer each).
+worker thread; one worker per backend stream plus one, at least two, each with one input
+buffer), on every backend.
 
-In-process: a real `Batcher` on the nudenet model, its session wrapped to gate, slow down
+In-process: a real `Batcher` on the nudenet model, its backend wrapped to gate, slow down
 or fail runs, so roles, queue accounting, model capture, stop and sticky errors can be
 checked deterministically; and a real in-process `Server` under concurrent mixed load.
 """
