@@ -145,17 +145,14 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
     the server's). Raises CheckError, ModelSourceError, ModelError or RuntimeUnavailable
     (one line each)."""
     from vasipc import model_yaml as my
-    from vasipc.backends import choose_backend, select_device
+    from vasipc.backends import select_device
     from vasipc.model import load_model
 
     source, layout_id = resolve_source(path, version)
     model_id = my.model_id_for(source, model_id or layout_id)
-    backend = backend or source.backend or "auto"
-    precision = precision or source.precision or "auto"
-    dev, device_note = select_device(backend, device)
+    dev, device_note = select_device(backend or source.backend or "auto", device)
     spec = my.model_spec(source, dev, model_id, device_arg=device, labels=labels,
-                         backend=choose_backend(backend, dev, precision, weights=source.weights),
-                         precision=precision)
+                         backend=backend, precision=precision)
     t0 = time.perf_counter()
     model = load_model(spec, dev, None)  # max batch: the device's default, as the server's
     load_ms = (time.perf_counter() - t0) * 1e3

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vasipc.backends.base import BACKENDS, PRECISIONS
+from vasipc.backends import BACKENDS, PRECISIONS, choose_backend
 from vasipc.heads import ARCHITECTURES, TASKS, Declared
 from vasipc.model import ModelSpec
 from vasipc.preprocess import KEYS
@@ -378,10 +378,13 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
                device_arg: str | None = None, labels: str | None = None,
                conf: float | None = None, iou: float | None = None,
                max_detections: int | None = None, threads: int | None = None,
-               backend: str = "onnxruntime", precision: str | None = None,
-               streams: int | None = None, cache_dir: str | None = None) -> ModelSpec:
+               backend: str | None = None, precision: str | None = None,
+               streams: int | None = None, cache_dir: str | None = None,
+               preprocess: str = "auto") -> ModelSpec:
     """What to load: the command line's values (None: not given) over model.yaml's over
-    ModelSpec's defaults (docs/contract.md 8). The server and `vasipc check` both build it here.
+    ModelSpec's defaults (docs/contract.md 8). The server and `vasipc check` both build it here,
+    at every load: the runtime is chosen here (`backends.choose_backend`), so a new version
+    whose model.yaml asks for another precision, or which is quantized, gets its own.
 
     Refuses a CPU device that model.yaml's resource_requirements rule out: always with
     gpu_required, and with cpu_fallback_allowed: false when `device_arg` (--device) was
@@ -396,11 +399,13 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
     names_file, what = ((labels, "labels file") if labels is not None
                         else (source.class_names_file, "output_schema.class_names_file"))
     names = read_labels(names_file, what) if names_file else None
+    precision = precision or source.precision or "auto"
+    backend = choose_backend(backend or source.backend or "auto", device, precision, preprocess,
+                             source.weights)
     given = {"confidence_threshold": conf if conf is not None else source.confidence_threshold,
              "nms_iou_threshold": iou if iou is not None else source.nms_iou_threshold,
              "max_detections": max_detections, "threads": threads, "streams": streams,
-             "precision": precision if precision is not None else source.precision,
-             "cache_dir": cache_dir}
+             "precision": precision, "cache_dir": cache_dir}
     return ModelSpec(
         path=source.weights, model_id=model_id, model_name=source.model_name,
         model_version=source.model_version, class_names=names,

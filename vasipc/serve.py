@@ -181,7 +181,6 @@ class ModelLoader:
         self.source = None  # the source of the model being served (what --watch follows)
 
     def __call__(self, source=None):
-        from vasipc.backends import choose_backend
         from vasipc.model import load_model
         from vasipc.model_yaml import model_spec
 
@@ -192,14 +191,11 @@ class ModelLoader:
             if model_id != self.model_id:
                 raise CliError(f"the model id changed from {self.model_id} to {model_id}; "
                                "a reload cannot change it (the socket is named after it)")
-        precision = args.precision or source.precision or "auto"
-        backend = choose_backend(args.backend or source.backend or "auto", self.device,
-                                 precision, args.preprocess or "auto", source.weights)
         spec = model_spec(source, self.device, self.model_id, device_arg=args.device,
                           labels=args.labels, conf=args.conf, iou=args.iou,
                           max_detections=args.max_detections, threads=args.threads,
-                          backend=backend, precision=precision, streams=args.streams,
-                          cache_dir=args.cache_dir)
+                          backend=args.backend, precision=args.precision, streams=args.streams,
+                          cache_dir=args.cache_dir, preprocess=args.preprocess or "auto")
         model = load_model(spec, self.device, args.max_batch, args.preprocess or "auto")
         self.source = source
         return model

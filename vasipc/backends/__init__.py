@@ -91,6 +91,4 @@ def open_backend(name: str, path: str, device: Device, options: BackendOptions) 
         from vasipc.backends.onnxruntime import OnnxRuntimeBackend as cls
     else:
         raise BackendUnavailable(f"invalid backend {name!r}: expected {', '.join(BACKENDS[1:])}")
-    backend = cls(path, device, summary, options)
-    backend.metadata = summary.metadata
-    return backend
+    return cls(path, device, summary, options)

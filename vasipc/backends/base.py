@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # kept light: the command line imports BACKENDS and PRECISION
     import numpy as np
 
     from vasipc.heads import TensorFacts
+    from vasipc.onnx_file import OnnxSummary
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 SOLO = -1  # the stream index of the solo layout: one run with every thread (Backend.solo)
@@ -57,7 +58,12 @@ class Backend(ABC):
     solo: bool = False        # has a SOLO layout: a run alone on the device gets every thread
     inputs: tuple[TensorFacts, ...]
     outputs: tuple[TensorFacts, ...]
-    metadata: dict[str, str]  # the ONNX file's metadata_props (set by open_backend)
+    metadata: dict[str, str]  # the ONNX file's metadata_props
+
+    def __init__(self, path: str, device: Device, summary: OnnxSummary) -> None:
+        self.path = path
+        self.device = device
+        self.metadata = summary.metadata
 
     @abstractmethod
     def prepare(self, batch_sizes: tuple[int, ...], width: int, height: int) -> None:

@@ -105,10 +105,9 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, path: str, device: Device, summary: OnnxSummary,
                  options: BackendOptions) -> None:
+        super().__init__(path, device, summary)
         self.ort = import_onnxruntime()
-        self.path = path
-        self.device = device
-        self.precision = self._precision(options.precision, summary, path)
+        self.precision = self._precision(options.precision, summary)
         threads = options.threads or usable_cpus()
         self.streams = options.streams or auto_streams(device, threads)
         self.threads_per_stream = threads_per_stream(threads, self.streams)
@@ -123,8 +122,8 @@ class OnnxRuntimeBackend(Backend):
         self.outputs = _tensors(first.get_outputs())
         self._output_names = [t.name for t in self.outputs]
 
-    def _precision(self, asked: str, summary: OnnxSummary, path: str) -> str:
-        int8 = quantized_precision(asked, summary.quantized, path)
+    def _precision(self, asked: str, summary: OnnxSummary) -> str:
+        int8 = quantized_precision(asked, summary.quantized, self.path)
         if int8 is not None:
             return int8
         if asked == "auto":

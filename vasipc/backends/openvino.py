@@ -92,10 +92,9 @@ class OpenVinoBackend(Backend):
         if device.kind not in ("cpu", "gpu"):
             raise BackendUnavailable(f"--backend openvino serves on cpu or an Intel gpu, not "
                                      f"{device.name}")
+        super().__init__(path, device, summary)
         self.ov_device = "CPU" if device.kind == "cpu" else f"GPU.{device.index}"
         self.core = core()
-        self.path = path
-        self.device = device
         self.options = options
         self.precision = self._precision(options.precision, summary)
         try:

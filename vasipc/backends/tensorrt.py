@@ -20,7 +20,12 @@ import os
 from typing import Any
 
 from vasipc.backends.base import BackendOptions, BackendUnavailable
-from vasipc.backends.onnxruntime import OnnxRuntimeBackend, create_session, cuda_provider
+from vasipc.backends.onnxruntime import (
+    OnnxRuntimeBackend,
+    create_session,
+    cuda_provider,
+    import_onnxruntime,
+)
 from vasipc.errors import ModelError, first_line
 from vasipc.model_yaml import sha256_file
 from vasipc.onnx_file import OnnxSummary
@@ -96,14 +101,14 @@ class TensorRtBackend(OnnxRuntimeBackend):
                  options: BackendOptions) -> None:
         if device.kind != "cuda":
             raise BackendUnavailable(f"--backend tensorrt needs a CUDA GPU, not {device.name}")
-        self._trt: dict[str, Any] | None = None  # the provider options, once prepared
-        self.cache_root = options.cache_dir or default_cache_dir()
-        super().__init__(path, device, summary, options)
-        available = self.ort.get_available_providers()
-        if PROVIDER not in available:
+        available = import_onnxruntime().get_available_providers()
+        if PROVIDER not in available:  # before any session is made
             raise BackendUnavailable(f"--backend tensorrt: onnxruntime lists no {PROVIDER} "
                                      f"(available: {', '.join(available)}); install "
                                      "onnxruntime-gpu with TensorRT's libraries")
+        self._trt: dict[str, Any] | None = None  # the provider options, once prepared
+        self.cache_root = options.cache_dir or default_cache_dir()
+        super().__init__(path, device, summary, options)
 
     def _providers(self) -> list:
         if self._trt is None:  # before prepare: the session that reads the model's tensors
