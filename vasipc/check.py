@@ -15,7 +15,6 @@ version unless --model-version) or an .onnx file (as `--model`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -236,18 +235,11 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vasipc.model import ModelError
-    from vasipc.model_yaml import ModelSourceError
-    from vasipc.runtime import RuntimeUnavailable
+    from vasipc.cli import run_command
 
-    try:
-        report = check(args.path, device=args.device, version=args.model_version,
-                       labels=args.labels, backend=args.backend, precision=args.precision)
-    except (CheckError, ModelSourceError, ModelError, RuntimeUnavailable) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return run_command(PROG, lambda: check(
+        args.path, device=args.device, version=args.model_version, labels=args.labels,
+        backend=args.backend, precision=args.precision), format_report, args.json, (CheckError,))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -464,18 +464,11 @@ def _num(v: float | None) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vasipc.model import ModelError
-    from vasipc.model_yaml import ModelSourceError
-    from vasipc.runtime import RuntimeUnavailable
+    from vasipc.cli import run_command
 
-    try:
-        result = quantize(args.path, args.calibration, version=args.model_version,
-                          max_frames=args.max_frames)
-    except (QuantizeError, ModelSourceError, ModelError, RuntimeUnavailable) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2) if args.json else format_result(result))
-    return 0
+    return run_command(PROG, lambda: quantize(
+        args.path, args.calibration, version=args.model_version, max_frames=args.max_frames),
+        format_result, args.json, (QuantizeError,))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

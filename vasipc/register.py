@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -148,22 +147,12 @@ def register(src: str, models_root: str, *, model_id: str | None = None, device:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vasipc.check import CheckError
-    from vasipc.model import ModelError
-    from vasipc.model_yaml import ModelSourceError
-    from vasipc.runtime import RuntimeUnavailable
+    from vasipc.cli import run_command
 
-    try:
-        report = register(args.src, args.models_root, model_id=args.model_id, device=args.device,
-                          labels=args.labels)
-    except (RegisterError, CheckError, ModelSourceError, ModelError, RuntimeUnavailable) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the models root cannot be written, a disk full, ...
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2) if args.json else report["directory"])
-    return 0
+    return run_command(PROG, lambda: register(
+        args.src, args.models_root, model_id=args.model_id, device=args.device,
+        labels=args.labels), lambda report: report["directory"], args.json,
+        (RegisterError, CheckError))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
