@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vasipc.cli import Parser, choice, device
 
     p = Parser(prog=PROG, usage=USAGE,
-                description="Load a model as the server would, run it once on a synthetic "
-                            "frame and report; nothing is served.")
+               description="Load a model as the server would, run it once on a synthetic "
+                           "frame and report; nothing is served.")
     p.add_argument("path", metavar="DIR",
                    help="model directory (model.yaml or one .onnx), DIR/ID/ with numeric "
                         "version subdirectories, or an .onnx file")

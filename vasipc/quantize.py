@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vasipc.cli import Parser
 
     p = Parser(prog=PROG, usage=USAGE,
-                description="Quantize the model's highest version to INT8 on calibration "
-                            "frames and install it as the next version.")
+               description="Quantize the model's highest version to INT8 on calibration "
+                           "frames and install it as the next version.")
     p.add_argument("path", metavar="MODEL_DIR", help="ROOT/ID with numeric version subdirectories")
     p.add_argument("--calibration", metavar="FRAMES_DIR", required=True,
                    help="frame-export directories, raw frames with FILE.json metadata, images")

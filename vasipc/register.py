@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vasipc.cli import Parser, device
 
     p = Parser(prog=PROG, usage=USAGE,
-                description="Check a model as `vasipc check` does and install it as the next "
-                            "version directory ROOT/ID/<n>/.")
+               description="Check a model as `vasipc check` does and install it as the next "
+                           "version directory ROOT/ID/<n>/.")
     p.add_argument("src", metavar="SRC",
                    help="an .onnx file, a model directory (model.yaml or one .onnx) or an "
                         "Ultralytics .pt checkpoint")
