@@ -336,6 +336,41 @@ def test_raw_offset_exactly_at_the_end_minus_frame(sock, root):
                                  "offset": 5000}))
 
 
+@pytest.mark.parametrize("offset", [None, 0])
+def test_raw_file_without_offset_is_exactly_one_frame(sock, root, offset):
+    """A 1080p NV12 file described as 720p is frame_invalid naming both sizes (it used to
+    answer 0 detections); a file one byte longer than its frame too. With an offset the
+    file may hold more than offset + the frame."""
+    path = root / f"1080p-{offset}.nv12"
+    write_raw(path, gray(1080, 1920), "NV12")
+    md = {"width": 1280, "height": 720, "format": "NV12", "frame_id": 7}
+    if offset is not None:
+        md["offset"] = offset
+    resp = assert_error(infer(sock, path, md), "frame_invalid")
+    assert resp["frame_id"] == 7
+    assert str(1920 * 1080 * 3 // 2) in resp["error"] and str(1280 * 720 * 3 // 2) in resp["error"]
+
+    longer = root / f"longer-{offset}.rgb"
+    write_raw(longer, gray(), "RGB24")
+    with open(longer, "ab") as f:
+        f.write(b"\0")
+    md = {"width": 64, "height": 64, "format": "RGB24"}
+    if offset is not None:
+        md["offset"] = offset
+    resp = assert_error(infer(sock, longer, md), "frame_invalid")
+    assert str(64 * 64 * 3 + 1) in resp["error"] and str(64 * 64 * 3) in resp["error"]
+    os.truncate(longer, 64 * 64 * 3)  # exactly one frame again: served
+    assert_ok(infer(sock, longer, md))
+
+
+def test_raw_file_with_offset_may_hold_more(sock, root):
+    path = root / "tail.rgb"
+    write_raw(path, gray(), "RGB24", offset=10)
+    with open(path, "ab") as f:
+        f.write(bytes(4096))
+    assert_ok(infer(sock, path, {"width": 64, "height": 64, "format": "RGB24", "offset": 10}))
+
+
 def test_empty_raw_file_is_invalid(sock, root):
     path = root / "empty.raw"
     path.write_bytes(b"")

@@ -129,14 +129,30 @@ def test_export_dir_on_the_fast_path(opener, root):
 
 @needs_openat2
 def test_raw_file_on_the_fast_path(opener, root):
-    path = root / "ring.raw"
-    frames.write_raw_frame(path, pixels(4))
-    frames.write_raw_frame(path, pixels(5), offset=NV12_BYTES + 100)
-    got = assert_same_as_slow(opener, path, RAW_MD, fast_refuses=False)
+    single = root / "one.raw"
+    frames.write_raw_frame(single, pixels(4))
+    got = assert_same_as_slow(opener, single, RAW_MD, fast_refuses=False)
     assert got == ("ok", (frames.NV12, W, H, W, None), pixels(4))
+    ring = root / "ring.raw"
+    frames.write_raw_frame(ring, pixels(5), offset=NV12_BYTES + 100)
+    frames.write_raw_frame(ring, pixels(6), offset=1)
     md = FrameMetadata(width=W, height=H, format="NV12", offset=NV12_BYTES + 100, frame_id=3)
-    got = assert_same_as_slow(opener, path, md, fast_refuses=False)
+    got = assert_same_as_slow(opener, ring, md, fast_refuses=False)
     assert got == ("ok", (frames.NV12, W, H, W, 3), pixels(5))
+    md = FrameMetadata(width=W, height=H, format="NV12", offset=1)
+    assert assert_same_as_slow(opener, ring, md, fast_refuses=False)[2] == pixels(6)
+
+
+@needs_openat2
+@pytest.mark.parametrize("size", [NV12_BYTES - 1, NV12_BYTES + 1, 2 * NV12_BYTES])
+@pytest.mark.parametrize("offset", [None, 0])
+def test_raw_file_without_offset_is_exactly_one_frame(opener, root, size, offset):
+    """docs/contract.md 5.2: without an offset (or with 0) the file is the frame; any
+    other size is frame_invalid on both paths (the fast one refuses)."""
+    path = root / "sized.raw"
+    path.write_bytes(bytes(size))
+    md = FrameMetadata(width=W, height=H, format="NV12", offset=offset, frame_id=5)
+    assert assert_same_as_slow(opener, path, md, fast_refuses=True) == ("error", FrameInvalid, 5)
 
 
 @needs_openat2

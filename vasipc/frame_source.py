@@ -354,6 +354,12 @@ class FrameOpener:
         if st.st_size < offset + nbytes:
             raise FrameInvalid(f"{ref} holds {st.st_size} bytes, the frame needs "
                                f"{nbytes} from offset {offset}", frame_id=md.frame_id)
+        # Without an offset the file is the frame: a size that differs means the metadata
+        # describes another frame (a 1080p file read as 720p would give wrong pixels).
+        if offset == 0 and st.st_size != nbytes:
+            raise FrameInvalid(f"{ref} holds {st.st_size} bytes, a {md.width}x{md.height} "
+                               f"{_FORMAT_NAMES[fmt]} frame is {nbytes} (without an offset "
+                               f"the file must be exactly one frame)", frame_id=md.frame_id)
         view = _map(fd, offset, nbytes, md.frame_id)
         return OpenFrame(view, fmt, md.width, md.height, stride, md.frame_id)
 

@@ -261,7 +261,8 @@ def open_fast(bytes path, bytes meta_name, long long raw_offset, Py_ssize_t raw_
     directory can succeed, so the open says O_DIRECTORY; else an lstat comes first.
 
     A regular file: [raw_offset, raw_offset + raw_length) mapped when raw_length > 0 and
-    the file holds it -> (FrameView, -1, None, None).
+    the file holds it (at raw_offset 0: when it is exactly raw_length bytes, docs/contract.md
+    5.2) -> (FrameView, -1, None, None).
     A directory: `meta_name` in it opened (not through a symlink), a regular file, its
     first 64 bytes read -> (None, dir_fd, header, meta identity (dev, ino, mtime_ns)); the
     caller owns dir_fd. None: refused, nothing left open.
@@ -291,6 +292,7 @@ def open_fast(bytes path, bytes meta_name, long long raw_offset, Py_ssize_t raw_
                 pass  # replaced between lstat and open: refused
             elif S_ISREG(st.st_mode):
                 if (raw_length > 0 and st.st_size >= raw_offset + raw_length
+                        and (raw_offset > 0 or st.st_size == raw_length)
                         and _map_range(fd, raw_offset, raw_length, &m) == 0):
                     kind = 1
             elif S_ISDIR(st.st_mode):
