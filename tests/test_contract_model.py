@@ -471,9 +471,32 @@ def test_known_output_default_decode(known):
     ({"classes": [2, 1], "max_detections": 2}, (2, 3)),
     ({"classes": [0, 7, 99]}, (0, 4)),
     ({"classes": []}, ()),
+    ({"classes": ["beta"]}, (3,)),             # by name, as info.classes lists them
+    ({"classes": ["gamma", 1], "max_detections": 2}, (2, 3)),  # names and ids mixed
+    ({"classes": ["alpha", 0, "alpha", 99]}, (0, 4)),
 ])
 def test_known_output_config(known, config, anchors):
     assert _known(known, **config) == _anchors(*anchors)
+
+
+@pytest.mark.parametrize(("classes", "named"), [
+    (["delta"], "no class named 'delta'"),
+    (["Beta"], "no class named 'Beta'"),           # names are exact
+    ([0, "beta", ""], "config.classes[2]: no class named ''"),
+    ([1, True], "config.classes[1] must be a class id (an integer >= 0) or a class name, not true"),
+    ([0, -1], "config.classes[1] must be a class id"),
+    (["beta", None], "not null"),
+])
+def test_known_output_bad_class_is_named(known, classes, named):
+    sock, frame = known
+    resp = infer(sock, frame, model_id="known", config={"classes": classes})
+    assert resp["error_code"] == "invalid_request" and named in resp["error"], resp
+
+
+def test_class_index_keeps_every_id_of_a_repeated_name():
+    from vasipc.schema import class_index
+
+    assert class_index(("car", "person", "car")) == {"car": (0, 2), "person": (1,)}
 
 
 def test_known_output_raw_frame_with_padding(known, root):

@@ -261,6 +261,9 @@ INVALID = {
     "classes [[1]]": _set_in("config", "classes", [[1]]),
     "classes [null]": _set_in("config", "classes", [None]),
     "classes object": _set_in("config", "classes", {"1": True}),
+    "classes unknown name": _set_in("config", "classes", ["NOT_A_CLASS"]),
+    "classes name of another case": _set_in("config", "classes", ["face_female"]),
+    "classes [name, object]": _set_in("config", "classes", ["FACE_FEMALE", {}]),
     "deadline_ms 0": _set("deadline_ms", 0),
     "deadline_ms -5": _set("deadline_ms", -5),
     "deadline_ms true": _set("deadline_ms", True),
@@ -313,6 +316,7 @@ VALID = {
     # JSON integers have no size limit: beyond 64 bits they are still integers
     "max_detections 10**20": _set_in("config", "max_detections", 10**20),
     "classes beyond 64 bits": _set_in("config", "classes", [0, 1, 2, 3, 10**20]),
+    "classes names and ids": _set_in("config", "classes", ["FACE_FEMALE", 0, "FACE_FEMALE"]),
     "deadline_ms float": _set("deadline_ms", 60000.5),
     "deadline_ms huge": _set("deadline_ms", 1e300),
     "metadata extra keys": _set("frame_metadata", {"offset": 0, "timestamp": 1.5, "x": [1]}),

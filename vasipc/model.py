@@ -82,6 +82,10 @@ class LoadedModel:
     def class_names(self) -> tuple[str, ...]:
         return self.head.class_names
 
+    @property
+    def class_ids(self) -> dict[str, tuple[int, ...]]:
+        return self.head.class_ids
+
     def run_size(self, n: int) -> int:
         """The padded batch size a batch of n requests runs at: the smallest size >= n."""
         for size in self.batch_sizes:

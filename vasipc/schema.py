@@ -8,7 +8,8 @@ dicts handed to the JSON encoder.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from vasipc.errors import InvalidRequest, ModelMismatch, VasipcError
@@ -55,6 +56,16 @@ class InferRequest(NamedTuple):
 
 
 NO_CONFIG = InferConfig()
+NO_CLASS_NAMES: Mapping[str, tuple[int, ...]] = MappingProxyType({})
+
+
+def class_index(class_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Class name -> the ids of that name (a names list may repeat one), for
+    `config.classes` given by name."""
+    index: dict[str, list[int]] = {}
+    for i, name in enumerate(class_names):
+        index.setdefault(name, []).append(i)
+    return {name: tuple(ids) for name, ids in index.items()}
 
 
 def _is_int(v: Any) -> bool:
@@ -150,15 +161,41 @@ def _parse_frame_metadata(fm: Any) -> FrameMetadata:
     )
 
 
-def _parse_config(cfg: Any, num_classes: int) -> InferConfig:
+def _class_ids(cl: Any, class_ids: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """`config.classes`: class ids and names (the model's, as `info.classes` lists them),
+    mixed at will, as ids; an id the model lacks matches nothing, an unknown name is an
+    error (a typo would silently keep nothing)."""
+    if type(cl) is not list:
+        raise InvalidRequest("config.classes must be a list of class ids or class names")
+    if all(_is_int(c) and c >= 0 for c in cl):
+        return tuple(cl)
+    ids: list[int] = []
+    for i, c in enumerate(cl):
+        if type(c) is str:
+            named = class_ids.get(c)
+            if named is None:
+                raise InvalidRequest(f"config.classes[{i}]: no class named {_show(c)} (info lists "
+                                     "the model's classes)")
+            ids += named
+        elif _is_int(c) and c >= 0:
+            ids.append(c)
+        else:
+            raise InvalidRequest(f"config.classes[{i}] must be a class id (an integer >= 0) or a "
+                                 f"class name, not {_show(c)}")
+    return tuple(ids)
+
+
+def _show(value: Any) -> str:
+    """A request's value in an error message: JSON-like, cut short."""
+    text = "null" if value is None else "true" if value is True else "false" if value is False \
+        else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse_config(cfg: Any, num_classes: int, class_ids: Mapping[str, tuple[int, ...]]) -> InferConfig:
     if type(cfg) is not dict:  # present but null is a wrong type too (docs/contract.md 3)
         raise InvalidRequest("config must be an object")
-    classes = None
-    if "classes" in cfg:
-        cl = cfg["classes"]
-        if type(cl) is not list or not all(_is_int(c) and c >= 0 for c in cl):
-            raise InvalidRequest("config.classes must be a list of non-negative class ids")
-        classes = tuple(cl)
+    classes = _class_ids(cfg["classes"], class_ids) if "classes" in cfg else None
     w = "config."
     mask_format = cfg.get("mask_format")
     if "mask_format" in cfg and mask_format not in MASK_FORMATS:
@@ -178,9 +215,11 @@ def _parse_config(cfg: Any, num_classes: int) -> InferConfig:
 
 def parse_infer(msg: dict, server_model_id: str,
                 is_raw_file: Callable[[str], bool] | None = None,
-                num_classes: int = 1 << 31) -> InferRequest:
+                num_classes: int = 1 << 31,
+                class_ids: Mapping[str, tuple[int, ...]] = NO_CLASS_NAMES) -> InferRequest:
     """Validate an `infer` request (docs/contract.md 3.1). Field errors come before
-    model_mismatch; `num_classes` bounds `config.top_k`.
+    model_mismatch; `num_classes` bounds `config.top_k`, `class_ids` (class name -> its
+    ids, `class_index`) turns the names in `config.classes` into ids.
 
     Whether `width`, `height` and `format` are required depends on the frame's form, so
     when one is missing `is_raw_file(frame_reference)` (the server's cheap stat) decides.
@@ -204,7 +243,7 @@ def parse_infer(msg: dict, server_model_id: str,
     ts = msg.get("timestamp")
     if not _is_number(ts) or ts <= 0:
         raise InvalidRequest("timestamp is required: a number > 0 (Unix seconds)")
-    config = _parse_config(msg["config"], num_classes) if "config" in msg else NO_CONFIG
+    config = _parse_config(msg["config"], num_classes, class_ids) if "config" in msg else NO_CONFIG
     deadline = msg.get("deadline_ms")
     if "deadline_ms" in msg and (not _is_number(deadline) or deadline <= 0):
         raise InvalidRequest("deadline_ms must be a number > 0")

@@ -251,8 +251,9 @@ class Server:
                 self.stats.count(op, "ok")
                 return self._encode(self._with_request_id(self._info(), msg))
             self.requests_total += 1  # only this (the I/O) thread writes it
+            model = self.model
             req = parse_infer(msg, self.model_id, self.batcher.opener.is_raw_file,
-                              self.model.num_classes)
+                              model.num_classes, model.class_ids)
             if (self.draining and not conn.read_before_drain) or self.fatal is not None:
                 raise ShuttingDown("the server is shutting down")
         except VasipcError as err:

@@ -17,7 +17,7 @@ import numpy as np
 
 from vasipc.errors import ModelError
 from vasipc.preprocess import Geometry, Preprocess
-from vasipc.schema import InferConfig
+from vasipc.schema import InferConfig, class_index
 
 ARCHITECTURES = ("yolo", "yolo-end2end", "yolo-classify", "yolov5", "rtdetr", "rfdetr", "dfine")
 TASKS = ("detect", "segment", "pose", "obb", "classify")
@@ -218,6 +218,11 @@ class Head:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @cached_property
+    def class_ids(self) -> dict[str, tuple[int, ...]]:
+        """Class name -> its ids, for requests that name the classes they keep."""
+        return class_index(self.class_names)
 
     def decode(self, outputs: Sequence[np.ndarray], i: int, geom: Geometry, cfg: InferConfig,
                defaults: Any) -> dict:
