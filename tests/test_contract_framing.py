@@ -45,11 +45,12 @@ def padded(size: int) -> bytes:
     return body
 
 
-def assert_error(resp: dict, code: str) -> None:
+def assert_error(resp: dict, code: str) -> dict:
     assert resp["error_code"] == code, resp
     assert isinstance(resp["error"], str) and resp["error"], resp
     assert resp["detections"] == [], resp
     assert resp["model_id"] == MODEL_ID and resp["camera_id"] == "", resp
+    return resp
 
 
 def assert_health(resp: dict, rid: int | str | None = None) -> None:
@@ -212,6 +213,37 @@ def test_too_large_with_partial_body_closes_without_reading_it(small):
         s.sendall(struct.pack(">I", SMALL_MAX + 1) + padded(SMALL_MAX + 1)[:200])
         assert_error(recv_within(s, 3), "message_too_large")
         assert wire.is_closed(s, 5)
+
+
+@pytest.mark.parametrize(("sent", "hint"), [
+    (json.dumps({"op": "health"}).encode(), "reads as the text '{\"op'"),  # JSON, no prefix
+    (b'\n {"op": "health"}', "reads as the text '\\n {\"'"),
+    (struct.pack("<I", 17) + b'{"op": "health"}', "byte-swapped the prefix is 17"),
+    (struct.pack(">I", DEFAULT_MAX + 1), None),
+    (struct.pack(">I", 0xFFFFFFFF), None),
+], ids=["json", "json-whitespace", "little-endian", "too-large", "max"])
+def test_wrong_framing_gets_a_hint(nudenet_server, sent, hint):
+    """A refused prefix that is JSON text or a little-endian length says so; one that is
+    neither says only that it is too large."""
+    with wire.connect(nudenet_server.socket) as s:
+        s.sendall(sent)
+        resp = assert_error(recv_within(s, 5), "message_too_large")
+        assert f"exceeds max_message_bytes {DEFAULT_MAX}" in resp["error"], resp
+        if hint is None:
+            assert "byte-swapped" not in resp["error"] and "reads as" not in resp["error"], resp
+        else:
+            assert hint in resp["error"], resp
+        assert wire.is_closed(s, 5)
+
+
+def test_little_endian_hint_within_the_servers_limit(small):
+    with wire.connect(small.socket) as s:
+        s.sendall(struct.pack("<I", SMALL_MAX) + padded(SMALL_MAX))
+        resp = assert_error(recv_within(s, 5), "message_too_large")
+        assert f"byte-swapped the prefix is {SMALL_MAX}: the length must be big-endian" in resp["error"]
+    with wire.connect(small.socket) as s:  # one above the limit swapped: no hint
+        s.sendall(struct.pack("<I", SMALL_MAX + 1))
+        assert "byte-swapped" not in assert_error(recv_within(s, 5), "message_too_large")["error"]
 
 
 @pytest.mark.parametrize("prefix", [0, DEFAULT_MAX + 1], ids=["zero", "too-large"])

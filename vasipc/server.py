@@ -49,6 +49,21 @@ WRITE_TIMEOUT_S = 30.0   # a client that never reads its responses is dropped af
 FLUSH_TIMEOUT_S = 2.0    # at exit: how long answered responses may take to reach their clients
 
 
+def framing_hint(length: int, max_message_bytes: int) -> str:
+    """What a refused length prefix most likely was, for its error message: JSON sent with
+    no prefix (the four bytes are printable ASCII, `{"op`), or a length written
+    little-endian (byte-swapped it is a size the server takes); else ""."""
+    prefix = length.to_bytes(4, "big")
+    if all(0x20 <= b <= 0x7E or b in b"\t\n\r" for b in prefix):  # JSON text, whitespace too
+        return (f"; the length prefix reads as the text {prefix.decode('ascii')!r}: each message "
+                "needs a 4-byte big-endian length before its JSON")
+    swapped = int.from_bytes(prefix, "little")
+    if 1 <= swapped <= max_message_bytes:
+        return (f"; byte-swapped the prefix is {swapped}: the length must be big-endian "
+                "(network byte order), not little-endian")
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     socket_path: str
@@ -215,11 +230,12 @@ class Server:
 
     # ---- the connection loop's callbacks (I/O thread) ---------------------------------
     def _on_bad_length(self, conn: Connection, slot: int, length: int) -> bytes:
+        limit = self.config.max_message_bytes
         if length == 0:
             err: VasipcError = InvalidMessage("length prefix is 0")
         else:
-            err = MessageTooLarge(f"message of {length} bytes exceeds max_message_bytes "
-                                  f"{self.config.max_message_bytes}")
+            err = MessageTooLarge(f"message of {length} bytes exceeds max_message_bytes {limit}"
+                                  + framing_hint(length, limit))
         self._count_error("unknown", err)
         return self._encode(error_response(err, None, self.model_id, self._metadata(self.model, {})))
 
