@@ -45,9 +45,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     ort = import_onnxruntime()
-    device, warning = resolve_device(args.device, cuda_available())
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    device = resolve_device(args.device, cuda_available())
     session = create_session(args.model, device, ort)
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
     h, w = (d if isinstance(d, int) else 640 for d in inp.shape[2:4])

@@ -119,7 +119,7 @@ def test_devices_a_backend_cannot_use_are_refused() -> None:
         select_device("openvino", "cuda:0")
     with pytest.raises(RuntimeUnavailable, match="Intel GPU"):
         select_device("onnxruntime", "gpu")
-    assert select_device("openvino", "auto") == (CPU, None)
+    assert select_device("openvino", "auto") == CPU
     with pytest.raises(BackendUnavailable, match="invalid backend"):
         select_device("tflite", "cpu")
 

@@ -67,6 +67,24 @@ def test_one_line_per_error_class_none_per_success(server_factory, astronaut_fra
     assert info[1].startswith("draining") and info[2].startswith("stopped")
 
 
+def test_cpu_server_starts_without_a_cuda_warning(server_factory):
+    """A CPU-only install (onnxruntime without the CUDA provider) serving with --device
+    auto: stderr is the startup line and nothing else, no word of CUDA (it once warned
+    "no usable CUDA GPU" at every start)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime here has the CUDA provider: --device auto is not a CPU server")
+    server = server_factory()  # --device auto, the default
+    assert wire.roundtrip(server.socket, {"op": "info"})["device"] == "cpu"
+    assert server.stop() == 0  # then the startup line has surely been written
+    stderr = server.stderr_text()
+    lines = parse_lines(stderr, "text")
+    assert [r["level"] for r in lines] == ["INFO"] * 3, stderr  # serving, draining, stopped
+    assert lines[0]["message"].startswith("serving model") and "device cpu" in lines[0]["message"]
+    assert "cuda" not in stderr.lower(), stderr
+
+
 def test_bad_log_format_is_a_usage_error(nudenet_model):
     from serve_cli import assert_refused, run_serve
 

@@ -149,7 +149,7 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
 
     source, layout_id = resolve_source(path, version)
     model_id = my.model_id_for(source, model_id or layout_id)
-    dev, device_note = select_device(backend or source.backend or "auto", device)
+    dev = select_device(backend or source.backend or "auto", device)
     spec = my.model_spec(source, dev, model_id, device_arg=device, labels=labels,
                          backend=backend, precision=precision)
     t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
         "class_names_source": spec.class_names_source,  # null: the model's metadata / class_{id}
         "confidence_threshold": spec.confidence_threshold,
         "nms_iou_threshold": spec.nms_iou_threshold, "max_detections": spec.max_detections,
-        "device": dev.name, "device_note": device_note, **model.backend.describe(),
+        "device": dev.name, **model.backend.describe(),
         "preprocess": model.preprocess, "max_batch": model.max_batch,
         "batch_sizes": list(model.batch_sizes),
         "load_ms": round(load_ms, 1), "runs": runs, "run_ms": median("total_ms"),
@@ -209,7 +209,7 @@ def format_report(r: dict[str, Any]) -> str:
         ("class names", r["class_names_source"] or "the model's ONNX metadata (else class_{id})"),
         ("thresholds", f"confidence {r['confidence_threshold']:g}, NMS IoU "
                        f"{r['nms_iou_threshold']:g}, max detections {r['max_detections']}"),
-        ("device", r["device"] + (f" ({r['device_note']})" if r["device_note"] else "")),
+        ("device", r["device"]),
         ("runtime", f"{r['backend']} {r['runtime_version']}, precision {r['precision']}, "
                     f"{r['streams']} stream(s)"),
         ("providers", ", ".join(r["providers"])),

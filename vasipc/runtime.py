@@ -35,21 +35,21 @@ def parse_device(text: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2) or 0)
 
 
-def resolve_device(text: str, has_cuda: bool) -> tuple[Device, str | None]:
-    """(device, warning) for `--device`; raises RuntimeUnavailable for cuda without a GPU."""
+def resolve_device(text: str, has_cuda: bool) -> Device:
+    """The device for `--device`; raises RuntimeUnavailable for cuda without a GPU. auto
+    without a CUDA provider is the CPU, silently: a CPU-only install is not a mistake to
+    warn about at every start (the startup line says the device)."""
     kind, index = parse_device(text)
     if kind == "gpu":
         raise RuntimeUnavailable(f"--device {text} is an Intel GPU: it needs --backend openvino")
     if kind == "cpu":
-        return Device("cpu"), None
+        return Device("cpu")
     if kind == "cuda":
         if not has_cuda:
             raise RuntimeUnavailable(
                 f"--device {text}: no usable CUDA GPU (onnxruntime lists no CUDA provider)")
-        return Device("cuda", index), None
-    if has_cuda:
-        return Device("cuda", index), None
-    return Device("cpu"), "no usable CUDA GPU: serving on CPU"
+        return Device("cuda", index)
+    return Device("cuda", index) if has_cuda else Device("cpu")
 
 
 def usable_cpus() -> int:

@@ -269,8 +269,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         for r in roots:
             if not os.path.isdir(r):
                 raise CliError(f"--frame-root {r} is not a directory")
-        device, warning = select_device(args.backend or source.backend or "auto",
-                                        args.device or "auto")
+        device = select_device(args.backend or source.backend or "auto", args.device or "auto")
         load = ModelLoader(args, model_id, device)
         load.source = source  # watched from before the load: a change during it is seen
         watched = file_signature(load.watched_files()) if args.watch else None
@@ -306,8 +305,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 2
     if metrics is not None:
         metrics.attach(server)  # /readyz follows the server's readiness from now on
-    if warning:  # only once serving: a failed start prints its one error line, nothing else
-        log.warning("%s", warning)
     if source.ignored_keys:  # not refused (the format may grow), but a typo should show
         log.warning("model.yaml keys not in the onboarding format, ignored: %s",
                     ", ".join(source.ignored_keys))

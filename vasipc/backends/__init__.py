@@ -28,8 +28,8 @@ __all__ = ["BACKENDS", "PRECISIONS", "Backend", "BackendOptions", "BackendUnavai
            "choose_backend", "open_backend", "select_device"]
 
 
-def select_device(backend: str, device: str) -> tuple[Device, str | None]:
-    """(device, warning) for `--device` under `--backend` (or model.yaml's backend)."""
+def select_device(backend: str, device: str) -> Device:
+    """The device for `--device` under `--backend` (or model.yaml's backend)."""
     from vasipc.backends.onnxruntime import cuda_available
 
     if backend not in BACKENDS:
@@ -40,12 +40,12 @@ def select_device(backend: str, device: str) -> tuple[Device, str | None]:
         if device.startswith("cuda"):
             raise BackendUnavailable(f"--backend openvino serves on cpu or an Intel gpu, not "
                                      f"--device {device}")
-        return (intel_gpu(device), None) if device.startswith("gpu") else (Device("cpu"), None)
-    dev, warning = resolve_device(device, cuda_available())
+        return intel_gpu(device) if device.startswith("gpu") else Device("cpu")
+    dev = resolve_device(device, cuda_available())
     if backend == "tensorrt" and dev.kind != "cuda":
         raise BackendUnavailable("--backend tensorrt needs a CUDA GPU (onnxruntime lists no "
                                  "CUDA provider here)")
-    return dev, warning
+    return dev
 
 
 def choose_backend(backend: str, device: Device, precision: str = "auto",
