@@ -20,8 +20,14 @@ from __future__ import annotations
 
 import numpy as np
 
-NV12, I420, BGR24, RGB24 = 0, 1, 2, 3
-FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
+NV12, I420, BGR24, RGB24, NV21, BGRA, BGRX, RGBA, RGBX, GRAY8 = range(10)
+FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24, "NV21": NV21,
+                "BGRA": BGRA, "BGRx": BGRX, "RGBA": RGBA, "RGBx": RGBX, "GRAY8": GRAY8}
+YUV420 = (NV12, NV21, I420)
+# Packed formats: bytes per pixel and the byte of R, G, B in a pixel (alpha never read).
+PACKED = {BGR24: (3, (2, 1, 0)), RGB24: (3, (0, 1, 2)), BGRA: (4, (2, 1, 0)),
+          BGRX: (4, (2, 1, 0)), RGBA: (4, (0, 1, 2)), RGBX: (4, (0, 1, 2)),
+          GRAY8: (1, (0, 0, 0))}
 PAD_VALUE = 114
 
 # OpenCV's YUV420 -> RGB coefficients, scaled by 2**20 (1.164, 2.018, -0.391, -0.813, 1.596).
@@ -38,20 +44,20 @@ def min_stride(fmt: int, width: int) -> int:
         raise ValueError(f"unknown pixel format code {fmt}")
     if width < 0:
         raise ValueError(f"frame width {width} is negative")
-    return width if fmt in (NV12, I420) else 3 * width
+    return PACKED[fmt][0] * width if fmt in PACKED else width
 
 
 def frame_nbytes(fmt: int, width: int, height: int, stride: int) -> int:
     packed = min_stride(fmt, width)
     if width < 1 or height < 1:
         raise ValueError(f"frame size {width}x{height} has a zero dimension")
-    if fmt in (NV12, I420) and (width % 2 or height % 2):
+    if fmt in YUV420 and (width % 2 or height % 2):
         raise ValueError(f"YUV 4:2:0 needs an even size, got {width}x{height}")
     if stride < packed:
         raise ValueError(f"stride {stride} < {packed}")
     if fmt == I420 and stride % 2:
         raise ValueError(f"I420 stride must be even, got {stride}")
-    if fmt == NV12:
+    if fmt in (NV12, NV21):
         return stride * height * 3 // 2
     if fmt == I420:
         return stride * height + 2 * (stride // 2) * (height // 2)
@@ -161,15 +167,16 @@ def _pixels(data: np.ndarray, fmt: int, height: int, stride: int,
             rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """RGB (3, len(rows), len(cols)) of source pixels (rows[i], cols[j]), as uint8 values."""
     r, c = rows[:, None], cols[None, :]
-    if fmt in (BGR24, RGB24):
+    if fmt in PACKED:
+        nbytes, channels = PACKED[fmt]
         packed = data[:stride * height].reshape(height, stride)
-        channels = [packed[r, 3 * c + k] for k in range(3)]
-        return np.stack(channels[::-1] if fmt == BGR24 else channels).astype(np.int32)
+        return np.stack([packed[r, nbytes * c + k] for k in channels]).astype(np.int32)
     luma = data[:stride * height].reshape(height, stride)
     chroma = data[stride * height:]
-    if fmt == NV12:
-        uv = chroma[:stride * (height // 2)].reshape(height // 2, stride)
-        u, v = uv[r // 2, (c // 2) * 2], uv[r // 2, (c // 2) * 2 + 1]
+    if fmt in (NV12, NV21):
+        pairs = chroma[:stride * (height // 2)].reshape(height // 2, stride)
+        first, second = pairs[r // 2, (c // 2) * 2], pairs[r // 2, (c // 2) * 2 + 1]
+        u, v = (first, second) if fmt == NV12 else (second, first)
     else:
         cs, ch = stride // 2, height // 2
         u = chroma[:cs * ch].reshape(ch, cs)[r // 2, c // 2]

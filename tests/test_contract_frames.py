@@ -104,12 +104,15 @@ def test_export_dir_large_frame_id(sock, root, astro):
 
 
 def test_formats_agree(sock, root, astro):
-    """The four encodings of one picture give the same face box (the server decodes each
-    format as 5.3 defines it: BGR vs RGB order, NV12 vs I420 chroma layout)."""
+    """Every colour encoding of one picture gives the same face box (the server decodes each
+    format as 5.3 defines it: BGR vs RGB order, NV12 vs NV21 vs I420 chroma layout, 3 or 4
+    bytes a pixel). GRAY8 loses the colour: it still finds the face."""
+    colour = [fmt for fmt in FORMATS if fmt != "GRAY8"]
     boxes = {fmt: _face_box(infer(sock, write_dir(root / f"agree-{fmt}", astro, fmt)))
-             for fmt in FORMATS}
-    for fmt in FORMATS:
+             for fmt in colour}
+    for fmt in colour:
         assert boxes[fmt] == pytest.approx(boxes["RGB24"], abs=0.01), boxes
+    assert _has_face(infer(sock, write_dir(root / "agree-GRAY8", astro, "GRAY8")))
 
 
 def test_swapped_channels_change_the_result(sock, root, astro):
@@ -196,8 +199,8 @@ HEADER_CASES = {
     "stride 2**32-1": (_w(stride=2**32 - 1, data_size=2**64 - 1), "frame_invalid"),
     "all sizes 2**32-1": (_w(width=2**32 - 1, height=2**32 - 1, stride=2**32 - 1,
                              data_size=2**64 - 1), "frame_invalid"),
-    "pixel_format 7": (_w(pixel_format=7), "unsupported_format"),
-    "pixel_format 4": (_w(pixel_format=4), "unsupported_format"),
+    "pixel_format 10": (_w(pixel_format=10), "unsupported_format"),
+    "pixel_format 99": (_w(pixel_format=99), "unsupported_format"),
     "pixel_format 2**32-1": (_w(pixel_format=2**32 - 1), "unsupported_format"),
 }
 
@@ -272,16 +275,26 @@ def test_raw_file_defaults(sock, root, astro):
     assert _has_face(infer(sock, path, md))
 
 
-@pytest.mark.parametrize("name", ["bgr", "RGB", "Bgr24", "rgb24", "nv12", "i420"])
+# Each name a pipeline may send (ours, FFmpeg's pix_fmt, GStreamer's format, any case) and
+# the format it names.
+FORMAT_SPELLINGS = {
+    "bgr": "BGR24", "RGB": "RGB24", "Bgr24": "BGR24", "rgb24": "RGB24", "nv12": "NV12",
+    "i420": "I420", "I420": "I420", "yuv420p": "I420", "nv21": "NV21", "NV21": "NV21",
+    "bgra": "BGRA", "BGRA": "BGRA", "bgr0": "BGRx", "BGRx": "BGRx", "rgba": "RGBA",
+    "RGBA": "RGBA", "rgb0": "RGBx", "RGBx": "RGBx", "gray": "GRAY8", "GRAY8": "GRAY8",
+    "gray8": "GRAY8",
+}
+
+
+@pytest.mark.parametrize("name", list(FORMAT_SPELLINGS))
 def test_raw_format_names_are_case_insensitive_with_aliases(sock, root, astro, name):
-    canonical = {"BGR": "BGR24", "RGB": "RGB24"}.get(name.upper(), name.upper())
     path = root / f"alias-{name}"
-    md = write_raw(path, astro, canonical)
+    md = write_raw(path, astro, FORMAT_SPELLINGS[name])
     md["format"] = name
     assert _has_face(infer(sock, path, md))
 
 
-@pytest.mark.parametrize("fmt", ["YUYV", "NV21", "GRAY8", "", "RGBA", "BGR 24"])
+@pytest.mark.parametrize("fmt", ["YUYV", "P010", "ARGB", "", "gray16le", "BGR 24"])
 def test_raw_unknown_format_is_unsupported(sock, root, fmt):
     path = root / "fmt.raw"
     write_raw(path, gray(), "RGB24")
@@ -692,15 +705,15 @@ def test_no_fd_or_mapping_leaks(nudenet_server, root, astro):
     write_meta(short, width=64, height=64, pixel_format=RGB24, stride=192,
                data_size=64 * 64 * 3)
     (short / "frame.data").write_bytes(bytes(100))
-    fmt7 = write_dir(root / "leak-fmt7", gray(), "RGB24")
-    write_meta(fmt7, width=64, height=64, pixel_format=7, stride=192, data_size=64 * 64 * 3)
+    fmt10 = write_dir(root / "leak-fmt10", gray(), "RGB24")
+    write_meta(fmt10, width=64, height=64, pixel_format=10, stride=192, data_size=64 * 64 * 3)
     cases = [
         (dir_ok, {}, None),
         (dir_ok, {"frame_id": 6}, "frame_changed"),
         (raw_ok, md_ok, None),
         (raw_ok, {**md_ok, "offset": 10**7}, "frame_invalid"),
         (short, {}, "frame_invalid"),
-        (fmt7, {}, "unsupported_format"),
+        (fmt10, {}, "unsupported_format"),
         (root / "leak-missing", {}, "frame_not_found"),
         (root / "links-leak", {}, "frame_forbidden"),
     ]

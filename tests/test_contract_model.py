@@ -30,10 +30,16 @@ CONF_TOL = 0.02
 
 def decode_frame(data: np.ndarray, fmt: str, w: int, h: int) -> np.ndarray:
     """Packed frame bytes -> RGB uint8, with OpenCV (BT.601 limited range for YUV)."""
-    if fmt == "NV12":
-        return cv2.cvtColor(data.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_NV12)
-    if fmt == "I420":
-        return cv2.cvtColor(data.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_I420)
+    yuv = {"NV12": cv2.COLOR_YUV2RGB_NV12, "NV21": cv2.COLOR_YUV2RGB_NV21,
+           "I420": cv2.COLOR_YUV2RGB_I420}
+    if fmt in yuv:
+        return cv2.cvtColor(data.reshape(h * 3 // 2, w), yuv[fmt])
+    four = {"BGRA": cv2.COLOR_BGRA2RGB, "BGRx": cv2.COLOR_BGRA2RGB, "RGBA": cv2.COLOR_RGBA2RGB,
+            "RGBx": cv2.COLOR_RGBA2RGB}
+    if fmt in four:
+        return cv2.cvtColor(data.reshape(h, w, 4), four[fmt])
+    if fmt == "GRAY8":
+        return cv2.cvtColor(data.reshape(h, w), cv2.COLOR_GRAY2RGB)
     if fmt == "BGR24":
         return cv2.cvtColor(data.reshape(h, w, 3), cv2.COLOR_BGR2RGB)
     return data.reshape(h, w, 3).copy()

@@ -51,12 +51,12 @@ def root(astronaut_rgb) -> Iterator[Path]:
         write_dir(path / "short_size", gray(), "RGB24", frame_id=42)
         write_meta(path / "short_size", width=64, height=64, pixel_format=frames.RGB24,
                    stride=192, data_size=100, frame_id=42)
-        # pixel_format 7 with zero sizes: unsupported_format and frame_invalid both apply
-        write_dir(path / "fmt7_zero", gray(), "RGB24", frame_id=5)
-        write_meta(path / "fmt7_zero", width=0, height=0, pixel_format=7, stride=0,
+        # pixel_format 10 with zero sizes: unsupported_format and frame_invalid both apply
+        write_dir(path / "fmt10_zero", gray(), "RGB24", frame_id=5)
+        write_meta(path / "fmt10_zero", width=0, height=0, pixel_format=10, stride=0,
                    data_size=0, frame_id=5)
-        write_dir(path / "fmt7", gray(), "RGB24", frame_id=6)
-        write_meta(path / "fmt7", width=64, height=64, pixel_format=7, stride=192,
+        write_dir(path / "fmt10", gray(), "RGB24", frame_id=6)
+        write_meta(path / "fmt10", width=64, height=64, pixel_format=10, stride=192,
                    data_size=64 * 64 * 3, frame_id=6)
         os.mkfifo(path / "fifo")
         (path / "empty_dir").mkdir()
@@ -243,7 +243,7 @@ TRIGGERS: dict[str, Callable[[str, Path], dict]] = {
         sock, infer_msg(root / "astronaut", model_id="yolov8n")),
     "frame_forbidden": lambda sock, root: wire.roundtrip(sock, infer_msg(root / "fifo")),
     "frame_not_found": lambda sock, root: wire.roundtrip(sock, infer_msg(root / "empty_dir")),
-    "unsupported_format": lambda sock, root: wire.roundtrip(sock, infer_msg(root / "fmt7")),
+    "unsupported_format": lambda sock, root: wire.roundtrip(sock, infer_msg(root / "fmt10")),
     "frame_invalid": lambda sock, root: wire.roundtrip(sock, infer_msg(root / "short_size")),
     "frame_changed": lambda sock, root: wire.roundtrip(
         sock, infer_msg(root / "astronaut", {"frame_id": 43})),
@@ -410,9 +410,9 @@ PRECEDENCE_CASES: dict[str, tuple[str, Callable[[Path], dict]]] = {
     "unsupported_format > frame_invalid (raw)": ("unsupported_format", lambda root: infer_msg(
         root / "gray.rgb", {**RAW_MD, "format": "YUYV", "width": 0, "stride": 1})),
     "unsupported_format > frame_invalid (header)": ("unsupported_format", lambda root: infer_msg(
-        root / "fmt7_zero")),
+        root / "fmt10_zero")),
     "unsupported_format > frame_changed (header)": ("unsupported_format", lambda root: infer_msg(
-        root / "fmt7", {"frame_id": 99})),
+        root / "fmt10", {"frame_id": 99})),
     "frame_invalid > frame_changed (metadata)": ("frame_invalid", lambda root: infer_msg(
         root / "astronaut", {"frame_id": 41, "width": 100})),
     "frame_invalid > frame_changed (header)": ("frame_invalid", lambda root: infer_msg(

@@ -288,7 +288,7 @@ def write_meta(path: Path, **fields) -> None:
 
 @pytest.mark.parametrize(("fields", "md", "code"), [
     ({"version": 0}, EMPTY, FrameInvalid),
-    ({"pixel_format": 9}, EMPTY, UnsupportedFormat),
+    ({"pixel_format": 10}, EMPTY, UnsupportedFormat),
     ({"width": 0}, EMPTY, FrameInvalid),
     ({"width": 63}, EMPTY, FrameInvalid),
     ({"data_size": 10}, EMPTY, FrameInvalid),

@@ -56,13 +56,20 @@ def test_header_unpack_short_buffer():
 
 
 def test_parse_format():
-    assert frames.PIXEL_FORMATS == {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3}
-    assert frames.parse_format("nv12") == 0
-    assert frames.parse_format("I420") == 1
-    assert frames.parse_format("bgr") == frames.parse_format("BGR24") == 2
-    assert frames.parse_format("Rgb") == frames.parse_format("rgb24") == 3
-    for bad in ("YUYV", "", "NV21"):
-        with pytest.raises(ValueError):
+    assert frames.PIXEL_FORMATS == {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3, "NV21": 4,
+                                    "BGRA": 5, "BGRx": 6, "RGBA": 7, "RGBx": 8, "GRAY8": 9}
+    from vasipc._fast.letterbox import FORMAT_CODES
+    assert FORMAT_CODES == frames.PIXEL_FORMATS
+    # Ours, FFmpeg's pix_fmt and GStreamer's format names, in any case.
+    spellings = {0: ["nv12", "NV12"], 1: ["I420", "i420", "yuv420p", "YUV420P"],
+                 2: ["BGR24", "bgr24", "bgr", "BGR", "Bgr"], 3: ["rgb24", "RGB", "Rgb", "rgb"],
+                 4: ["nv21", "NV21"], 5: ["bgra", "BGRA"], 6: ["BGRx", "bgr0", "BGRX", "bgrx"],
+                 7: ["rgba", "RGBA"], 8: ["RGBx", "rgb0", "RGB0"],
+                 9: ["GRAY8", "gray8", "gray", "GRAY"]}
+    for code, names in spellings.items():
+        assert [frames.parse_format(name) for name in names] == [code] * len(names), names
+    for bad in ("YUYV", "", "P010", "ARGB", "gray16le", "BGR 24", "yuv420p10le"):
+        with pytest.raises(ValueError, match="unknown pixel format"):
             frames.parse_format(bad)
 
 
@@ -152,7 +159,7 @@ def test_nv12_is_i420_with_interleaved_chroma(astronaut_rgb):
     assert np.array_equal(nv12[luma + 1::2], i420[luma + quarter:])
 
 
-@pytest.mark.parametrize("fmt", ["NV12", "I420", "BGR24", "RGB24"])
+@pytest.mark.parametrize("fmt", list(frames.PIXEL_FORMATS))
 def test_padded_stride_keeps_pixels(astronaut_rgb, fmt):
     height, width = astronaut_rgb.shape[:2]
     packed_stride = frames.packed_stride(width, fmt)
@@ -169,6 +176,21 @@ def test_rgb_and_bgr_layouts():
     rgb = np.array([[[1, 2, 3], [4, 5, 6]]], dtype=np.uint8)
     assert frames.encode_frame(rgb, "RGB").tolist() == [1, 2, 3, 4, 5, 6]
     assert frames.encode_frame(rgb, "BGR24").tolist() == [3, 2, 1, 6, 5, 4]
+    assert frames.encode_frame(rgb, "bgra").tolist() == [3, 2, 1, 255, 6, 5, 4, 255]
+    assert frames.encode_frame(rgb, "BGRx").tolist() == [3, 2, 1, 255, 6, 5, 4, 255]
+    assert frames.encode_frame(rgb, "RGBA").tolist() == [1, 2, 3, 255, 4, 5, 6, 255]
+    assert frames.encode_frame(rgb, "rgb0").tolist() == [1, 2, 3, 255, 4, 5, 6, 255]
+    white_red = np.array([[[255, 255, 255], [255, 0, 0]]], dtype=np.uint8)
+    assert frames.encode_frame(white_red, "GRAY8").tolist() == [255, 76]  # BT.601: 0.299 * 255
+
+
+def test_nv21_is_nv12_with_the_pairs_swapped(astronaut_rgb):
+    nv12 = frames.encode_frame(astronaut_rgb, "NV12")
+    nv21 = frames.encode_frame(astronaut_rgb, "NV21")
+    luma = astronaut_rgb.shape[0] * astronaut_rgb.shape[1]
+    assert np.array_equal(nv12[:luma], nv21[:luma])
+    assert np.array_equal(nv12[luma::2], nv21[luma + 1::2])
+    assert np.array_equal(nv12[luma + 1::2], nv21[luma::2])
 
 
 def test_encoder_rejects_bad_input(astronaut_rgb):
@@ -176,6 +198,8 @@ def test_encoder_rejects_bad_input(astronaut_rgb):
         frames.rgb_to_nv12(astronaut_rgb[:-1])
     with pytest.raises(ValueError, match="even"):
         frames.rgb_to_i420(astronaut_rgb[:, :-1])
+    with pytest.raises(ValueError, match="even"):
+        frames.encode_frame(astronaut_rgb[:-1], "NV21")
     with pytest.raises(ValueError, match="stride"):
         frames.encode_frame(astronaut_rgb, "NV12", stride=astronaut_rgb.shape[1] - 2)
     with pytest.raises(ValueError, match="stride"):
@@ -188,7 +212,7 @@ def test_encoder_rejects_bad_input(astronaut_rgb):
         astronaut_rgb.shape[0] - 2, astronaut_rgb.shape[1] - 2)
 
 
-@pytest.mark.parametrize("fmt", ["NV12", "I420", "BGR24", "RGB24"])
+@pytest.mark.parametrize("fmt", list(frames.PIXEL_FORMATS))
 def test_writer_sizes_agree_with_the_server_kernel(fmt):
     """The producer-side size rules (pure Python) and the kernel's own bounds (C) are two
     spellings of docs/contract.md 5.3; they must never drift apart."""

@@ -48,7 +48,11 @@ from vasipc.schema import FrameMetadata
 cv2 = pytest.importorskip("cv2")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FORMATS = {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3}
+FORMATS = {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3, "NV21": 4, "BGRA": 5, "BGRx": 6,
+           "RGBA": 7, "RGBx": 8, "GRAY8": 9}
+# The 4-byte formats: (OpenCV's conversion to RGB, whether the channels are B, G, R).
+FOUR_BYTE = {"BGRA": (cv2.COLOR_BGRA2RGB, True), "BGRx": (cv2.COLOR_BGRA2RGB, True),
+             "RGBA": (cv2.COLOR_RGBA2RGB, False), "RGBx": (cv2.COLOR_RGBA2RGB, False)}
 PAD = np.float32(114) / np.float32(255)
 
 
@@ -108,22 +112,37 @@ def _strided(plane: np.ndarray, stride: int, rng: np.random.Generator) -> np.nda
 def make_frame(rgb: np.ndarray, fmt: int, stride_pad: int = 0, offset: int = 0,
                seed: int = 0) -> Frame:
     """The photo as a frame of format fmt with stride = packed + stride_pad (garbage in the
-    padding), placed at `offset` inside a bigger buffer full of garbage."""
+    padding, and in the alpha or padding byte of 4-byte pixels), placed at `offset` inside
+    a bigger buffer full of garbage. GRAY8: OpenCV's COLOR_RGB2GRAY of the photo."""
     rng = np.random.default_rng(seed)
     h, w = rgb.shape[:2]
-    if fmt in (FORMATS["NV12"], FORMATS["I420"]):
+    name = {code: name for name, code in FORMATS.items()}[fmt]
+    if name in ("NV12", "NV21", "I420"):
         y, u, v = rgb_to_yuv420(rgb)
         stride = w + stride_pad
-        if fmt == FORMATS["NV12"]:
-            uv = np.stack([u, v], axis=-1).reshape(h // 2, w)
-            planes = [_strided(y, stride, rng), _strided(uv, stride, rng)]
-            decoded = cv2.cvtColor(np.vstack([y, uv]), cv2.COLOR_YUV2RGB_NV12)
+        if name in ("NV12", "NV21"):
+            pairs = np.stack([u, v] if name == "NV12" else [v, u], axis=-1).reshape(h // 2, w)
+            planes = [_strided(y, stride, rng), _strided(pairs, stride, rng)]
+            code = cv2.COLOR_YUV2RGB_NV12 if name == "NV12" else cv2.COLOR_YUV2RGB_NV21
+            decoded = cv2.cvtColor(np.vstack([y, pairs]), code)
         else:
             assert stride % 2 == 0
             planes = [_strided(y, stride, rng), _strided(u, stride // 2, rng),
                       _strided(v, stride // 2, rng)]
             packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
             decoded = cv2.cvtColor(packed, cv2.COLOR_YUV2RGB_I420)
+    elif name in FOUR_BYTE:
+        conversion, bgr = FOUR_BYTE[name]
+        pixels = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)  # alpha: garbage
+        pixels[..., :3] = rgb[..., ::-1] if bgr else rgb
+        stride = 4 * w + stride_pad
+        planes = [_strided(pixels.reshape(h, 4 * w), stride, rng)]
+        decoded = cv2.cvtColor(pixels, conversion)
+    elif name == "GRAY8":
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        stride = w + stride_pad
+        planes = [_strided(gray, stride, rng)]
+        decoded = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
     else:
         pixels = rgb[..., ::-1] if fmt == FORMATS["BGR24"] else rgb
         stride = 3 * w + stride_pad
@@ -315,7 +334,7 @@ class _LetterboxBehaviour:
         assert_matches_opencv(out, expected)
 
     @pytest.mark.parametrize("size", [(333, 211), (211, 333), (1, 1), (3, 1), (1, 700)])
-    @pytest.mark.parametrize("fmt_name", ["BGR24", "RGB24"])
+    @pytest.mark.parametrize("fmt_name", ["BGR24", "RGB24", "BGRA", "RGBx", "GRAY8"])
     def test_odd_sizes_packed_formats(self, fmt_name: str, size: tuple[int, int]) -> None:
         w, h = size
         frame = make_frame(photo(w, h), FORMATS[fmt_name], stride_pad=5, offset=11)
@@ -342,21 +361,30 @@ class _LetterboxBehaviour:
         assert np.all(batch[0] == -1) and np.all(batch[2] == -1)
 
     def test_geometry_constants(self) -> None:
-        assert self.kernel.FORMAT_CODES == {"NV12": 0, "I420": 1, "BGR24": 2, "RGB24": 3}
+        assert self.kernel.FORMAT_CODES == FORMATS
         assert self.kernel.min_stride(0, 640) == 640 and self.kernel.min_stride(1, 640) == 640
         assert self.kernel.min_stride(2, 640) == 1920 and self.kernel.min_stride(3, 640) == 1920
         assert self.kernel.frame_nbytes(0, 640, 480, 704) == 704 * 480 * 3 // 2
         assert self.kernel.frame_nbytes(1, 640, 480, 706) == 706 * 480 + 2 * 353 * 240
         assert self.kernel.frame_nbytes(2, 5, 3, 16) == 48
         assert self.kernel.frame_nbytes(3, 5, 3, 15) == 45
+        assert self.kernel.min_stride(4, 640) == self.kernel.min_stride(9, 640) == 640
+        assert all(self.kernel.min_stride(fmt, 640) == 2560 for fmt in (5, 6, 7, 8))
+        assert self.kernel.frame_nbytes(4, 640, 480, 703) == 703 * 480 * 3 // 2
+        assert self.kernel.frame_nbytes(5, 5, 3, 21) == self.kernel.frame_nbytes(8, 5, 3, 21) == 63
+        assert self.kernel.frame_nbytes(9, 5, 3, 5) == 15
 
     @pytest.mark.parametrize("args", [
         (0, 641, 480, 641),   # odd width, NV12
         (1, 640, 481, 640),   # odd height, I420
         (1, 640, 480, 641),   # odd I420 stride
+        (4, 640, 479, 640),   # odd height, NV21
         (0, 640, 480, 639),   # stride below a row
         (2, 640, 480, 1919),
-        (4, 640, 480, 640),   # unknown format
+        (5, 640, 480, 2559),  # BGRA: 4 bytes a pixel
+        (9, 640, 480, 639),   # GRAY8
+        (10, 640, 480, 640),  # unknown format
+        (-1, 640, 480, 640),
         (2, 0, 480, 0),
         (2, 640, 0, 1920),
     ])

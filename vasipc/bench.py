@@ -42,7 +42,13 @@ from typing import Any
 import numpy as np
 
 from vasipc.client import Client
-from vasipc.frames import encode_frame, parse_format, write_frame_dir
+from vasipc.frames import (
+    FORMAT_NAMES,
+    YUV420_FORMATS,
+    encode_frame,
+    parse_format,
+    write_frame_dir,
+)
 
 PROG = "python -m vasipc.bench"
 STAGES = ("queue_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
@@ -541,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     frames.add_argument("--width", type=_positive(int), default=1920)
     frames.add_argument("--height", type=_positive(int), default=1080)
     frames.add_argument("--format", dest="pixel_format", default="NV12",
-                        help="NV12 (default), I420, BGR24 or RGB24")
+                        help="NV12 (default) or another pixel format of docs/contract.md "
+                             "5.3 (FFmpeg's and GStreamer's names too)")
     frames.add_argument("--image", help="source picture (.npy, or PNG/JPEG with Pillow or "
                                         "OpenCV); default skimage's astronaut or a gradient")
     frames.add_argument("--ring", type=_positive(int), default=8,
@@ -577,10 +584,11 @@ def parse_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         if a.warmup < 0:
             raise UsageError("--warmup must be >= 0")
         try:
-            fmt = {0: "NV12", 1: "I420", 2: "BGR24", 3: "RGB24"}[parse_format(a.pixel_format)]
+            code = parse_format(a.pixel_format)
         except ValueError as exc:
             raise UsageError(f"--format: {exc}") from None
-        if fmt in ("NV12", "I420") and (a.width % 2 or a.height % 2):
+        fmt = FORMAT_NAMES[code]
+        if code in YUV420_FORMATS and (a.width % 2 or a.height % 2):
             raise UsageError(f"{fmt} needs an even --width and --height")
         request_config = None
         if a.config is not None:

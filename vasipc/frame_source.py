@@ -33,12 +33,18 @@ from vasipc.errors import (
     UnsupportedFormat,
     VasipcError,
 )
-from vasipc.frames import HEADER_SIZE, HEADER_STRUCT, PIXEL_FORMATS, parse_format
+from vasipc.frames import (
+    FORMAT_NAMES,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    I420,
+    PIXEL_FORMATS,
+    YUV420_FORMATS,
+    parse_format,
+)
 from vasipc.schema import FrameMetadata
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_FORMAT_NAMES = {code: name for name, code in PIXEL_FORMATS.items()}
-_CHROMA_FORMATS = (PIXEL_FORMATS["NV12"], PIXEL_FORMATS["I420"])
 _META, _DATA = "frame.meta", "frame.data"
 _META_B, _DATA_B = os.fsencode(_META), os.fsencode(_DATA)
 _OFF_T_MAX = 2**63 - 1
@@ -173,7 +179,8 @@ def _format_code(name: str) -> int:
         return parse_format(name)
     except ValueError:
         raise UnsupportedFormat(f"pixel format {name!r} is not supported "
-                                f"(NV12, I420, BGR24, RGB24)") from None
+                                f"({', '.join(PIXEL_FORMATS)}, or FFmpeg's and GStreamer's "
+                                f"names for them)") from None
 
 
 def _metadata_format(name: str) -> int | None:
@@ -193,13 +200,13 @@ def _check_geometry(fmt: int, width: int, height: int, stride: int | None, max_d
         raise bad(f"frame size {width}x{height} has a zero dimension")
     if width > max_dim or height > max_dim:
         raise bad(f"frame size {width}x{height} exceeds --max-frame-dim {max_dim}")
-    if fmt in _CHROMA_FORMATS and (width % 2 or height % 2):
-        raise bad(f"{_FORMAT_NAMES[fmt]} needs even width and height, got {width}x{height}")
+    if fmt in YUV420_FORMATS and (width % 2 or height % 2):
+        raise bad(f"{FORMAT_NAMES[fmt]} needs even width and height, got {width}x{height}")
     if stride is None:
         stride = min_stride(fmt, width)
     if stride < min_stride(fmt, width):
-        raise bad(f"stride {stride} is smaller than a row of {width} {_FORMAT_NAMES[fmt]} pixels")
-    if fmt == PIXEL_FORMATS["I420"] and stride % 2:
+        raise bad(f"stride {stride} is smaller than a row of {width} {FORMAT_NAMES[fmt]} pixels")
+    if fmt == I420 and stride % 2:
         raise bad(f"I420 stride must be even, got {stride}")
     try:
         return stride, frame_nbytes(fmt, width, height, stride)
@@ -218,14 +225,14 @@ def _check_header(raw: bytes, md: FrameMetadata, ref: str,
      data_size) = HEADER_STRUCT.unpack_from(raw)
     if version < 1:
         raise FrameInvalid(f"frame.meta version {version} is not supported", frame_id=fid)
-    if fmt not in _FORMAT_NAMES:
+    if fmt not in FORMAT_NAMES:
         raise UnsupportedFormat(f"frame.meta pixel_format {fmt} is not supported",
                                 frame_id=fid)
     # The header is authoritative: a frame_metadata.format it does not match, even one
     # this server cannot read, is a mismatch (frame_invalid), not the frame's format.
     if md.format is not None and _metadata_format(md.format) != fmt:
         raise FrameInvalid(f"frame_metadata.format {md.format!r} differs from the header's "
-                           f"{_FORMAT_NAMES[fmt]}", frame_id=fid)
+                           f"{FORMAT_NAMES[fmt]}", frame_id=fid)
     for key, value in (("width", width), ("height", height), ("stride", stride)):
         given = getattr(md, key)
         if given is not None and given != value:
@@ -358,7 +365,7 @@ class FrameOpener:
         # describes another frame (a 1080p file read as 720p would give wrong pixels).
         if offset == 0 and st.st_size != nbytes:
             raise FrameInvalid(f"{ref} holds {st.st_size} bytes, a {md.width}x{md.height} "
-                               f"{_FORMAT_NAMES[fmt]} frame is {nbytes} (without an offset "
+                               f"{FORMAT_NAMES[fmt]} frame is {nbytes} (without an offset "
                                f"the file must be exactly one frame)", frame_id=md.frame_id)
         view = _map(fd, offset, nbytes, md.frame_id)
         return OpenFrame(view, fmt, md.width, md.height, stride, md.frame_id)

@@ -23,10 +23,31 @@ HEADER_SIZE = 64
 HEADER_STRUCT = struct.Struct("<IIQQIIIIQ16x")
 assert HEADER_STRUCT.size == HEADER_SIZE
 
-NV12, I420, BGR24, RGB24 = 0, 1, 2, 3
-PIXEL_FORMATS: dict[str, int] = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
-FORMAT_ALIASES: dict[str, str] = {"BGR": "BGR24", "RGB": "RGB24"}
+# The header's pixel_format codes and their names (docs/contract.md 5.1, 5.3). BGRx and
+# RGBx have a padding byte where BGRA and RGBA have alpha; the server ignores both.
+NV12, I420, BGR24, RGB24, NV21, BGRA, BGRX, RGBA, RGBX, GRAY8 = range(10)
+PIXEL_FORMATS: dict[str, int] = {
+    "NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24, "NV21": NV21, "BGRA": BGRA,
+    "BGRx": BGRX, "RGBA": RGBA, "RGBx": RGBX, "GRAY8": GRAY8,
+}
+# Other names for them: FFmpeg's pix_fmt and GStreamer's video/x-raw format where they
+# differ from ours. Names and aliases match in any case.
+FORMAT_ALIASES: dict[str, str] = {
+    "yuv420p": "I420", "bgr": "BGR24", "rgb": "RGB24", "bgr0": "BGRx", "rgb0": "RGBx",
+    "gray": "GRAY8",
+}
 FORMAT_NAMES: dict[int, str] = {code: name for name, code in PIXEL_FORMATS.items()}
+_CODES_BY_UPPER: dict[str, int] = {
+    **{name.upper(): code for name, code in PIXEL_FORMATS.items()},
+    **{alias.upper(): PIXEL_FORMATS[name] for alias, name in FORMAT_ALIASES.items()},
+}
+
+YUV420_FORMATS = (NV12, NV21, I420)  # even width and height
+# Packed formats (GRAY8 included): bytes per pixel, and the byte of R, G, B in a pixel.
+PACKED_LAYOUTS: dict[int, tuple[int, tuple[int, int, int]]] = {
+    BGR24: (3, (2, 1, 0)), RGB24: (3, (0, 1, 2)), BGRA: (4, (2, 1, 0)), BGRX: (4, (2, 1, 0)),
+    RGBA: (4, (0, 1, 2)), RGBX: (4, (0, 1, 2)), GRAY8: (1, (0, 0, 0)),
+}
 
 # What the writers accept as pixels: anything with the buffer protocol, numpy included.
 BytesLike = bytes | bytearray | memoryview | np.ndarray
@@ -36,16 +57,15 @@ FRAME_DATA = "frame.data"
 
 
 def parse_format(name: str) -> int:
-    """The pixel-format code for a format name (case-insensitive, "BGR"/"RGB" aliases)."""
+    """The pixel-format code for a format name or alias (FORMAT_ALIASES), in any case."""
     if not isinstance(name, str):
         raise ValueError(f"pixel format must be a string, got {type(name).__name__}")
-    key = name.upper()
-    key = FORMAT_ALIASES.get(key, key)
     try:
-        return PIXEL_FORMATS[key]
+        return _CODES_BY_UPPER[name.upper()]
     except KeyError:
         raise ValueError(
-            f"unknown pixel format {name!r} (expected one of {', '.join(PIXEL_FORMATS)})"
+            f"unknown pixel format {name!r} (expected one of {', '.join(PIXEL_FORMATS)}, "
+            f"or an alias: {', '.join(FORMAT_ALIASES)})"
         ) from None
 
 
@@ -92,7 +112,8 @@ class FrameHeader:
 
 def packed_stride(width: int, pixel_format: str | int) -> int:
     """Bytes per row of the first plane without padding."""
-    return width * 3 if _format_code(pixel_format) in (BGR24, RGB24) else width
+    code = _format_code(pixel_format)
+    return width * PACKED_LAYOUTS[code][0] if code in PACKED_LAYOUTS else width
 
 
 def frame_size(width: int, height: int, pixel_format: str | int, stride: int | None = None) -> int:
@@ -100,7 +121,7 @@ def frame_size(width: int, height: int, pixel_format: str | int, stride: int | N
     code = _format_code(pixel_format)
     if stride is None:
         stride = packed_stride(width, code)
-    if code == NV12:
+    if code in (NV12, NV21):
         return stride * height + stride * (height // 2)
     if code == I420:
         return stride * height + 2 * (stride // 2) * (height // 2)
@@ -234,25 +255,38 @@ def _padded_rows(plane: np.ndarray, stride: int) -> np.ndarray:
     return out.reshape(-1)
 
 
+def _packed_pixels(rgb: np.ndarray, code: int) -> np.ndarray:
+    """The image as rows of packed pixels (height x width * bytes per pixel); alpha or the
+    padding byte 255, GRAY8 the BT.601 luma of OpenCV's COLOR_RGB2GRAY (to +-1)."""
+    height, width = rgb.shape[:2]
+    nbytes, channels = PACKED_LAYOUTS[code]
+    if code == GRAY8:
+        weights = np.array([4899, 9617, 1868], np.int32)  # 0.299, 0.587, 0.114 * 2**14
+        return ((rgb.astype(np.int32) @ weights + (1 << 13)) >> 14).astype(np.uint8)
+    pixels = np.full((height, width, nbytes), 255, np.uint8)
+    for c, at in enumerate(channels):
+        pixels[:, :, at] = rgb[:, :, c]
+    return pixels.reshape(height, width * nbytes)
+
+
 def encode_frame(rgb: np.ndarray, pixel_format: str | int,
                  stride: int | None = None) -> np.ndarray:
     """Encode an RGB image (uint8, height x width x 3) in one of the contract's pixel formats
     (docs/contract.md 5.3), rows padded to `stride` bytes (default: packed). Returns flat uint8.
 
-    NV12 and I420 need an even width and height (ValueError otherwise; crop first).
+    NV12, NV21 and I420 need an even width and height (ValueError otherwise; crop first).
     """
     code = _format_code(pixel_format)
-    height, width = _check_rgb(rgb, even=code in (NV12, I420))
+    height, width = _check_rgb(rgb, even=code in YUV420_FORMATS)
     if stride is None:
         stride = packed_stride(width, code)
-    if code == RGB24:
-        planes = [(rgb.reshape(height, width * 3), stride)]
-    elif code == BGR24:
-        planes = [(rgb[:, :, ::-1].reshape(height, width * 3), stride)]
+    if code in PACKED_LAYOUTS:
+        planes = [(_packed_pixels(rgb, code), stride)]
     else:
         y, u, v = _yuv420_planes(rgb)
-        if code == NV12:
-            uv = np.stack([u, v], axis=-1).reshape(height // 2, width)
+        if code in (NV12, NV21):
+            pairs = [u, v] if code == NV12 else [v, u]
+            uv = np.stack(pairs, axis=-1).reshape(height // 2, width)
             planes = [(y, stride), (uv, stride)]
         else:
             if stride % 2:

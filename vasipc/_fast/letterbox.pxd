@@ -9,6 +9,12 @@ cdef extern from "letterbox_kernel.h" nogil:
         VAS_I420
         VAS_BGR24
         VAS_RGB24
+        VAS_NV21
+        VAS_BGRA
+        VAS_BGRX
+        VAS_RGBA
+        VAS_RGBX
+        VAS_GRAY8
 
     enum:
         LB_RGB

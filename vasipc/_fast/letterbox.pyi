@@ -10,6 +10,12 @@ NV12: int
 I420: int
 BGR24: int
 RGB24: int
+NV21: int
+BGRA: int
+BGRX: int
+RGBA: int
+RGBX: int
+GRAY8: int
 FORMAT_CODES: dict[str, int]
 
 class FrameBusError(Exception): ...

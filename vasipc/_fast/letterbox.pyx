@@ -32,7 +32,15 @@ NV12 = VAS_NV12
 I420 = VAS_I420
 BGR24 = VAS_BGR24
 RGB24 = VAS_RGB24
-FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
+NV21 = VAS_NV21
+BGRA = VAS_BGRA
+BGRX = VAS_BGRX
+RGBA = VAS_RGBA
+RGBX = VAS_RGBX
+GRAY8 = VAS_GRAY8
+# vasipc.frames.PIXEL_FORMATS, name for name (tests/test_frames.py holds them equal).
+FORMAT_CODES = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24, "NV21": NV21,
+                "BGRA": BGRA, "BGRx": BGRX, "RGBA": RGBA, "RGBx": RGBX, "GRAY8": GRAY8}
 _FORMAT_NAMES = {code: name for name, code in FORMAT_CODES.items()}
 
 # Bounds that keep every size computation far from int overflow in the kernel (the
@@ -47,12 +55,22 @@ class FrameBusError(Exception):
     truncated under the mapping)."""
 
 
+cdef bint _yuv420(int fmt) noexcept:
+    return fmt == VAS_NV12 or fmt == VAS_NV21 or fmt == VAS_I420
+
+
 cdef Py_ssize_t _min_stride(int fmt, Py_ssize_t width) except -1:
-    if fmt < VAS_NV12 or fmt > VAS_RGB24:
-        raise ValueError(f"unknown pixel format code {fmt} (NV12=0, I420=1, BGR24=2, RGB24=3)")
+    if fmt < VAS_NV12 or fmt > VAS_GRAY8:
+        raise ValueError(f"unknown pixel format code {fmt} ("
+                         + ", ".join(f"{name}={code}" for name, code in FORMAT_CODES.items())
+                         + ")")
     if width < 0 or width > MAX_STRIDE:
         raise ValueError(f"frame width {width} out of range")
-    return width if fmt == VAS_NV12 or fmt == VAS_I420 else 3 * width
+    if fmt == VAS_BGR24 or fmt == VAS_RGB24:
+        return 3 * width
+    if fmt == VAS_BGRA or fmt == VAS_BGRX or fmt == VAS_RGBA or fmt == VAS_RGBX:
+        return 4 * width
+    return width  # YUV luma, GRAY8
 
 
 cdef Py_ssize_t _frame_nbytes(int fmt, Py_ssize_t width, Py_ssize_t height,
@@ -63,7 +81,7 @@ cdef Py_ssize_t _frame_nbytes(int fmt, Py_ssize_t width, Py_ssize_t height,
         raise ValueError(f"frame width {width} out of range 1..{MAX_DIM}")
     if height < 1 or height > MAX_DIM:
         raise ValueError(f"frame height {height} out of range 1..{MAX_DIM}")
-    if fmt == VAS_NV12 or fmt == VAS_I420:
+    if _yuv420(fmt):
         if width % 2 or height % 2:
             raise ValueError(f"{_FORMAT_NAMES[fmt]} needs an even width and height, "
                              f"got {width}x{height}")
@@ -76,17 +94,18 @@ cdef Py_ssize_t _frame_nbytes(int fmt, Py_ssize_t width, Py_ssize_t height,
 
 
 def min_stride(int fmt, Py_ssize_t width):
-    """Packed row size of the first plane: width (NV12, I420) or 3*width (BGR24, RGB24).
+    """Packed row size of the first plane: width (NV12, NV21, I420, GRAY8), 3*width
+    (BGR24, RGB24) or 4*width (BGRA, BGRx, RGBA, RGBx).
     ValueError for an unknown format or a negative (or absurd) width; 0 is allowed: this
     is a size rule, frame_nbytes() is the check."""
     return _min_stride(fmt, width)
 
 
 def frame_nbytes(int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride):
-    """Bytes the frame occupies from its first byte: NV12 stride*h*3/2, I420
-    stride*h + 2*(stride/2)*(h/2), BGR24/RGB24 stride*h. ValueError for an invalid
-    geometry (unknown format, size out of range, odd NV12/I420 size, stride too small or
-    odd for I420)."""
+    """Bytes the frame occupies from its first byte: NV12/NV21 stride*h*3/2, I420
+    stride*h + 2*(stride/2)*(h/2), the packed formats and GRAY8 stride*h. ValueError for
+    an invalid geometry (unknown format, size out of range, odd NV12/NV21/I420 size, stride
+    too small or odd for I420)."""
     return _frame_nbytes(fmt, width, height, stride)
 
 
@@ -142,8 +161,9 @@ def letterbox_into(src, int fmt, Py_ssize_t width, Py_ssize_t height, Py_ssize_t
 
     The resize is OpenCV's INTER_LINEAR (cv2.resize), or with antialias PIL's
     Image.resize(size, BILINEAR) (Pillow 13's: the vertical pass first when the height
-    shrinks by more than twice the width), of the frame as RGB uint8 (NV12/I420 converted
-    as cv2.cvtColor does, BGR24 swapped), bit for bit; either way only the rows and
+    shrinks by more than twice the width), of the frame as RGB uint8 (YUV converted as
+    cv2.cvtColor does, packed pixels' R, G, B bytes, alpha ignored, GRAY8 replicated),
+    bit for bit; either way only the rows and
     columns that land inside out are computed.
 
     src: any object exporting a contiguous readable buffer (FrameView, bytes, mmap, numpy

@@ -7,7 +7,7 @@
  * The horizontal pass gathers each column's taps with as few scalar loads as the layout
  * allows (two-tap columns always read the adjacent pair x, x + 1: one 16-bit luma load),
  * then converts and weighs them in loops over contiguous arrays that vectorise (AVX2
- * where the CPU has it: vector_clones.h). For NV12/I420, when output rows blend two
+ * where the CPU has it: vector_clones.h). For YUV formats, when output rows blend two
  * source rows, the chroma half of the conversion (gather + three multiplies per tap) is
  * done once per chroma row and kept: the two rows usually share it (720p, 4K -> 640),
  * and the luma half is one multiply per tap. An exact 2:1 column ratio turns the gathers
@@ -17,10 +17,13 @@
  * own row buffers and its own SIGBUS guard; ranges 1.. run on a persistent thread pool
  * (see "Threads" below).
  *
- * One body serves the four pixel formats: the per-format parts (where a row's planes
- * start, which bytes a tap reads, whether it needs YUV -> RGB) are always-inline
- * functions of a `format` argument, and the row loop is called with a constant, so
- * the compiler emits a specialised loop for each with no per-pixel branch on the format.
+ * One body serves every pixel format: the per-format parts are always-inline functions
+ * of a `format` argument, each reading the format's parameters (YUV 4:2:0 semi-planar
+ * with its chroma order, or planar; packed with its bytes per pixel and the byte of each
+ * of R, G, B in a pixel: BGR24, RGB24, the 4-byte BGRA/BGRx/RGBA/RGBx with alpha never
+ * read, GRAY8 as one byte for all three), and the row loop is called with a constant,
+ * so the compiler emits a specialised loop for each with no per-pixel branch on the
+ * format.
  * The filter is such an argument too: LB_ANTIALIAS (PIL's resize, "Antialias" below)
  * shares the plan's visible window, the row loop, the borders, the normalization and
  * the threads, and replaces the two-tap passes by PIL's N-tap ones.
@@ -51,16 +54,59 @@
 #define YUV_CVR 1673527  /* 1.596 */
 #define YUV_HALF (1 << (YUV_SHIFT - 1))
 
+/* ------------------------------------------------------------------------------------ */
+/* The formats' parameters: constants wherever `format` is one (the row loops).          */
+
+static ALWAYS_INLINE int is_yuv(int format)
+{
+    return format == VAS_NV12 || format == VAS_NV21 || format == VAS_I420;
+}
+
+/* NV12, NV21: one chroma plane of interleaved pairs. */
+static ALWAYS_INLINE int is_semiplanar(int format)
+{
+    return format == VAS_NV12 || format == VAS_NV21;
+}
+
+/* Semi-planar: the pair's first byte is V (NV21), not U. */
+static ALWAYS_INLINE int chroma_vu(int format)
+{
+    return format == VAS_NV21;
+}
+
+/* Bytes per pixel of the first plane (luma for YUV). */
+static ALWAYS_INLINE int pixel_bytes(int format)
+{
+    switch (format) {
+    case VAS_BGR24:
+    case VAS_RGB24: return 3;
+    case VAS_BGRA:
+    case VAS_BGRX:
+    case VAS_RGBA:
+    case VAS_RGBX: return 4;
+    default: return 1;  /* YUV luma, GRAY8 */
+    }
+}
+
+/* Packed formats: the byte of channel c (0 R, 1 G, 2 B) within a pixel. */
+static ALWAYS_INLINE int channel_byte(int format, int c)
+{
+    if (format == VAS_GRAY8)
+        return 0;
+    const int bgr = format == VAS_BGR24 || format == VAS_BGRA || format == VAS_BGRX;
+    return bgr ? 2 - c : c;
+}
+
 size_t lb_frame_nbytes(int format, size_t width, size_t height, size_t stride)
 {
     (void)width;
-    switch (format) {
-    case VAS_NV12: return stride * height + stride * (height / 2);
-    case VAS_I420: return stride * height + 2 * (stride / 2) * (height / 2);
-    case VAS_BGR24:
-    case VAS_RGB24: return stride * height;
-    default: return 0;
-    }
+    if (format < VAS_NV12 || format > VAS_GRAY8)
+        return 0;
+    if (is_semiplanar(format))
+        return stride * height + stride * (height / 2);
+    if (format == VAS_I420)
+        return stride * height + 2 * (stride / 2) * (height / 2);
+    return stride * height;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -306,7 +352,7 @@ void lb_plan(lb_job *job, void *scratch, int threads)
     /* The leading columns whose chroma word is one load inside the row (gather_chroma):
      * x0 is nondecreasing, so they are a prefix. */
     int wide = 0;
-    if (job->format == VAS_NV12)
+    if (is_semiplanar(job->format))
         while (wide < nw && (size_t)(job->col_x0[wide] & ~1) + 4 <= job->stride)
             wide++;
     else if (job->format == VAS_I420)
@@ -347,9 +393,10 @@ void lb_plan(lb_job *job, void *scratch, int threads)
 /* ------------------------------------------------------------------------------------ */
 /* The per-format parts.                                                                  */
 
-/* One source row's planes: packed pixels or luma, then chroma (U, V; NV12: UV pairs). */
+/* One source row's planes: packed pixels or luma, then chroma: U and V samples (the
+ * planes, or within the pairs), and for NV12/NV21 the pairs' row. */
 typedef struct {
-    const uint8_t *luma, *u, *v;
+    const uint8_t *luma, *u, *v, *pairs;
 } source_row;
 
 static ALWAYS_INLINE source_row row_planes(const lb_job *job, int format, int y)
@@ -359,10 +406,11 @@ static ALWAYS_INLINE source_row row_planes(const lb_job *job, int format, int y)
     const size_t chroma_row = (size_t)(y >> 1);  /* chroma is subsampled 2x2 */
     source_row r;
     r.luma = job->frame + (size_t)y * stride;
-    r.u = r.v = NULL;
-    if (format == VAS_NV12) {
-        r.u = job->frame + luma_bytes + chroma_row * stride;
-        r.v = r.u + 1;
+    r.u = r.v = r.pairs = NULL;
+    if (is_semiplanar(format)) {
+        r.pairs = job->frame + luma_bytes + chroma_row * stride;
+        r.u = r.pairs + chroma_vu(format);
+        r.v = r.pairs + !chroma_vu(format);
     } else if (format == VAS_I420) {
         const size_t chroma_stride = stride / 2;
         r.u = job->frame + luma_bytes + chroma_row * chroma_stride;
@@ -408,29 +456,41 @@ static ALWAYS_INLINE uint32_t bytes4(const uint8_t *p)
 
 /* The tap bytes of source column x (and x + 1 with two_taps) in row r, packed in two
  * words, with as few loads as the layout allows (every byte read is inside the row):
- *   NV12/I420  a = Y[x] | Y[x+1] << 8 | U(x) << 16 | V(x) << 24,  b = U(x+1) | V(x+1) << 8
- *   packed     a = pixel x's three bytes (bits 0-23),  b = pixel x+1's (bits 8-31)
+ *   NV12/NV21  a = Y[x] | Y[x+1] << 8 | pair(x) << 16,  b = pair(x+1) (the chroma pair's
+ *              two bytes in the file's order)
+ *   I420       a = Y[x] | Y[x+1] << 8 | U(x) << 16 | V(x) << 24,  b = U(x+1) | V(x+1) << 8
+ *   packed     a = pixel x's bytes; b = pixel x+1's: 3 bytes a pixel: bits 8-31 of b,
+ *              4: all of b, 1 (GRAY8): bits 8-15 of a (b unused)
  * (one tap: Y[x+1] and b are not read). Chroma is the nearest sample of the 2x2 block. */
 static ALWAYS_INLINE void tap_words(int format, int two_taps, source_row r, int x,
                                     uint32_t *a, uint32_t *b)
 {
-    if (format == VAS_NV12) {
+    if (is_semiplanar(format)) {
         const uint32_t luma = two_taps ? bytes2(r.luma + x) : r.luma[x];
-        *a = luma | bytes2(r.u + (x & ~1)) << 16;
+        *a = luma | bytes2(r.pairs + (x & ~1)) << 16;
         if (two_taps)
-            *b = bytes2(r.u + ((x + 1) & ~1));
+            *b = bytes2(r.pairs + ((x + 1) & ~1));
     } else if (format == VAS_I420) {
         const uint32_t luma = two_taps ? bytes2(r.luma + x) : r.luma[x];
         *a = luma | (uint32_t)r.u[x >> 1] << 16 | (uint32_t)r.v[x >> 1] << 24;
         if (two_taps)
             *b = (uint32_t)r.u[(x + 1) >> 1] | (uint32_t)r.v[(x + 1) >> 1] << 8;
     } else {
-        const uint8_t *px = r.luma + 3 * (size_t)x;
-        if (two_taps) {
-            *a = bytes4(px);      /* byte 3 is pixel x + 1's first: in the row */
-            *b = bytes4(px + 2);  /* byte 0 is pixel x's last */
+        const int bpp = pixel_bytes(format);
+        const uint8_t *px = r.luma + (size_t)bpp * (size_t)x;
+        if (bpp == 1) {
+            *a = two_taps ? bytes2(px) : px[0];
+        } else if (bpp == 3) {
+            if (two_taps) {
+                *a = bytes4(px);      /* byte 3 is pixel x + 1's first: in the row */
+                *b = bytes4(px + 2);  /* byte 0 is pixel x's last */
+            } else {
+                *a = bytes3(px);
+            }
         } else {
-            *a = bytes3(px);
+            *a = bytes4(px);
+            if (two_taps)
+                *b = bytes4(px + 4);
         }
     }
 }
@@ -442,18 +502,18 @@ static ALWAYS_INLINE void tap_words(int format, int two_taps, source_row r, int 
 static ALWAYS_INLINE void unpack_tap(int format, int second, uint32_t a, uint32_t b, int *red,
                                      int *green, int *blue)
 {
-    if (format == VAS_NV12 || format == VAS_I420) {
+    if (is_yuv(format)) {
         const int luma = (int)((second ? a >> 8 : a) & 0xff);
-        const int u = (int)((second ? b : a >> 16) & 0xff);
-        const int v = (int)((second ? b >> 8 : a >> 24) & 0xff);
-        yuv_to_rgb(luma, u, v, red, green, blue);
+        const int first = (int)((second ? b : a >> 16) & 0xff);
+        const int other = (int)((second ? b >> 8 : a >> 24) & 0xff);
+        const int vu = chroma_vu(format);
+        yuv_to_rgb(luma, vu ? other : first, vu ? first : other, red, green, blue);
     } else {
-        const uint32_t w = second ? b >> 8 : a;
-        const int c0 = (int)(w & 0xff), c1 = (int)((w >> 8) & 0xff), c2 = (int)((w >> 16) & 0xff);
-        const int swap = format == VAS_BGR24;
-        *red = swap ? c2 : c0;
-        *green = c1;
-        *blue = swap ? c0 : c2;
+        const int bpp = pixel_bytes(format);
+        const uint32_t w = !second ? a : bpp == 1 ? a >> 8 : bpp == 3 ? b >> 8 : b;
+        *red = (int)((w >> (8 * channel_byte(format, 0))) & 0xff);
+        *green = (int)((w >> (8 * channel_byte(format, 1))) & 0xff);
+        *blue = (int)((w >> (8 * channel_byte(format, 2))) & 0xff);
     }
 }
 
@@ -516,14 +576,16 @@ typedef struct {
  * words of the chroma row are gathered into ta (tap 0) and tb (tap 1). */
 /* One chroma word per column (gather_chroma) holds the chroma of both taps:
  *   NV12  U(c) V(c) U(c+2) V(c+2) bytes, c = x & ~1: tap 1's pair is at bit (x & 1) * 16
+ *         (NV21: V first in each pair)
  *   I420  U(c) U(c+1) V(c) V(c+1) bytes, c = x >> 1: tap 1's U, V at bits (x & 1) * 8, +16
  * (tap 1 is column x + 1: the same sample when x is even, the next one when odd). */
 static ALWAYS_INLINE void chroma_uv(int format, int second, uint32_t word, int x, int *u, int *v)
 {
-    if (format == VAS_NV12) {
+    if (is_semiplanar(format)) {
         const uint32_t w = second ? word >> ((x & 1) * 16) : word;
-        *u = (int)(w & 0xff);
-        *v = (int)((w >> 8) & 0xff);
+        const int vu = chroma_vu(format);
+        *u = (int)((w >> (vu ? 8 : 0)) & 0xff);
+        *v = (int)((w >> (vu ? 0 : 8)) & 0xff);
     } else {
         const uint32_t w = second ? word >> ((x & 1) * 8) : word;
         *u = (int)(w & 0xff);
@@ -564,27 +626,27 @@ static ALWAYS_INLINE void gather_chroma(const lb_job *job, int format, int two_t
 {
     if (two_taps && job->col_pairs) {
         /* x = x0[0] + 2i, x0[0] even: tap 1 shares tap 0's sample, read contiguously */
-        const int c = format == VAS_NV12 ? x0[0] : x0[0] >> 1;
-        const uint8_t *restrict u = r.u + c, *restrict v = r.v + c;
+        const int semi = is_semiplanar(format);
+        const int c = semi ? x0[0] : x0[0] >> 1;
+        const uint8_t *restrict u = (semi ? r.pairs : r.u) + c, *restrict v = r.v + c;
         for (int i = 0; i < n; i++)
-            words[i] = format == VAS_NV12 ? bytes2(u + 2 * i)
-                                          : (uint32_t)u[i] | (uint32_t)v[i] << 16;
+            words[i] = semi ? bytes2(u + 2 * i) : (uint32_t)u[i] | (uint32_t)v[i] << 16;
         return;
     }
     const int wide = two_taps ? job->chroma_wide : 0;
 #pragma GCC unroll 4
     for (int i = 0; i < wide; i++) {
         const int x = x0[i];
-        if (format == VAS_NV12)
-            words[i] = bytes4(r.u + (x & ~1));
+        if (is_semiplanar(format))
+            words[i] = bytes4(r.pairs + (x & ~1));
         else
             words[i] = bytes2(r.u + (x >> 1)) | bytes2(r.v + (x >> 1)) << 16;
     }
     for (int i = wide; i < n; i++) {
         const int x = x0[i], odd = two_taps && (x & 1);
-        if (format == VAS_NV12) {
+        if (is_semiplanar(format)) {
             const int c = x & ~1;
-            words[i] = bytes2(r.u + c) | (odd ? bytes2(r.u + c + 2) << 16 : 0);
+            words[i] = bytes2(r.pairs + c) | (odd ? bytes2(r.pairs + c + 2) << 16 : 0);
         } else {
             const int c = x >> 1;
             words[i] = (uint32_t)r.u[c] | (uint32_t)r.v[c] << 16
@@ -652,7 +714,7 @@ static ALWAYS_INLINE void horizontal_pass(lb_worker *wk, int format, int two_tap
 {
     const lb_job *job = wk->job;
     const source_row r = row_planes(job, format, y);
-    if ((format == VAS_NV12 || format == VAS_I420) && job->chroma_cache) {
+    if (is_yuv(format) && job->chroma_cache) {
         if (wk->chroma_row != y >> 1) {
             gather_chroma(job, format, two_taps, r, job->vis_w, job->col_x0, wk->ta);
             chroma_terms(format, two_taps, job->vis_w, wk->ta, job->col_x0, wk->chroma);
@@ -733,15 +795,15 @@ static ALWAYS_INLINE void aa_convert_row(const lb_job *job, int format, int y, i
     for (int i = 0; i < n; i++) {
         const int x = x0 + i;
         int red, green, blue;
-        if (format == VAS_NV12) {
+        if (is_semiplanar(format)) {
             yuv_to_rgb(r.luma[x], r.u[x & ~1], r.v[x & ~1], &red, &green, &blue);
         } else if (format == VAS_I420) {
             yuv_to_rgb(r.luma[x], r.u[x >> 1], r.v[x >> 1], &red, &green, &blue);
         } else {
-            const uint8_t *px = r.luma + 3 * (size_t)x;
-            red = px[format == VAS_BGR24 ? 2 : 0];
-            green = px[1];
-            blue = px[format == VAS_BGR24 ? 0 : 2];
+            const uint8_t *px = r.luma + (size_t)pixel_bytes(format) * (size_t)x;
+            red = px[channel_byte(format, 0)];
+            green = px[channel_byte(format, 1)];
+            blue = px[channel_byte(format, 2)];
         }
         out[i] = (uint8_t)red;
         out[n + i] = (uint8_t)green;
@@ -894,19 +956,30 @@ static ALWAYS_INLINE void run_rows(lb_worker *wk, int format, int two_taps, int 
     }
 
 DEFINE_RUN(run_nv12, VAS_NV12)
+DEFINE_RUN(run_nv21, VAS_NV21)
 DEFINE_RUN(run_i420, VAS_I420)
 DEFINE_RUN(run_bgr, VAS_BGR24)
 DEFINE_RUN(run_rgb, VAS_RGB24)
+DEFINE_RUN(run_bgra, VAS_BGRA)
+DEFINE_RUN(run_rgba, VAS_RGBA)
+DEFINE_RUN(run_gray, VAS_GRAY8)
 
-/* One worker's rows (an lb_worker *, typed void * to be a vas_guarded_fn). */
+/* One worker's rows (an lb_worker *, typed void * to be a vas_guarded_fn). BGRx and
+ * RGBx are read as BGRA and RGBA: the fourth byte is never read. */
 static void run_worker(void *arg)
 {
     lb_worker *wk = (lb_worker *)arg;
     switch (wk->job->format) {
     case VAS_NV12: run_nv12(wk); break;
+    case VAS_NV21: run_nv21(wk); break;
     case VAS_I420: run_i420(wk); break;
     case VAS_BGR24: run_bgr(wk); break;
     case VAS_RGB24: run_rgb(wk); break;
+    case VAS_BGRA:
+    case VAS_BGRX: run_bgra(wk); break;
+    case VAS_RGBA:
+    case VAS_RGBX: run_rgba(wk); break;
+    case VAS_GRAY8: run_gray(wk); break;
     default: break;
     }
 }

@@ -2,7 +2,8 @@
  *
  * One pass over the output rows: bilinear taps with OpenCV's INTER_LINEAR geometry and
  * fixed-point weights, colour conversion at the taps only (BT.601 limited range for
- * NV12/I420, exactly as OpenCV's COLOR_YUV2RGB_NV12/_I420; a channel swap for BGR24),
+ * NV12/NV21/I420, exactly as OpenCV's COLOR_YUV2RGB_NV12/_NV21/_I420; the R, G, B bytes
+ * of a packed pixel, alpha ignored; GRAY8's byte as all three, as COLOR_GRAY2RGB),
  * the blend, /255, then per plane (v - mean) * inv_std, written straight into three
  * planes in RGB or BGR order; what the resized image does not cover is the pad value,
  * normalized the same way. The resampling filter is a parameter: LB_BILINEAR (the above)
@@ -33,8 +34,12 @@
 extern "C" {
 #endif
 
-/* The frame header's pixel_format codes (docs/contract.md 5.1). */
-enum vas_pixel_format { VAS_NV12 = 0, VAS_I420 = 1, VAS_BGR24 = 2, VAS_RGB24 = 3 };
+/* The frame header's pixel_format codes (docs/contract.md 5.1); X: a padding byte where
+ * A has alpha, both ignored. */
+enum vas_pixel_format {
+    VAS_NV12 = 0, VAS_I420 = 1, VAS_BGR24 = 2, VAS_RGB24 = 3, VAS_NV21 = 4, VAS_BGRA = 5,
+    VAS_BGRX = 6, VAS_RGBA = 7, VAS_RGBX = 8, VAS_GRAY8 = 9
+};
 
 /* The order of the output planes. */
 enum lb_channel_order { LB_RGB = 0, LB_BGR = 1 };
@@ -46,7 +51,7 @@ typedef struct lb_job {
     /* The source frame: its first byte, layout per docs/contract.md 5.3. */
     const uint8_t *frame;
     int format;             /* enum vas_pixel_format */
-    int width, height;      /* pixels; even for NV12/I420 */
+    int width, height;      /* pixels; even for NV12/NV21/I420 */
     size_t stride;          /* bytes per row of the first plane; I420 chroma rows are stride/2 */
 
     /* The destination: 3 C-contiguous float planes of out_h rows x out_w, in `order`. */
@@ -74,8 +79,8 @@ typedef struct lb_job {
     int32_t *workers;       /* per worker thread: its row buffers */
     int threads;            /* workers, 1..LB_MAX_THREADS and <= vis_h */
     int one_col_tap;        /* every col_w1 is 0 (e.g. an exact 3x downscale): skip tap 2 */
-    int chroma_wide;        /* NV12/I420: columns [0, chroma_wide) read chroma in one load */
-    int chroma_cache;       /* NV12/I420: convert chroma once per chroma row (lb_plan) */
+    int chroma_wide;        /* YUV: columns [0, chroma_wide) read chroma in one load */
+    int chroma_cache;       /* YUV: convert chroma once per chroma row (lb_plan) */
     int col_pairs;          /* two taps, col_x0[i] = col_x0[0] + 2i, col_x0[0] even */
 
     /* LB_ANTIALIAS only (the tables above are then unused): per visible column, its
