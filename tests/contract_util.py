@@ -29,7 +29,7 @@ ERROR_CODES = ("invalid_message", "message_too_large", "invalid_request", "model
                "shutting_down", "overloaded", "deadline_exceeded", "frame_forbidden",
                "frame_not_found", "unsupported_format", "frame_invalid", "frame_changed",
                "internal")
-FORMATS = ("NV12", "I420", "BGR24", "RGB24")
+FORMATS = tuple(frames.PIXEL_FORMATS)  # every pixel format of docs/contract.md 5.3
 
 
 def bench_model() -> str:

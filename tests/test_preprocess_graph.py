@@ -34,7 +34,7 @@ from vasipc._fast.letterbox import (  # noqa: E402
     letterbox_into,
     min_stride,
 )
-from vasipc.frames import BGR24, I420, NV12, RGB24  # noqa: E402
+from vasipc.frames import BGR24, I420, NV12, PACKED_LAYOUTS, PIXEL_FORMATS, RGB24  # noqa: E402
 from vasipc.preprocess import IMAGENET, LETTERBOX, Preprocess  # noqa: E402
 from vasipc.preprocess_graph import (  # noqa: E402
     GEOMETRY_FIELDS,
@@ -47,7 +47,7 @@ from vasipc.preprocess_graph import (  # noqa: E402
     build_preprocess_graph,
 )
 
-FORMATS = {"NV12": NV12, "I420": I420, "BGR24": BGR24, "RGB24": RGB24}
+FORMATS = PIXEL_FORMATS
 MODEL_SIZES = [(640, 640), (320, 320)]
 PAD = np.float32(114) / np.float32(255)
 MEAN_TOL, P999_TOL = 2 / 255, 8 / 255  # docs/contract.md 6
@@ -114,14 +114,15 @@ def _stride(fmt: int, width: int, extra: int) -> int:
 def _planes(fmt: int, width: int, height: int, stride: int) -> list[tuple[int, int, int, int]]:
     """(offset, rows, row bytes, row stride) of each plane of a frame (docs/contract.md 5.3)."""
     luma = stride * height
-    if fmt == NV12:
+    if fmt in PACKED_LAYOUTS:
+        return [(0, height, PACKED_LAYOUTS[fmt][0] * width, stride)]
+    if fmt != I420:  # NV12, NV21
         return [(0, height, width, stride), (luma, height // 2, width, stride)]
     if fmt == I420:
         chroma = (stride // 2) * (height // 2)
         return [(0, height, width, stride),
                 (luma, height // 2, width // 2, stride // 2),
                 (luma + chroma, height // 2, width // 2, stride // 2)]
-    return [(0, height, 3 * width, stride)]
 
 
 def make_frame(rgb: np.ndarray, fmt: int, stride: int, tail: int = 0) -> np.ndarray:
@@ -441,7 +442,7 @@ def test_non_square_model_input(session_for):
 
 def test_bad_arguments(session_for):
     with pytest.raises(ValueError):
-        build_preprocess_graph(7, 640, 640)
+        build_preprocess_graph(10, 640, 640)
     with pytest.raises(ValueError):
         build_preprocess_graph(NV12, 0, 640)
     session = session_for(NV12, 320, 320)

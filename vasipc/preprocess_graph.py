@@ -12,8 +12,8 @@ One graph per pixel format, model input size and :class:`~vasipc.preprocess.Prep
 geometry is a runtime input, so one session serves every camera resolution:
 
 - ``frame``: uint8 ``[N]``, the frame's bytes exactly as in the file (docs/contract.md 5.3):
-  ``height`` rows of ``stride`` bytes, then the chroma rows for NV12 / I420. Bytes past
-  the frame's end are ignored.
+  ``height`` rows of ``stride`` bytes, then the chroma rows for NV12 / NV21 / I420. Bytes
+  past the frame's end are ignored.
 - ``geometry``: int64 ``[7]``: ``width, height, stride, new_w, new_h, left, top``
   (:data:`GEOMETRY_FIELDS`), the last four from ``Preprocess.placement`` (a centre crop's
   left/top are negative and its resized image overhangs the input).
@@ -27,7 +27,8 @@ chroma terms), rounded and clamped to 0..255 as cvtColor's uint8 output is; then
 a ``Slice`` of what lies inside the input (centre crop only), ``Pad`` with
 ``pad_value / 255``, and ``(x - mean) * (1 / std)`` per plane (left out when mean is 0 and
 std 1). The plane order costs nothing: YUV's colour coefficients and a packed frame's
-byte gather are written in the wanted order. It matches the CPU kernel
+byte gather are written in the wanted order (a packed pixel's alpha or padding byte is
+never gathered; GRAY8's one byte is gathered three times). It matches the CPU kernel
 (``_fast.letterbox``) within the contract's tolerance, not bit for bit.
 
 ``filter: antialias`` (PIL's resize, the classifiers') is ``Resize`` with ``antialias=1``
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vasipc.frames import BGR24, I420, NV12, RGB24
+from vasipc.frames import FORMAT_NAMES, NV12, NV21, PACKED_LAYOUTS
 from vasipc.preprocess import LETTERBOX, Preprocess
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int,
         raise RuntimeError("the preprocessing graph needs the onnx package: "
                            "pip install 'vasipc[gpu]' (or onnx)") from None
 
-    if pixel_format not in (NV12, I420, BGR24, RGB24):
+    if pixel_format not in FORMAT_NAMES:
         raise ValueError(f"unknown pixel format code {pixel_format}")
     if in_w < 1 or in_h < 1:
         raise ValueError(f"model input size {in_w}x{in_h} must be positive")
@@ -136,15 +137,18 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int,
     luma_bytes = g.op("Mul", stride, height)
     bgr = preprocess.channel_order == "bgr"
 
-    if pixel_format in (BGR24, RGB24):
-        # [height, stride] rows -> [height, width, 3] -> [3, height, width], RGB order.
+    if pixel_format in PACKED_LAYOUTS:
+        # [height, stride] rows -> [height, width, bytes] -> [bytes, height, width] -> the
+        # three wanted channels' planes.
+        nbytes, channels = PACKED_LAYOUTS[pixel_format]
         rows = g.op("Reshape", g.slice(INPUT_FRAME, zero, luma_bytes, [0]),
                     g.op("Concat", height, stride, axis=0))
-        hwc = g.op("Reshape", g.slice(rows, zero, g.op("Mul", width, g.ints(3)), [1]),
-                   g.op("Concat", height, width, g.ints(3), axis=0))
+        hwc = g.op("Reshape", g.slice(rows, zero, g.op("Mul", width, g.ints(nbytes)), [1]),
+                   g.op("Concat", height, width, g.ints(nbytes), axis=0))
         chw = g.op("Transpose", hwc, perm=[2, 0, 1])
-        if (pixel_format == BGR24) != bgr:  # the bytes' order is not the wanted one
-            chw = g.op("Gather", chw, g.ints(2, 1, 0), axis=0)
+        planes = channels[::-1] if bgr else channels
+        if planes != (0, 1, 2) or nbytes != 3:  # not the bytes as they are
+            chw = g.op("Gather", chw, g.ints(*planes), axis=0)
         rgb = g.op("Cast", g.op("Unsqueeze", chw, g.ints(0)), to=TensorProto.FLOAT)
     else:
         one, two = g.ints(1), g.ints(2)
@@ -159,8 +163,9 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int,
         u_coeff, v_coeff = (0.0, _CUG, _CUB), (_CVR, _CVG, 0.0)
         if bgr:
             u_coeff, v_coeff = u_coeff[::-1], v_coeff[::-1]
-        if pixel_format == NV12:
-            # [height/2, width/2, 2] interleaved U, V, centred on 128, times [2, 3].
+        if pixel_format in (NV12, NV21):
+            # [height/2, width/2, 2] interleaved U, V (NV21: V, U), centred on 128, times
+            # [2, 3].
             uv_end = g.op("Add", luma_bytes, g.op("Mul", stride, half_h))
             # (The stride may be odd: cut the rows to `width` bytes before pairing them.)
             uv = g.op("Reshape", g.slice(INPUT_FRAME, luma_bytes, uv_end, [0]),
@@ -169,7 +174,8 @@ def build_preprocess_graph(pixel_format: int, in_w: int, in_h: int,
                       g.op("Concat", half_h, half_w, two, axis=0))
             uv = g.op("Cast", uv, to=TensorProto.FLOAT)
             uv = g.op("Sub", uv, g.const(128, f32))
-            chroma = g.op("MatMul", uv, g.const([u_coeff, v_coeff], f32))
+            pair = [u_coeff, v_coeff] if pixel_format == NV12 else [v_coeff, u_coeff]
+            chroma = g.op("MatMul", uv, g.const(pair, f32))
             chroma = g.op("Transpose", chroma, perm=[2, 0, 1])
         else:
             # U and V planes [1, height/2, width/2], each times its [3, 1, 1] coefficients.
