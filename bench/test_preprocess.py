@@ -25,6 +25,11 @@ One group per source resolution, so each comparison prints side by side:
   `pil_center_crop_224`, the same tensor as Ultralytics makes it (cvtColor, PIL resize,
   crop, /255), bit for bit.
 
+Groups `formats <name>`: a 1080p frame in each other pixel format pipelines emit
+(docs/contract.md 5.3) -> 640x640 letterbox, `vasipc` against `opencv`, the same reference
+pipeline with that format's cvtColor (COLOR_YUV2RGB_NV21, BGR2RGB, BGRA2RGB, RGBA2RGB,
+GRAY2RGB), each result held to 1/255 of OpenCV's.
+
 A last group, `tiny`, letterboxes a 64x48 frame into 64x64 with threads=1 and 2: the work
 is a few microseconds, so threads=2 shows what handing a range to another thread costs (a pool
 thread's wake-up, formerly a pthread_create + join per call).
@@ -39,9 +44,10 @@ import cv2
 import numpy as np
 import pytest
 from _common import RESOLUTIONS as _RESOLUTIONS
-from _common import nv12_photo
+from _common import nv12_photo, photo
 
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
+from vasipc.frames import PACKED_LAYOUTS, PIXEL_FORMATS, encode_frame, packed_stride
 from vasipc.preprocess import IMAGENET, Preprocess
 
 SIZE = 640
@@ -177,3 +183,57 @@ def test_vasipc_tiny(benchmark, threads):
     out = np.empty((3, size, size), np.float32)
     got = benchmark(vasipc_letterbox, nv12, w, h, geom, out, threads)
     assert np.array_equal(got, vasipc_letterbox(nv12, w, h, geom, np.empty_like(out)))
+
+
+# --- the other pixel formats ------------------------------------------------------------------
+
+# Each format's OpenCV conversion to RGB (the reference pipeline's first step).
+FORMAT_CONVERSIONS = {"NV21": cv2.COLOR_YUV2RGB_NV21, "I420": cv2.COLOR_YUV2RGB_I420,
+                      "BGR24": cv2.COLOR_BGR2RGB, "BGRA": cv2.COLOR_BGRA2RGB,
+                      "BGRx": cv2.COLOR_BGRA2RGB, "RGBA": cv2.COLOR_RGBA2RGB,
+                      "RGBx": cv2.COLOR_RGBA2RGB, "GRAY8": cv2.COLOR_GRAY2RGB}
+
+
+@pytest.fixture(scope="module", params=list(FORMAT_CONVERSIONS))
+def format_frame(request):
+    """(name, code, the frame's bytes, their array shape for cvtColor, w, h, geometry) of
+    a 1080p frame in each format."""
+    name = request.param
+    code = PIXEL_FORMATS[name]
+    w, h = RESOLUTIONS["1080p"]
+    data = encode_frame(photo(w, h), code)
+    if code in PACKED_LAYOUTS:
+        nbytes = PACKED_LAYOUTS[code][0]
+        shape = (h, w, nbytes) if nbytes > 1 else (h, w)
+    else:
+        shape = (h * 3 // 2, w)
+    return name, code, data, shape, w, h, letterbox_geometry(w, h, SIZE, SIZE)
+
+
+def opencv_format_letterbox(data, shape, conversion, geom):
+    _, nw, nh, left, top = geom
+    rgb = cv2.cvtColor(data.reshape(shape), conversion)
+    resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(resized, top, SIZE - nh - top, left, SIZE - nw - left,
+                                cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    return np.ascontiguousarray((padded.astype(np.float32) / 255).transpose(2, 0, 1))
+
+
+def _format_group(benchmark, name):
+    benchmark.group = f"preprocess formats {name} 1080p -> {SIZE}x{SIZE} float32 CHW"
+
+
+def test_format_vasipc(benchmark, format_frame):
+    name, code, data, shape, w, h, geom = format_frame
+    _format_group(benchmark, name)
+    _, nw, nh, left, top = geom
+    out = np.empty((3, SIZE, SIZE), np.float32)
+    benchmark(letterbox_into, data, code, w, h, packed_stride(w, code), out, nw, nh, left, top)
+    want = opencv_format_letterbox(data, shape, FORMAT_CONVERSIONS[name], geom)
+    assert np.abs(out - want).max() <= 1 / 255 + 1e-6
+
+
+def test_format_opencv(benchmark, format_frame):
+    name, _, data, shape, _, _, geom = format_frame
+    _format_group(benchmark, name)
+    benchmark(opencv_format_letterbox, data, shape, FORMAT_CONVERSIONS[name], geom)

@@ -4,9 +4,11 @@ vasipc.preprocess on a real photo.
 `_LetterboxBehaviour` runs against the compiled kernel and the numpy reference
 (tests/reference_kernels.py): both must match an independent OpenCV pipeline
 (cvtColor -> resize INTER_LINEAR -> crop / copyMakeBorder -> /255 -> normalize -> CHW) in
-all four pixel formats, with padded strides, frames inside bigger buffers, tiny and huge
-frames, wide and tall pictures, square and non-square models; for every resize mode
-(letterbox, stretch, centre crop: negative offsets, an image larger than the output), RGB
+every pixel format (NV21 through COLOR_YUV2RGB_NV21, the 4-byte ones with garbage alpha
+through COLOR_BGRA2RGB / RGBA2RGB, GRAY8 through COLOR_GRAY2RGB), with padded strides,
+frames inside bigger buffers, tiny and huge frames, wide and tall pictures, square and
+non-square models; for every resize mode (letterbox, stretch, centre crop: negative
+offsets, an image larger than the output), RGB
 and BGR planes, mean/std and pad values; and the antialias filter equal to PIL's
 Image.resize(BILINEAR) of the OpenCV-decoded frame bit for bit (the classifiers'
 torchvision Resize): up and down, odd sizes, crops, both of Pillow's pass orders, every
