@@ -67,14 +67,11 @@ def _preprocess(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from vasipc.backends.base import BACKENDS, PRECISIONS
 
-    env = os.environ
     p = cli.Parser(prog=PROG, usage=USAGE, description="Serve a YOLO-style ONNX detector on a Unix socket.")
 
     def opt(flag: str, **kw) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        if "default" not in kw and not kw.get("action"):
-            kw["default"] = env.get(f"VASIPC_{dest.upper()}")  # argparse applies `type` to it
-        p.add_argument(flag, **kw)
+        """An option that falls back to VASIPC_<OPTION> (a bad value there names it)."""
+        p.add_env_argument(flag, "VASIPC_" + flag.lstrip("-").replace("-", "_").upper(), **kw)
 
     src = p.add_argument_group("model (exactly one of --model, --model-dir, --models-root)")
     src.add_argument("--model", metavar="PATH", help="ONNX file to serve")
@@ -123,10 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
     opt("--max-queue", type=_ranged(int, 1), help="default 1024")
     opt("--max-connections", type=_ranged(int, 1), help="default 1024")
-    p.add_argument("--watch", action="store_true",
-                   default=os.environ.get("VASIPC_WATCH", "").lower() in ("1", "true", "yes"),
-                   help="reload when the weights, model.yaml, labels or version directories "
-                        "change (SIGHUP always reloads)")
+    opt("--watch", action="store_true",
+        help="reload when the weights, model.yaml, labels or version directories "
+             "change (SIGHUP always reloads)")
     opt("--watch-interval", type=_ranged(float, 0, lo_open=True),
         help="seconds between --watch polls (default 2)")
     opt("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
@@ -264,11 +260,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         model_id = _model_id(args, source)
         socket_path = args.socket or default_socket_path(model_id, args.socket_dir)
         check_socket_path(socket_path)
-        roots = args.frame_root or [r for r in os.environ.get("VASIPC_FRAME_ROOT", "").split(":") if r]
+        env_roots = os.environ.get("VASIPC_FRAME_ROOT", "")
+        roots = args.frame_root or [r for r in env_roots.split(":") if r]
+        given = "--frame-root" if args.frame_root else f"VASIPC_FRAME_ROOT={env_roots}:"
         roots = roots or ["/dev/shm"]
         for r in roots:
             if not os.path.isdir(r):
-                raise CliError(f"--frame-root {r} is not a directory")
+                raise CliError(f"{given} {r} is not a directory")
         device = select_device(args.backend or source.backend or "auto", args.device or "auto")
         load = ModelLoader(args, model_id, device)
         load.source = source  # watched from before the load: a change during it is seen
