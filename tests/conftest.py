@@ -211,16 +211,14 @@ def nudenet_server(nudenet_model: str) -> Iterator[ServerProcess]:
         launcher.close()
 
 
-BENCH_MODEL_PATH = REPO_ROOT.parent / "shared" / "models" / "yolov8n-640-random.onnx"
-
-
 @pytest.fixture(scope="session")
-def bench_model() -> str:
-    """The 640x640 YOLOv8n benchmark model (random weights: real compute, ~100 ms a run on
-    CPU, meaningless detections); skips when ../shared/models lacks it."""
-    if not BENCH_MODEL_PATH.is_file():
-        pytest.skip(f"benchmark model {BENCH_MODEL_PATH} is missing")
-    return str(BENCH_MODEL_PATH)
+def bench_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 640x640 YOLOv8-detect-layout model with real compute cost (random weights, ~100 ms
+    a run on a 2-core CPU, meaningless detections), built once per session
+    (family_models.compute_model)."""
+    from family_models import compute_model
+
+    return str(compute_model(tmp_path_factory.mktemp("bench-model") / "compute-640.onnx"))
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import wire
 
 from vasipc import frames
 
 MODEL_ID = "nudenet-320n"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH_MODEL = REPO_ROOT.parent / "shared" / "models" / "yolov8n-640-random.onnx"
 
 RESPONSE_KEYS = {"model_id", "camera_id", "frame_id", "detections", "metadata", "error",
                  "error_code", "request_id"}
@@ -30,13 +27,6 @@ ERROR_CODES = ("invalid_message", "message_too_large", "invalid_request", "model
                "frame_not_found", "unsupported_format", "frame_invalid", "frame_changed",
                "internal")
 FORMATS = tuple(frames.PIXEL_FORMATS)  # every pixel format of docs/contract.md 5.3
-
-
-def bench_model() -> str:
-    """The 640x640 benchmark model (random weights, ~100 ms a run on CPU); skips if missing."""
-    if not BENCH_MODEL.is_file():
-        pytest.skip(f"benchmark model {BENCH_MODEL} is missing")
-    return str(BENCH_MODEL)
 
 
 def is_number(v: Any) -> bool:

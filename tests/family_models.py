@@ -5,11 +5,17 @@ them), so a test knows what the server must answer without trained weights.
 Each output is a constant broadcast to the batch (`Expand` by the image input's batch
 dimension); D-FINE's boxes are scaled by its `orig_target_sizes` input, as its graph does.
 `CASES` names one model per family and task; `build(case, dir)` writes it.
+
+`compute_model(path)` is the other kind: a YOLOv8-detect-layout model with real compute
+cost (a convolution stack with fixed random weights, about a YOLOv8n's order of cost) for
+the tests and benchmarks that need requests to take time (queueing, deadlines, drain).
+`python tests/family_models.py OUT.onnx` writes it.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,3 +315,95 @@ def build(case_name: str, directory: Path) -> tuple[Case, Path]:
     if case.model_yaml is not None and case.names is not None:
         (directory / "names.txt").write_text("".join(f"{case.names[i]}\n" for i in range(len(case.names))))
     return case, path
+
+
+# --- a model with real compute cost -------------------------------------------------------------
+
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush")
+
+
+def compute_model(path: Path, *, imgsz: int = 640, depth: int = 12, width: int = 64) -> Path:
+    """A YOLOv8-detect-layout model (input `images` [batch, 3, imgsz, imgsz], output
+    `output0` [batch, 84, N] with N = 8400 at 640, COCO names, Ultralytics metadata) whose
+    answer is computed from the image: three stride-2 convolutions, `depth` 3x3 convolutions
+    of `width` channels at stride 8 (where most of the cost is), two more stride-2 ones, and
+    a 1x1 head at strides 8, 16 and 32, as YOLO's. Fixed random weights (He-scaled, so
+    activations neither vanish nor explode); the head's sigmoid maps boxes into the input
+    (centres inside it, sides 3-33% of it) and class scores low (1e-4 to 1e-3, like a
+    random-weight YOLOv8n's): a test that wants detections lowers the threshold.
+    At depth 12 a run costs about 0.7 of a YOLOv8n-640's on ONNX Runtime's CPU provider
+    (~100 ms on a 2-core machine): slow enough for requests to queue behind it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(640)
+    rows = 4 + len(COCO_NAMES)
+    nodes, inits = [], []
+
+    def conv(x: str, name: str, cin: int, cout: int, *, k: int = 3, stride: int = 1,
+             relu: bool = True) -> str:
+        w = rng.standard_normal((cout, cin, k, k)) * math.sqrt(2.0 / (cin * k * k))
+        inits.extend([numpy_helper.from_array(w.astype(np.float32), f"{name}.w"),
+                      numpy_helper.from_array(np.zeros(cout, np.float32), f"{name}.b")])
+        y = f"{name}.conv" if relu else name
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        if relu:
+            nodes.append(helper.make_node("Relu", [y], [name]))
+        return name
+
+    x = conv("images", "stem", 3, 16, stride=2)
+    x = conv(x, "down1", 16, 32, stride=2)
+    x = conv(x, "down2", 32, width, stride=2)
+    for i in range(depth):
+        x = conv(x, f"body{i}", width, width)
+    heads = [conv(x, "head8", width, rows, k=1, relu=False)]
+    x = conv(x, "down3", width, 2 * width, stride=2)
+    heads.append(conv(x, "head16", 2 * width, rows, k=1, relu=False))
+    x = conv(x, "down4", 2 * width, 4 * width, stride=2)
+    heads.append(conv(x, "head32", 4 * width, rows, k=1, relu=False))
+
+    shift_in, scale, shift_out = (np.zeros((1, rows, 1), np.float32) for _ in range(3))
+    shift_in[0, 4:] = -9.0                                # class scores: sigmoid(x - 9)
+    scale[0, :2], scale[0, 2:4], scale[0, 4:] = imgsz, 0.3 * imgsz, 1.0
+    shift_out[0, 2:4] = 0.03 * imgsz
+    inits += [numpy_helper.from_array(np.array([0, rows, -1], np.int64), "flat"),
+              numpy_helper.from_array(shift_in, "shift_in"), numpy_helper.from_array(scale, "scale"),
+              numpy_helper.from_array(shift_out, "shift_out")]
+    nodes += [helper.make_node("Reshape", [h, "flat"], [f"{h}.flat"]) for h in heads]
+    nodes += [helper.make_node("Concat", [f"{h}.flat" for h in heads], ["raw"], axis=2),
+              helper.make_node("Add", ["raw", "shift_in"], ["logits"]),
+              helper.make_node("Sigmoid", ["logits"], ["unit"]),
+              helper.make_node("Mul", ["unit", "scale"], ["scaled"]),
+              helper.make_node("Add", ["scaled", "shift_out"], ["output0"])]
+    anchors = sum((imgsz // stride) ** 2 for stride in (8, 16, 32))
+    graph = helper.make_graph(
+        nodes, "compute",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", rows, anchors])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = ultralytics_metadata("detect", names=dict(enumerate(COCO_NAMES)), imgsz=imgsz)
+    meta["description"] = "vasipc compute model: random weights, real cost, meaningless detections"
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/family_models.py OUT.onnx  (writes compute_model there)")
+    print(compute_model(Path(sys.argv[1])))
