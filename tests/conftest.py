@@ -211,6 +211,20 @@ def nudenet_server(nudenet_model: str) -> Iterator[ServerProcess]:
         launcher.close()
 
 
+ZOO = REPO_ROOT.parent / "shared" / "models" / "zoo"
+
+
+def zoo_model(name: str) -> Path:
+    """`name`.onnx of the model zoo: real Ultralytics 8.4 exports of every task, kept in
+    ../shared beside the project (never shipped), used by the zoo conformance tests only;
+    skips, saying so, where it is absent."""
+    path = ZOO / f"{name}.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the model zoo of real exports lives in ../shared, "
+                    "outside the project; zoo conformance only)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def bench_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 640x640 YOLOv8-detect-layout model with real compute cost (random weights, ~100 ms

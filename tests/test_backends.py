@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import wire
-from conftest import REPO_ROOT
+from conftest import zoo_model
 from contract_util import write_dir
 from serve_cli import assert_refused, run_serve, spawn
 
@@ -30,7 +30,6 @@ from vasipc.backends.tensorrt import cache_key, profile_shapes, provider_options
 from vasipc.onnx_file import OnnxFileError, read_summary
 from vasipc.runtime import Device, RuntimeUnavailable, usable_cpus
 
-ZOO = REPO_ROOT.parent / "shared" / "models" / "zoo"
 ZOO_MODELS = ["yolo11n-320-detect", "yolo11n-320-nms", "yolo26n-320-end2end", "yolo11n-320-seg",
               "yolo11n-320-pose", "yolo11n-320-obb", "yolo11n-224-cls"]
 CPU = Device("cpu")
@@ -43,13 +42,13 @@ def openvino_caps() -> list[str]:
 
 # --- the ONNX file reader ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
-def test_metadata_is_onnxruntimes(name: str, nudenet_model: str) -> None:
+@pytest.mark.parametrize("name", ["built", *ZOO_MODELS])
+def test_metadata_is_onnxruntimes(name: str, nudenet_model: str, bench_model: str) -> None:
+    """The reader's metadata and operators, on the trained model and a built one (Ultralytics'
+    metadata strings), and on the zoo's real exports where they are."""
     ort = pytest.importorskip("onnxruntime")
-    path = ZOO / f"{name}.onnx"
-    if not path.is_file():
-        pytest.skip(f"{ZOO} is absent")
-    for p in (str(path), nudenet_model):
+    path = bench_model if name == "built" else str(zoo_model(name))
+    for p in (path, nudenet_model):
         summary = read_summary(p)
         assert summary.metadata == dict(ort.InferenceSession(p).get_modelmeta().custom_metadata_map)
         assert "Conv" in summary.op_types and not summary.quantized
@@ -287,12 +286,7 @@ def model_paths() -> list:
 
 
 def resolve(name: str, nudenet_model: str) -> str:
-    if name == "nudenet":
-        return nudenet_model
-    path = ZOO / f"{name}.onnx"
-    if not path.is_file():
-        pytest.skip(f"{ZOO} is absent")
-    return str(path)
+    return nudenet_model if name == "nudenet" else str(zoo_model(name))
 
 
 @pytest.fixture

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import reference_heads
 import wire
-from conftest import REPO_ROOT
+from conftest import zoo_model
 from contract_util import write_dir
 from test_families import assert_same_answer
 
 cv2 = pytest.importorskip("cv2")
 ort = pytest.importorskip("onnxruntime")
 
-ZOO = REPO_ROOT.parent / "shared" / "models" / "zoo"
 MODELS = ["yolo11n-320-detect", "yolo11n-320-nms", "yolo26n-320-end2end", "yolo11n-320-seg",
           "yolo26n-320-seg-end2end", "yolo11n-320-pose", "yolo26n-320-pose-end2end",
           "yolo11n-320-obb", "yolo11n-224-cls"]
@@ -79,9 +78,7 @@ def frames_for(rgb: np.ndarray, size: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_model_through_the_socket(name: str, server_factory, shm_dir: Path,
                                       astronaut_rgb: np.ndarray) -> None:
-    path = ZOO / f"{name}.onnx"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (the model zoo lives in ../shared, outside the project)")
+    path = zoo_model(name)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     case = zoo_case(name, session)
     server = server_factory(model=str(path), model_id="zoo")
@@ -113,9 +110,7 @@ def test_classifier_top5_is_ultralytics_on_a_2x_frame(astronaut_rgb: np.ndarray)
     from vasipc.model import ModelSpec, load_model
     from vasipc.runtime import Device
 
-    path = ZOO / "yolo11n-224-cls.onnx"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (the model zoo lives in ../shared, outside the project)")
+    path = zoo_model("yolo11n-224-cls")
     model = load_model(ModelSpec(str(path), "zoo", "zoo", "1"), Device("cpu"), 1)
     pre = model.family.preprocess
     own = cv2.resize(np.ascontiguousarray(astronaut_rgb), (224, 224), interpolation=cv2.INTER_AREA)
