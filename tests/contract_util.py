@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def assert_serving(sock: str) -> None:
     assert h["status"] == "ok" and h["ready"] is True, h
 
 
-def wait_idle(sock: str, timeout: float = 2.0) -> bool:
+def wait_idle(sock: str, timeout: float = 30.0) -> bool:
     """True once health reports no infer request in flight (a response can reach the client
     a moment before the server has booked it as written)."""
     deadline = time.monotonic() + timeout
@@ -183,45 +184,41 @@ class BackgroundLoad:
         self._thread.join(150)
 
 
-class Churn:
-    """Runs `step` in a loop on a thread while the block runs."""
-
-    def __init__(self, step) -> None:
-        self.step = step
-        self.stop = threading.Event()
-        self.count = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                self.step(self.count)
-                self.count += 1
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Churn:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        assert self.error is None, self.error
+# Pauses between sending a request and changing its frame: they move the change through the
+# server's read (open, map, copy, re-check), from before it starts to after it ends.
+IN_FLIGHT_PAUSES = (0.0, 0.0005, 0.002, 0.005, 0.02)
 
 
-def truncating_raw_4k(path: Path) -> tuple[Churn, dict]:
-    """A 4K NV12 raw frame file at `path` and a Churn that keeps shrinking and restoring it
-    (enter it around the requests); returns (churn, its frame_metadata)."""
+def changed_in_flight(sock: str, ref: str | os.PathLike, md: dict | None, rounds: int,
+                      change: Callable[[int], None], restore: Callable[[], None], *,
+                      model_id: str = MODEL_ID) -> list[dict]:
+    """The answers to `rounds` requests for `ref` on one connection, each with its frame changed
+    under it: after sending request i and before reading its answer the test calls
+    `change(i)`, after the answer `restore()`. The test makes every change itself, one per
+    request, so what is tested does not depend on how threads are scheduled; where in the
+    server's read a change lands does, so the caller accepts every outcome a change may cause."""
+    answers = []
+    with wire.connect(sock, 60) as s:
+        for i in range(rounds):
+            wire.send(s, infer_msg(ref, md, model_id=model_id))
+            time.sleep(IN_FLIGHT_PAUSES[i % len(IN_FLIGHT_PAUSES)])
+            change(i)
+            answers.append(wire.recv(s))
+            restore()
+    return answers
+
+
+def raw_4k_truncated_in_flight(sock: str, path: Path, rounds: int = 20, *,
+                               model_id: str = MODEL_ID) -> tuple[list[str | None], dict]:
+    """A 4K NV12 raw frame file at `path`, shrunk under each of `rounds` requests (to nothing,
+    a page, a third, half) and restored after its answer; returns the answers' error codes
+    and the file's frame_metadata. 20 rounds pair each shrink with each pause."""
     w, h = 3840, 2160
     size = frames.frame_size(w, h, "NV12")
     frames.write_raw_frame(path, np.random.default_rng(1).integers(0, 256, size, np.uint8))
-
-    def step(i: int) -> None:
-        os.truncate(path, [0, size // 3, 4096, size // 2][i % 4])
-        time.sleep(0.0005)
-        os.truncate(path, size)
-        time.sleep(0.0005)
-
-    return Churn(step), {"width": w, "height": h, "format": "NV12"}
+    md = {"width": w, "height": h, "format": "NV12"}
+    shrunk = (0, 4096, size // 3, size // 2)
+    answers = changed_in_flight(sock, path, md, rounds,
+                                lambda i: os.truncate(path, shrunk[i % len(shrunk)]),
+                                lambda: os.truncate(path, size), model_id=model_id)
+    return [a["error_code"] for a in answers], md

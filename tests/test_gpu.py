@@ -18,7 +18,7 @@ from contract_util import (
     assert_ok,
     assert_serving,
     infer,
-    truncating_raw_4k,
+    raw_4k_truncated_in_flight,
     write_dir,
     write_raw,
 )
@@ -188,10 +188,7 @@ def test_cuda_batched_equals_unbatched(server_factory, shm_dir, astronaut_rgb):
 def test_cuda_truncated_frame_is_frame_changed(cuda_server, shm_dir):
     """The guarded copy into pinned memory: a frame file shrinking while it is read gives
     frame_changed / frame_invalid, never a crash."""
-    churn, md = truncating_raw_4k(shm_dir / "4k.nv12")
-    with churn:
-        codes = [infer(cuda_server.socket, shm_dir / "4k.nv12", md, model_id="320n")["error_code"]
-                 for _ in range(30)]
+    codes, _ = raw_4k_truncated_in_flight(cuda_server.socket, shm_dir / "4k.nv12", model_id="320n")
     assert set(codes) <= {None, "frame_changed", "frame_invalid"}, codes
     assert cuda_server.proc.poll() is None
     assert_serving(cuda_server.socket)
