@@ -464,13 +464,13 @@ def test_symlinks_inside_the_roots_are_allowed(sock, root, astro_dir):
     assert _has_face(infer(sock, member_dir))
 
 
-def test_fifo_is_forbidden_and_answered_quickly(sock, root):
+def test_fifo_is_forbidden_without_blocking(sock, root):
+    """A fifo with no writer is never opened for reading (that would block the server: the
+    request's 30 s socket timeout, a hang guard, would end the test)."""
     fifo = root / "frame.fifo"
     os.mkfifo(fifo)
-    t0 = time.monotonic()
-    assert_error(infer(sock, fifo, RAW_MD, timeout=10), "frame_forbidden")
-    assert_error(infer(sock, fifo, {}, timeout=10), "frame_forbidden")
-    assert time.monotonic() - t0 < 5
+    assert_error(infer(sock, fifo, RAW_MD), "frame_forbidden")
+    assert_error(infer(sock, fifo, {}), "frame_forbidden")
     assert_serving(sock)
 
 
@@ -497,9 +497,7 @@ def test_member_special_files_are_forbidden(sock, root, astro, member, kind):
         (path / member).symlink_to("/etc/passwd")
     else:
         (path / member).symlink_to("/dev/zero")
-    t0 = time.monotonic()
-    assert_error(infer(sock, path, timeout=10), "frame_forbidden")
-    assert time.monotonic() - t0 < 5
+    assert_error(infer(sock, path), "frame_forbidden")
 
 
 @pytest.mark.parametrize("missing", ["frame.meta", "frame.data", "both"])
@@ -664,7 +662,8 @@ def _shm_maps(pid: int) -> int:
 
 
 def _settled(pid: int, baseline: int, count) -> int:
-    deadline = time.monotonic() + 5
+    """`count(pid)` once it is back to `baseline`, or after 30 s (a hang guard)."""
+    deadline = time.monotonic() + 30
     while True:
         n = count(pid)
         if n <= baseline or time.monotonic() > deadline:
