@@ -357,6 +357,45 @@ def test_max_connections(serve):
     wait_for(lambda: served.loop.connections == 1)
     d = served.connect()
     assert roundtrip(d, b"d") == b"d"
+    assert served.loop.refused == {"peer": 0, "max_connections": 1}
+
+
+def test_allow_lists_check_the_peers_credentials(serve):
+    # This process is the peer: SO_PEERCRED gives its own effective ids and pid.
+    uid, gid = os.geteuid(), os.getegid()
+    refusals: list[tuple[int, int, int]] = []
+    by_uid = serve(allow_uids=[uid], on_refused=lambda *cred: refusals.append(cred))
+    assert roundtrip(by_uid.connect(), b"u") == b"u"
+    by_gid = serve(allow_uids=[uid + 1], allow_gids=[gid])
+    assert roundtrip(by_gid.connect(), b"g") == b"g"
+    assert by_uid.loop.refused == by_gid.loop.refused == {"peer": 0, "max_connections": 0}
+
+    others = serve(allow_uids=[uid + 1], allow_gids=[gid + 1],
+                   on_refused=lambda *cred: refusals.append(cred))
+    s = others.connect()
+    with contextlib.suppress(BrokenPipeError):  # it may be closed already
+        s.sendall(frame(b"never read"))
+    with pytest.raises((ConnectionResetError, EOFError)):  # closed, not one byte answered
+        recv_exact(s, 1)
+    wait_for(lambda: refusals)
+    assert refusals == [(uid, gid, os.getpid())]
+    assert others.loop.refused == {"peer": 1, "max_connections": 0}
+    assert others.loop.connections == 0
+
+
+def test_a_raising_on_refused_is_logged_and_the_loop_goes_on(serve, caplog):
+    def fail(uid: int, gid: int, pid: int) -> None:
+        raise RuntimeError("on_refused broke")
+
+    served = serve(allow_uids=[os.geteuid() + 1], on_refused=fail)
+    with caplog.at_level(logging.ERROR, logger="vasipc"):
+        for _ in range(2):
+            assert is_closed(served.connect())
+        wait_for(lambda: served.loop.refused["peer"] == 2)
+    assert served.thread.is_alive() and not served.failure
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+    with pytest.raises(TypeError):
+        serve(on_refused=42)
 
 
 def test_stop_accepting_serves_existing_connections_only(serve):

@@ -30,6 +30,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._env_flags: dict[str, tuple[str, str]] = {}  # dest -> (variable, its text)
+        self._env_lists: dict[str, tuple[str, str, Callable]] = {}  # dest -> (.., item parser)
 
     def error(self, message: str):
         self.exit(2, f"usage: {self.usage}\n{self.prog}: error: {message}\n")
@@ -39,12 +40,18 @@ class Parser(argparse.ArgumentParser):
         given). argparse parses a string default with the option's `type` only when the
         command line leaves the option out; a value refused there, or not among `choices`
         (which argparse checks on the command line only), is an EnvError naming `var`. A
-        `store_true` flag takes 1/true/yes/on or 0/false/no/off."""
+        `store_true` flag takes 1/true/yes/on or 0/false/no/off; a repeatable option
+        (`action="append"`) a comma-separated list, which the command line's replaces."""
         text = os.environ.get(var) or None
         if kwargs.get("action") == "store_true":
             action = self.add_argument(flag, **kwargs)
             if text is not None:
                 self._env_flags[action.dest] = (var, text)
+            return action
+        if kwargs.get("action") == "append":
+            action = self.add_argument(flag, **kwargs)
+            if text is not None:
+                self._env_lists[action.dest] = (var, text, kwargs.get("type") or str)
             return action
         if text is None:
             return self.add_argument(flag, **kwargs)
@@ -70,6 +77,9 @@ class Parser(argparse.ArgumentParser):
             for dest, (var, text) in self._env_flags.items():
                 if not getattr(namespace, dest):  # the command line's flag wins
                     setattr(namespace, dest, env_flag(var, text))
+            for dest, (var, text, parse) in self._env_lists.items():
+                if getattr(namespace, dest) is None:  # the command line's list wins
+                    setattr(namespace, dest, env_list(var, text, parse))
         except EnvError as exc:
             self.exit(2, f"{self.prog}: error: {exc}\n")
         return namespace, rest
@@ -82,6 +92,15 @@ def env_flag(var: str, text: str) -> bool:
     if text.lower() in FALSE_WORDS:
         return False
     raise EnvError(f"{var}={text}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+
+
+def env_list(var: str, text: str, parse: Callable[[str], Any]) -> list:
+    """A comma-separated environment variable's items, each parsed (an empty item too: a
+    stray comma is an error, not a shorter list); a refused one is an EnvError."""
+    try:
+        return [parse(item.strip()) for item in text.split(",")]
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        raise EnvError(f"{var}={text}: {exc}") from None
 
 
 def device(text: str) -> str:

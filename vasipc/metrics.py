@@ -201,6 +201,12 @@ class ServerCollector(Collector):
             ("vasipc_open_connections", "Open client connections.", server.connections()),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        refused = CounterMetricFamily("vasipc_connections_refused", "Connections closed at accept, "
+                                      "never answered, by reason (peer: not in --allow-uid / "
+                                      "--allow-gid; max_connections: at the cap).", labels=["reason"])
+        for reason, n in sorted(server.refused_connections().items()):
+            refused.add_metric([reason], n)
+        yield refused
         # one writer at a time (the batcher's fill role), read atomically here
         yield CounterMetricFamily("vasipc_frame_read_bytes", "Bytes of frames mapped and read.",
                                   value=server.batcher.frame_bytes_read)

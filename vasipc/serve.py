@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--batch-timeout-us", type=_ranged(int, 0), help="default 0")
     opt("--max-queue", type=_ranged(int, 1), help="default 1024")
     opt("--max-connections", type=_ranged(int, 1), help="default 1024")
+    peer_id = _ranged(int, 0, 2**32 - 2)  # uid_t / gid_t; all ones is "no id"
+    opt("--allow-uid", metavar="UID", action="append", type=peer_id,
+        help="serve only clients whose uid (SO_PEERCRED) is UID, or whose gid is an "
+             "--allow-gid; others are closed at accept, unanswered (repeatable; default: "
+             "whoever the socket's mode lets in)")
+    opt("--allow-gid", metavar="GID", action="append", type=peer_id,
+        help="serve clients whose (effective, not supplementary) gid is GID (repeatable)")
     opt("--watch", action="store_true",
         help="reload when the weights, model.yaml, labels or version directories "
              "change (SIGHUP always reloads)")
@@ -294,6 +301,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         max_queue=_pick(args.max_queue, 1024),
         max_connections=_pick(args.max_connections, 1024),
         preprocess_threads=_pick(args.preprocess_threads, 1),
+        allow_uids=frozenset(args.allow_uid or ()),
+        allow_gids=frozenset(args.allow_gid or ()),
     )
     server = Server(model, config)
     try:
@@ -303,6 +312,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 2
     if metrics is not None:
         metrics.attach(server)  # /readyz follows the server's readiness from now on
+    if config.allow_uids or config.allow_gids:
+        allowed = ([f"uid {u}" for u in sorted(config.allow_uids)]
+                   + [f"gid {g}" for g in sorted(config.allow_gids)])
+        log.info("serving only clients of %s (SO_PEERCRED); others are closed unanswered",
+                 ", ".join(allowed))
     if source.ignored_keys:  # not refused (the format may grow), but a typo should show
         log.warning("model.yaml keys not in the onboarding format, ignored: %s",
                     ", ".join(source.ignored_keys))

@@ -78,6 +78,9 @@ class ServerConfig:
     max_queue: int = 1024
     max_connections: int = 1024
     preprocess_threads: int = 1  # letterbox_into threads per frame, where the kernel has them
+    # Who may connect (SO_PEERCRED's uid or gid); both empty: whoever the socket's mode lets in.
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
 
 
 class Server:
@@ -132,7 +135,8 @@ class Server:
             self.listener.sock.fileno(), self._on_message, self._on_bad_length,
             max_message_bytes=cfg.max_message_bytes, read_timeout=cfg.read_timeout,
             idle_timeout=cfg.idle_timeout, write_timeout=WRITE_TIMEOUT_S,
-            max_connections=cfg.max_connections, pipeline_depth=PIPELINE_DEPTH)
+            max_connections=cfg.max_connections, pipeline_depth=PIPELINE_DEPTH,
+            allow_uids=cfg.allow_uids, allow_gids=cfg.allow_gids, on_refused=self._on_refused)
         self._io_thread = threading.Thread(target=self._serve_io, name="vasipc-io", daemon=True)
         self._io_thread.start()
 
@@ -220,6 +224,11 @@ class Server:
         loop = self._loop
         return loop.connections if loop is not None else 0
 
+    def refused_connections(self) -> dict[str, int]:
+        """Connections closed at accept, never answered, by reason (ConnectionLoop.refused)."""
+        loop = self._loop
+        return loop.refused if loop is not None else {"peer": 0, "max_connections": 0}
+
     def ready(self) -> bool:
         """Loaded and warm (a Server exists only then), not draining, no fatal error."""
         return not self.draining and self.fatal is None
@@ -229,6 +238,12 @@ class Server:
         self.error_log.note(err.code, err.message, op)
 
     # ---- the connection loop's callbacks (I/O thread) ---------------------------------
+    def _on_refused(self, uid: int, gid: int, pid: int) -> None:
+        # A client that keeps reconnecting must not flood the log: the first refusal is
+        # logged at once, the rest as a count once a minute, like error responses.
+        self.error_log.note("peer_not_allowed", f"refused a connection from uid {uid} gid {gid} "
+                            f"pid {pid}: not in --allow-uid / --allow-gid", op="connect")
+
     def _on_bad_length(self, conn: Connection, slot: int, length: int) -> bytes:
         limit = self.config.max_message_bytes
         if length == 0:

@@ -1,6 +1,6 @@
 """Every client connection of a listening socket, served by one epoll thread. See connloop.pyx."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 class Connection:
     """One accepted client connection, owned by its ConnectionLoop."""
@@ -22,7 +22,13 @@ class ConnectionLoop:
                  on_message: Callable[[Connection, int, bytes], bytes | None],
                  on_bad_length: Callable[[Connection, int, int], bytes], *,
                  max_message_bytes: int, read_timeout: float, idle_timeout: float,
-                 write_timeout: float, max_connections: int, pipeline_depth: int) -> None: ...
+                 write_timeout: float, max_connections: int, pipeline_depth: int,
+                 allow_uids: Iterable[int] = (), allow_gids: Iterable[int] = (),
+                 on_refused: Callable[[int, int, int], None] | None = None) -> None:
+        """With allow_uids or allow_gids, a client whose SO_PEERCRED uid is in neither
+        allow_uids nor its gid in allow_gids is closed at accept, before a byte is read or
+        written, and on_refused(uid, gid, pid) is called (the loop thread; -1 for ids the
+        kernel would not give: such a client is refused too)."""
     def run(self) -> None:
         """Serve until close_all() (call it in a dedicated thread). Exceptions raised by the
         callbacks are logged (logging.getLogger("vasipc").exception) and the connection that
@@ -48,3 +54,7 @@ class ConnectionLoop:
     @property
     def connections(self) -> int:
         """Open connections now."""
+    @property
+    def refused(self) -> dict[str, int]:
+        """Connections closed at accept, unanswered, by reason: "peer" (not allowed) and
+        "max_connections" (the cap was reached)."""

@@ -43,13 +43,18 @@ from vasipc._fast.monotonic cimport monotonic_ns
 from vasipc._fast.sockets cimport (
     MSG_DONTWAIT,
     MSG_NOSIGNAL,
+    SO_PEERCRED,
     SOCK_CLOEXEC,
     SOCK_NONBLOCK,
+    SOL_SOCKET,
     accept4,
+    getsockopt,
     msghdr,
     recv,
     send,
     sendmsg,
+    socklen_t,
+    ucred,
 )
 
 import logging
@@ -258,6 +263,12 @@ cdef class ConnectionLoop:
     cdef int64_t read_timeout_ns, idle_timeout_ns, write_timeout_ns, flush_deadline_ns
     cdef Py_ssize_t max_connections
     cdef long long pipeline_depth
+    # Who may connect: a peer whose SO_PEERCRED uid or gid is in one of these; both
+    # empty lets everyone in (the socket file's mode is then the only gate).
+    cdef frozenset allow_uids, allow_gids
+    cdef object on_refused
+    cdef long long refused_peer     # closed at accept: the peer is not allowed
+    cdef long long refused_full     # closed at accept: max_connections are open
     cdef dict conns                 # key -> open Connection
     cdef list resumes               # connections whose depth limit lifted, to dispatch
     cdef uint64_t next_key
@@ -276,7 +287,8 @@ cdef class ConnectionLoop:
 
     def __init__(self, int listen_fd, on_message, on_bad_length, *,
                  Py_ssize_t max_message_bytes, double read_timeout, double idle_timeout,
-                 double write_timeout, Py_ssize_t max_connections, long long pipeline_depth):
+                 double write_timeout, Py_ssize_t max_connections, long long pipeline_depth,
+                 allow_uids=(), allow_gids=(), on_refused=None):
         cdef int flags
         cdef epoll_event ev
         if listen_fd < 0:
@@ -287,6 +299,8 @@ cdef class ConnectionLoop:
             raise ValueError(f"max_message_bytes must be in 1..2**32-1, not {max_message_bytes}")
         if max_connections < 1 or pipeline_depth < 1:
             raise ValueError("max_connections and pipeline_depth must be >= 1")
+        if on_refused is not None and not callable(on_refused):
+            raise TypeError("on_refused must be callable")
         if self.epfd >= 0:
             raise RuntimeError("ConnectionLoop.__init__ called twice")
         self.listen_fd = listen_fd
@@ -298,6 +312,9 @@ cdef class ConnectionLoop:
         self.write_timeout_ns = timeout_ns("write_timeout", write_timeout)
         self.max_connections = max_connections
         self.pipeline_depth = pipeline_depth
+        self.allow_uids = frozenset(allow_uids)
+        self.allow_gids = frozenset(allow_gids)
+        self.on_refused = on_refused
         self.conns = {}
         self.resumes = []
         self.next_key = FIRST_CONN_KEY
@@ -330,6 +347,11 @@ cdef class ConnectionLoop:
     @property
     def connections(self):
         return len(self.conns)
+
+    @property
+    def refused(self):
+        """Connections closed at accept, unanswered, by reason."""
+        return {"peer": self.refused_peer, "max_connections": self.refused_full}
 
     def run(self):
         """Serve until close_all(); call it in a dedicated thread."""
@@ -583,8 +605,11 @@ cdef class ConnectionLoop:
                 self.set_listener(False)
                 self.listen_retry_ns = now + TICK_NS
                 return 0
+            if (self.allow_uids or self.allow_gids) and not self.peer_allowed(fd):
+                continue
             if len(self.conns) >= self.max_connections:
                 close(fd)
+                self.refused_full += 1
                 continue
             try:
                 self.add_conn(fd, now)
@@ -592,6 +617,27 @@ cdef class ConnectionLoop:
                 # One client the loop cannot take; the Connection's __dealloc__ closes fd.
                 log.exception("could not register a new connection; closing it")
         return 1
+
+    cdef bint peer_allowed(self, int fd) except -1:
+        """Whether the client just accepted on `fd` may connect: its uid or gid (SO_PEERCRED,
+        its effective ids when it connected) is allowed. If not, `fd` is closed before a
+        byte is read or written, counted, and on_refused(uid, gid, pid) is told (-1 each
+        where the kernel would not say: refused too)."""
+        cdef ucred cred
+        cdef socklen_t size = sizeof(cred)
+        cdef long long uid = -1, gid = -1, pid = -1
+        if getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &size) == 0:
+            uid, gid, pid = cred.uid, cred.gid, cred.pid
+            if uid in self.allow_uids or gid in self.allow_gids:
+                return True
+        close(fd)
+        self.refused_peer += 1
+        if self.on_refused is not None:
+            try:
+                self.on_refused(uid, gid, pid)
+            except Exception:
+                log.exception("on_refused failed")
+        return False
 
     cdef int add_conn(self, int fd, int64_t now) except -1:
         cdef epoll_event ev
