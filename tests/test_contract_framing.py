@@ -200,12 +200,12 @@ def test_zero_length_is_invalid_message_and_closes(nudenet_server):
 
 @pytest.mark.parametrize("length", [DEFAULT_MAX + 1, 0xFFFFFFFF])
 def test_too_large_answered_at_once_without_body(nudenet_server, length):
+    """Answered from the prefix alone: a server waiting for the body would close the
+    connection at its read timeout (10 s) without an answer, and recv would fail."""
     with wire.connect(nudenet_server.socket) as s:
-        t0 = time.monotonic()
         s.sendall(struct.pack(">I", length))  # no body follows
-        assert_error(recv_within(s, 3), "message_too_large")
-        assert time.monotonic() - t0 < 3
-        assert wire.is_closed(s, 5)
+        assert_error(recv_within(s, 30), "message_too_large")
+        assert wire.is_closed(s, 30)
 
 
 def test_too_large_with_partial_body_closes_without_reading_it(small):
@@ -375,21 +375,25 @@ def test_response_framing(nudenet_server):
 
 # --- timeouts ----------------------------------------------------------------------------------
 
-def test_message_stalled_mid_body_is_dropped_others_served(small):
-    body = padded(500)
+def test_message_stalled_mid_body_is_dropped(small):
     with wire.connect(small.socket) as stalled:
         t0 = time.monotonic()
-        stalled.sendall(wire.frame(body)[:250])
-        # another connection is served normally meanwhile, several times
-        with wire.connect(small.socket) as other:
+        stalled.sendall(wire.frame(padded(500))[:250])
+        assert wire.is_closed(stalled, 30)  # without an answer
+        assert time.monotonic() - t0 > 0.8  # not before the 1 s read timeout
+
+
+def test_others_served_while_a_message_stalls(server_factory):
+    """Other connections are served while one stalls mid-message: with a read timeout longer
+    than their hang guard they could not be if the stall held the server up."""
+    sock = server_factory("--read-timeout", "120").socket
+    with wire.connect(sock) as stalled:
+        stalled.sendall(wire.frame(padded(500))[:250])
+        with wire.connect(sock) as other:
             for i in range(3):
-                t = time.monotonic()
                 wire.send(other, health_msg(i))
-                assert_health(recv_within(other, 0.8), i)
-                assert time.monotonic() - t < 0.8  # not held up until the 1 s read timeout
-        assert wire.is_closed(stalled, 5)
-        elapsed = time.monotonic() - t0
-        assert 0.8 < elapsed < 3.0, elapsed
+                assert_health(recv_within(other, 30), i)
+        assert no_response(stalled, 0.05) and not wire.is_closed(stalled, 0.05)
 
 
 @pytest.mark.parametrize("sent", [1, 3], ids=["1-prefix-byte", "3-prefix-bytes"])
@@ -397,27 +401,26 @@ def test_message_stalled_in_prefix_is_dropped(small, sent):
     with wire.connect(small.socket) as s:
         t0 = time.monotonic()
         s.sendall(wire.encode(health_msg())[:sent])
-        assert wire.is_closed(s, 5)
-        assert 0.8 < time.monotonic() - t0 < 3.0
+        assert wire.is_closed(s, 30)
+        assert time.monotonic() - t0 > 0.8  # not before the 1 s read timeout
 
 
 def test_read_timeout_runs_from_the_first_byte(small):
     """A message that trickles in, a byte now and then, must still be whole within
-    read_timeout of its first byte."""
+    read_timeout of its first byte: one taking 3 s or more is dropped unanswered (a timer
+    restarted with each byte would let it through, and answer it)."""
     data = wire.encode(health_msg("trickle"))
+    assert len(data) > 30
     with wire.connect(small.socket) as s:
         t0 = time.monotonic()
-        closed_at = None
-        for b in data:  # ~3 s in all, a byte every 0.1 s
+        for b in data:  # a byte every 0.1 s at the most
             try:
                 s.sendall(bytes([b]))
             except (BrokenPipeError, ConnectionResetError):
-                closed_at = time.monotonic()
                 break
             time.sleep(0.1)
-        assert wire.is_closed(s, 3)
-        closed_at = closed_at or time.monotonic()
-        assert closed_at - t0 < 2.5, "the read timeout restarted with each byte"
+        assert wire.is_closed(s, 30), "the read timeout restarted with each byte"
+        assert time.monotonic() - t0 > 0.8  # not before the 1 s read timeout
 
 
 def test_idle_connection_closed_after_idle_timeout(small):
@@ -425,21 +428,21 @@ def test_idle_connection_closed_after_idle_timeout(small):
         t0 = time.monotonic()
         for i in range(6):  # the busy one stays open: the idle timer restarts per message
             wire.send(busy, health_msg(i))
-            assert_health(recv_within(busy, 2), i)
+            assert_health(recv_within(busy, 30), i)
             time.sleep(0.4)
-        assert wire.is_closed(idle, 0.1)
+        assert wire.is_closed(idle, 30)
         assert time.monotonic() - t0 > 2.0
         wire.send(busy, health_msg("still"))
-        assert_health(recv_within(busy, 2), "still")
+        assert_health(recv_within(busy, 30), "still")
 
 
 def test_idle_timeout_after_a_response(small):
     with wire.connect(small.socket) as s:
         wire.send(s, health_msg(1))
-        assert_health(recv_within(s, 2), 1)
+        assert_health(recv_within(s, 30), 1)
         t0 = time.monotonic()
-        assert wire.is_closed(s, 5)
-        assert 0.8 < time.monotonic() - t0 < 3.0
+        assert wire.is_closed(s, 30)
+        assert time.monotonic() - t0 > 0.8  # not before the 1 s idle timeout
 
 
 # --- many connections --------------------------------------------------------------------------
@@ -485,7 +488,7 @@ def test_many_concurrent_connections_and_a_stalled_one(nudenet_server, astronaut
     assert_health(wire.roundtrip(path, health_msg()))
 
 
-def accepted_connection(path: str, timeout: float = 5.0) -> socket.socket:
+def accepted_connection(path: str, timeout: float = 30.0) -> socket.socket:
     """A connection the server took: answered a health request. Retries while the server
     has not yet released earlier connections (its slots are freed when it sees their EOF)."""
     deadline = time.monotonic() + timeout
@@ -493,7 +496,7 @@ def accepted_connection(path: str, timeout: float = 5.0) -> socket.socket:
         s = wire.connect(path)
         try:
             wire.send(s, health_msg("accepted"))
-            assert_health(recv_within(s, 2), "accepted")
+            assert_health(recv_within(s, 30), "accepted")
             return s
         except (EOFError, ConnectionResetError, BrokenPipeError):
             s.close()
@@ -507,9 +510,8 @@ def test_max_connections(server_factory):
     first = [accepted_connection(server.socket) for _ in range(3)]
     try:
         with wire.connect(server.socket) as extra:
-            t0 = time.monotonic()
-            assert wire.is_closed(extra, 5)
-            assert time.monotonic() - t0 < 1.0
+            # closed at accept: an accepted idle connection would stay open for 300 s
+            assert wire.is_closed(extra, 30)
         for i, s in enumerate(first):  # the first three are unaffected
             wire.send(s, health_msg(i))
             assert_health(recv_within(s, 5), i)
@@ -545,10 +547,10 @@ def test_out_of_file_descriptors_is_survived(nudenet_model, tmp_path):
         for s in socks:
             if s is not starved:
                 s.close()
-        assert_health(recv_within(starved, 5))  # accepted once fds were free again
+        assert_health(recv_within(starved, 30))  # accepted once fds were free again
         with wire.connect(path) as s:
             wire.send(s, health_msg("fresh"))
-            assert_health(recv_within(s, 5), "fresh")
+            assert_health(recv_within(s, 30), "fresh")
         assert server.stop() == 0
     finally:
         for s in socks:
