@@ -2,6 +2,9 @@
 
 from collections.abc import Callable, Iterable
 
+from typing_extensions import disjoint_base
+
+@disjoint_base
 class Connection:
     """One accepted client connection, owned by its ConnectionLoop."""
     def send_response(self, slot: int, body: bytes) -> bool:
@@ -17,6 +20,7 @@ class Connection:
         """During on_message: whether this message was read whole before mark_drain()
         (always True before it)."""
 
+@disjoint_base
 class ConnectionLoop:
     def __init__(self, listen_fd: int,
                  on_message: Callable[[Connection, int, bytes], bytes | None],

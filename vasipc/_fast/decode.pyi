@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 BOX_CXCYWH: int
 BOX_XYXY: int
@@ -24,6 +25,7 @@ class Decoded(NamedTuple):
     rotated: npt.NDArray[np.float32] | None
     corners: npt.NDArray[np.float32] | None
 
+@disjoint_base
 class DecodeLayout:
     def __init__(
         self,
