@@ -20,7 +20,7 @@ OPTIONS = ["--model", "--model-dir", "--models-root", "--model-id", "--socket", 
            "--socket-mode", "--frame-root", "--device", "--conf", "--iou", "--max-detections",
            "--labels", "--max-message-bytes", "--read-timeout", "--drain-timeout",
            "--max-frame-dim", "--max-batch", "--batch-timeout-us", "--max-queue",
-           "--max-connections", "--idle-timeout", "--model-version"]
+           "--max-connections", "--idle-timeout", "--model-version", "--allow-uid", "--allow-gid"]
 
 
 def onnx_model(path: Path, kind: str) -> Path:

@@ -270,6 +270,12 @@ class Server:
         self.frame_roots = a.frame_root or env_roots or ["/dev/shm"]
         self.drain_timeout = a.drain_timeout if a.drain_timeout is not None else DEFAULT_DRAIN_TIMEOUT
 
+    def serves(self, uid: int | None, gid: int | None) -> bool:
+        """Whether --allow-uid / --allow-gid (VASIPC_ALLOW_UID / _GID) let a client running
+        as uid:gid in; without them the socket's mode alone decides."""
+        uids, gids = self.args.allow_uid or [], self.args.allow_gid or []
+        return not (uids or gids) or uid in uids or gid in gids
+
 
 def all_servers(monkeypatch):
     found = []
@@ -377,6 +383,8 @@ def test_sidecar_pod_shares_sockets_and_shm_in_memory(monkeypatch):
         assert effective(pod, pipeline, "runAsNonRoot") is True, name
         assert effective(pod, pipeline, "runAsUser") not in (None, 0,
                                                                effective(pod, server, "runAsUser"))
+        assert s.serves(effective(pod, pipeline, "runAsUser"), effective(pod, pipeline, "runAsGroup")), \
+            f"{name}: the server's --allow-uid / --allow-gid leave the pipeline out"
 
 
 def test_daemonset_shares_host_paths_with_the_node_pipelines(monkeypatch):
@@ -406,6 +414,9 @@ def test_daemonset_shares_host_paths_with_the_node_pipelines(monkeypatch):
     assert gid in client_pod["securityContext"].get("supplementalGroups", []), \
         "the node pipeline joins the servers' group"
     (pipeline,) = client_pod["containers"]
+    user = effective(client_pod, pipeline, "runAsUser"), effective(client_pod, pipeline, "runAsGroup")
+    for c, s in srv:
+        assert s.serves(*user), f"daemonset-gpu.yaml: {c['name']}'s allow-lists leave the pipeline out"
     for path, host_path in host.items():
         m = mount_of(pipeline, path)
         assert m is not None and m["mountPath"] == path, f"pipeline: {path} not mounted"
