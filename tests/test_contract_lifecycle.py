@@ -41,7 +41,7 @@ def pipelined_infers(path: str, frame: Path, model_id: str, n_conn: int,
     return socks
 
 
-def wait_all_read(monitor: socket.socket, total: int, timeout: float = 20.0,
+def wait_all_read(monitor: socket.socket, total: int, timeout: float = 30.0,
                   exact: bool = True) -> dict:
     """Poll health until the server has read all `total` infer requests (at least `total`,
     when not `exact`)."""
@@ -55,12 +55,12 @@ def wait_all_read(monitor: socket.socket, total: int, timeout: float = 20.0,
         time.sleep(0.002)
 
 
-def wait_gone(path: str, timeout: float) -> float:
-    t0 = time.monotonic()
+def wait_gone(path: str, timeout: float = 30.0) -> None:
+    """Until `path` is gone (`timeout` is a hang guard)."""
+    deadline = time.monotonic() + timeout
     while os.path.lexists(path):
-        assert time.monotonic() - t0 < timeout, f"{path} still there after {timeout} s"
+        assert time.monotonic() < deadline, f"{path} still there after {timeout} s"
         time.sleep(0.002)
-    return time.monotonic() - t0
 
 
 def read_answers(socks: list[socket.socket], depth: int) -> list[list[dict]]:
@@ -114,7 +114,7 @@ def test_signal_drains_in_flight_requests(server_factory, astronaut_frame, sig):
         assert h["in_flight"] > 0, h
         server.proc.send_signal(sig)
         # the listening socket goes at once, while requests are still in flight
-        wait_gone(path, 1.0)
+        wait_gone(path)
         h = health_on(monitor)
         assert h["status"] == "draining" and h["ready"] is False, h
         assert h["in_flight"] > 0, h
@@ -156,7 +156,7 @@ def test_signal_answers_what_was_sent_beyond_the_pipeline_depth(server_factory, 
     socks = pipelined_infers(path, astronaut_frame, MODEL_ID, 1, depth)
     try:
         server.proc.send_signal(signal.SIGTERM)
-        wait_gone(path, 5.0)
+        wait_gone(path)
         wire.send(socks[0], wire.infer_request(str(astronaut_frame), MODEL_ID, request_id="late"))
         for a in read_answers(socks, depth)[0]:
             assert a["error_code"] is None and a["detections"], a
@@ -169,20 +169,20 @@ def test_signal_answers_what_was_sent_beyond_the_pipeline_depth(server_factory, 
 
 
 def test_signal_with_nothing_in_flight_exits_0_at_once(server_factory):
-    server = server_factory()
+    """An idle connection does not hold the exit up: with a drain timeout longer than
+    stop's 30 s hang guard, a server waiting on it would be killed and the test fail."""
+    server = server_factory("--drain-timeout", "120")
     with wire.connect(server.socket) as idle:
-        t0 = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0
-        assert time.monotonic() - t0 < 3
-        assert wire.is_closed(idle, 2)
+        assert wire.is_closed(idle, 30)
 
 
 @pytest.mark.parametrize("n_conn, depth", [(2, 16), (1, 100)], ids=["2x16", "1x100"])
 def test_drain_timeout_answers_the_rest_shutting_down(server_factory, astronaut_frame,
                                                       bench_model, n_conn, depth):
     """--drain-timeout 0.2 with ~2.5 s of work queued: what is not done by then is answered
-    shutting_down, nothing is lost, the exit code is 1, and exit does not wait for the
-    queue. (1x100: more than the server reads ahead on one connection, 64.)"""
+    shutting_down (exit does not wait for the queue), nothing is lost, the exit code is 1.
+    (1x100: more than the server reads ahead on one connection, 64.)"""
     server = server_factory("--drain-timeout", "0.2", "--conf", "0.99", model=bench_model,
                             model_id="bench-drain")
     path = server.socket
@@ -191,17 +191,14 @@ def test_drain_timeout_answers_the_rest_shutting_down(server_factory, astronaut_
     try:
         # beyond 64 a connection's requests wait in the server's buffer: not counted yet
         wait_all_read(monitor, min(depth, 64) * n_conn, exact=depth <= 64)
-        t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         all_answers = read_answers(socks, depth)
         code = server.proc.wait(30)
-        elapsed = time.monotonic() - t0
     finally:
         monitor.close()
         for s in socks:
             s.close()
     assert code == 1, server.stderr_text()
-    assert elapsed < 1.5, f"exit took {elapsed:.2f} s after the drain timeout of 0.2 s"
     refused = 0
     for answers in all_answers:  # each in request order (read_answers checks request_id)
         codes = [a["error_code"] for a in answers]
