@@ -4,7 +4,8 @@ Starts a real server on nudenet's detector (or `--model`, any family the server 
 exports a photo as an NV12 frame in /dev/shm the way a video pipeline would, asks for its
 answer with `vasipc.Client`, prints it and saves the photo annotated with it: boxes, and
 per task masks, keypoints (joined by the skeleton when the model has one), rotated boxes
-or the top classes.
+or the top classes. `--model-path` only prints where the demo's model is, to serve it by
+hand (README, "Serving a model").
 """
 
 from __future__ import annotations
@@ -228,10 +229,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where to save the annotated photo (default: %(default)s)")
     parser.add_argument("--keep-server", action="store_true",
                         help="leave the server running afterwards and print its socket")
+    parser.add_argument("--model-path", action="store_true",
+                        help="print the path of the demo's model (nudenet's 320n.onnx) and exit: "
+                             "serve it yourself with python -m vasipc.serve --model PATH")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.model_path:
+        print(nudenet_model_path())
+        return
     if args.model is not None:
         model = Path(args.model)
         if not model.is_file():
