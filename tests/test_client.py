@@ -203,7 +203,7 @@ def socket_fds(pid: int) -> int:
     return count
 
 
-def settled(read: Callable[[], int], want: int | None = None, timeout: float = 5.0) -> int:
+def settled(read: Callable[[], int], want: int | None = None, timeout: float = 30.0) -> int:
     """`read()` once it equals `want` (or, without `want`, once it stops changing)."""
     deadline = time.monotonic() + timeout
     last = read()
@@ -442,13 +442,13 @@ def test_partial_response_is_not_retried(scripted):
         assert c.request({"op": "health"})["n"] == 0  # a fresh connection afterwards
 
 
+@pytest.mark.timeout(60)  # the hang guard: the client's own timeout would block for an hour
 def test_timeout(scripted):
+    """A request's timeout overrides the client's."""
     server = scripted(lambda n: "hang")
-    with Client(server.path, timeout=5) as c:
-        started = time.monotonic()
-        with pytest.raises(TimeoutError, match=re.escape(server.path)):
-            c.request({"op": "health"}, timeout=0.3)
-        assert time.monotonic() - started < 2
+    with Client(server.path, timeout=3600) as c, pytest.raises(TimeoutError,
+                                                               match=re.escape(server.path)):
+        c.request({"op": "health"}, timeout=0.3)
 
 
 def test_draining_server_is_routed_around(scripted):
