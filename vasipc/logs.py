@@ -63,7 +63,8 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
 
 
 class ErrorLog:
-    """Logs error responses by class (`error_code`): the first at once, the rest as counts.
+    """Logs error responses by class (`error_code`; the server's connections refused at
+    accept too, as `peer_not_allowed`): the first at once, the rest as counts.
 
     `note` is called on the request path (I/O and worker threads): it takes one lock and
     logs only the first of a code. `flush` (the main thread, a few times a second) logs
