@@ -17,13 +17,30 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, _child_env
 from serve_cli import assert_refused, run_serve
-from test_contract_cli import link_model, write_yaml
+from test_contract_cli import link_model, onnx_model, write_yaml
 
 from vasipc import model_yaml as my
 from vasipc.runtime import Device
 
 NUDENET_CLASSES = 18
 W = "model_weights: w.onnx\n"
+# nudenet's ONNX metadata names, by class id
+NUDENET_NAMES = [
+    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
+    "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
+    "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED"]
+
+
+def schema_classes(value: object, names_file: str | None = None) -> str:
+    """model.yaml text: the weights and output_schema.classes (and class_names_file)."""
+    return W + "output_schema:\n  classes: " + json.dumps(value) + "\n" + (
+        f"  class_names_file: {names_file}\n" if names_file else "")
+
+
+def renamed(i: int, name: str) -> list[str]:
+    return [name if j == i else n for j, n in enumerate(NUDENET_NAMES)]
 
 
 def run_check(*args: str, module: str = "vasipc.check") -> subprocess.CompletedProcess:
@@ -109,6 +126,26 @@ INVALID = {
                          {"names.txt": names(17)}, [],
                          ["output_schema.class_names_file", "names.txt has 17 class names",
                           "has 18 classes"]),
+    "classes-count": (schema_classes(17), {}, [],
+                      ["model.yaml output_schema.classes says 17 classes but the model has 18"]),
+    "classes-names-count": (schema_classes(["a", "b"]), {}, [],
+                            ["model.yaml output_schema.classes has 2 class names",
+                             "has 18 classes"]),
+    "classes-names-metadata": (schema_classes(renamed(12, "FACE_M")), {}, [],
+                               ["output_schema.classes does not match the model's ONNX "
+                                "metadata: class 12 is 'FACE_M' in model.yaml, 'FACE_MALE' there"]),
+    "classes-names-file": (schema_classes(NUDENET_NAMES, "names.txt"), {"names.txt": names(18)},
+                           [], ["output_schema.classes does not match output_schema."
+                                "class_names_file", "class 0 is 'FEMALE_GENITALIA_COVERED' in "
+                                "model.yaml, 'n0' there"]),
+    "classes-count-with-labels": (schema_classes(NUDENET_NAMES[:17]), {"labels.txt": names(18)},
+                                  ["--labels", "{d}/labels.txt"],
+                                  ["output_schema.classes says 17 classes but the model has 18"]),
+    "classes-type": (schema_classes(["a", 3]), {}, [],
+                     ["output_schema.classes must be the class count or the class names",
+                      "['a', 3]"]),
+    "classes-zero": (schema_classes(0), {}, [], ["output_schema.classes must be", "got 0"]),
+    "classes-bool": (schema_classes(True), {}, [], ["output_schema.classes must be", "got True"]),
     "labels-count": (W, {"labels.txt": names(19)}, ["--labels", "{d}/labels.txt"],
                      ["labels file", "labels.txt has 19 class names", "has 18 classes"]),
     "labels-count-over-yaml": (W + "output_schema:\n  class_names_file: names.txt\n",
@@ -223,7 +260,9 @@ resource_requirements:
   gpu_required: false
   cpu_fallback_allowed: true
 confidence_treshold: 0.9
-""", {"names.txt": names(NUDENET_CLASSES, "thing_")})
+""".replace("  class_names_file: names.txt\n", "  class_names_file: names.txt\n  format: yolov8\n")
+       .replace("  cpu_fallback_allowed: true\n", "  cpu_fallback_allowed: true\n  gpu_memory_mb: 512\n"),
+       {"names.txt": names(NUDENET_CLASSES, "thing_")})
     result = run_check(str(d), "--json", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
@@ -240,7 +279,78 @@ confidence_treshold: 0.9
     assert r["load_ms"] > 0 and r["run_ms"] > 0 and r["runs"] == 5
     assert r["run_ms"] >= r["stages_ms"]["inference"] > 0
     assert isinstance(r["detections"], int)
-    assert r["ignored_yaml_keys"] == ["confidence_treshold"]
+    # the keys of the format's sections too: the original format's that the server does not use
+    assert r["ignored_yaml_keys"] == ["confidence_treshold", "output_schema.format",
+                                      "resource_requirements.gpu_memory_mb"]
+    assert r["ignored_version_dirs"] == []
+
+
+def test_ignored_keys_named_by_check_text_and_server_log(server_factory, nudenet_model, tmp_path):
+    from serve_cli import info, spawn
+
+    d = make_dir(tmp_path, nudenet_model, W + "model_id: keys\nthreshold: 0.5\noutput_schema:\n"
+                                              "  num_classes: 18\n", {})
+    result = run_check(str(d), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "note         model.yaml keys not used: output_schema.num_classes, threshold\n" in result.stdout
+    path = str(tmp_path / "vas_model_keys.sock")
+    server = spawn(server_factory, ["--model-dir", str(d), "--socket-dir", str(tmp_path),
+                                    "--device", "cpu"], path)
+    assert info(path)["model_id"] == "keys"
+    assert server.stop() == 0
+    warnings = [ln for ln in server.stderr_text().splitlines() if " WARNING " in ln]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "model.yaml keys not in the onboarding format, ignored: output_schema.num_classes, "
+        "threshold"), server.stderr_text()
+
+
+@pytest.mark.parametrize(("yaml_text", "labels", "classes", "source"), [
+    (schema_classes(18), None, NUDENET_NAMES, None),
+    (schema_classes(NUDENET_NAMES), None, NUDENET_NAMES, "model.yaml output_schema.classes"),
+    (schema_classes(renamed(17, "n17"), "names.txt"), None, renamed(17, "n17"),
+     "output_schema.class_names_file {d}/names.txt"),
+    (schema_classes(NUDENET_NAMES), "labels.txt", [f"n{i}" for i in range(18)],
+     "labels file {d}/labels.txt"),  # --labels renames: only the count is checked
+], ids=["count", "names-as-metadata", "names-as-file", "labels-rename"])
+def test_output_schema_classes_that_agree(nudenet_model, tmp_path, yaml_text, labels, classes,
+                                          source):
+    d = make_dir(tmp_path, nudenet_model, yaml_text,
+                 {"names.txt": "".join(f"{n}\n" for n in renamed(17, "n17")),
+                  "labels.txt": names(18)})
+    result = run_check(str(d), "--json", "--device", "cpu",
+                       *(["--labels", str(d / labels)] if labels else []))
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["classes"] == classes
+    assert r["class_names_source"] == (source.format(d=d) if source else None)
+
+
+def test_register_labels_over_output_schema_class_names(nudenet_model, tmp_path):
+    """`vasipc register --labels` renames the classes: the installed model.yaml keeps
+    output_schema.classes as a count (its names would contradict the labels at every load)."""
+    d = make_dir(tmp_path, nudenet_model, schema_classes(NUDENET_NAMES), {"labels.txt": names(18)})
+    root = tmp_path / "models"
+    result = run_check("register", str(d), "--models-root", str(root), "--model-id", "reg",
+                       "--labels", str(d / "labels.txt"), "--device", "cpu", module="vasipc")
+    assert result.returncode == 0, result.stderr
+    assert my.written_doc(str(root / "reg" / "1"))["output_schema"] == {
+        "classes": 18, "class_names_file": "labels.txt"}
+    result = run_check(str(root / "reg"), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["classes"] == [f"n{i}" for i in range(18)]
+
+
+def test_output_schema_classes_name_a_model_without_names(tmp_path):
+    """A model whose metadata names no classes (class_{id} otherwise) takes model.yaml's."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    onnx_model(d / "tiny.onnx", "tiny-yolo-b1")
+    write_yaml(d, "output_schema:\n  classes: [cat, dog]\n")
+    result = run_check(str(d), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["classes"] == ["cat", "dog"]
+    write_yaml(d, "output_schema:\n  classes: [cat, dog, cow]\n")
+    assert_refused(run_check(str(d)), "output_schema.classes has 3 class names", max_lines=1)
 
 
 def test_check_labels_override(nudenet_model, tmp_path):
@@ -274,6 +384,35 @@ def test_check_version_layout(nudenet_model, tmp_path, version, expected):
     r = json.loads(result.stdout)
     assert r["model_id"] == "det" and r["model_version"] == expected
     assert r["weights"] == str(base / expected / "model.onnx")
+    assert r["ignored_version_dirs"] == ["latest", "\u00b2"]  # files ("99") are not listed
+
+
+def test_check_notes_directories_that_are_not_versions(nudenet_model, tmp_path):
+    base = tmp_path / "det"
+    make_versions(base, nudenet_model)
+    result = run_check(str(base), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert ("note         only numeric directory names are versions; not versions: latest, "
+            "\u00b2\n") in result.stdout
+
+
+def test_versions_directory_without_numeric_versions_says_why(nudenet_model, tmp_path):
+    """ROOT/ID with v1/ and latest/ but no numeric version: serve and check both say that only
+    numeric names count."""
+    base = tmp_path / "root" / "det"
+    link_model(base / "v1" / "model.onnx", nudenet_model)
+    (base / "latest").mkdir()
+    needles = ["has no model.yaml and not exactly one .onnx file (nor a numeric version "
+               "directory: only numeric directory names are versions, not latest, v1)"]
+    served = run_serve("--models-root", str(tmp_path / "root"), "--model-id", "det",
+                       "--socket-dir", str(tmp_path))
+    assert_refused(served, *needles, max_lines=1)
+    checked = run_check(str(base))
+    assert_refused(checked, *needles, max_lines=1)
+    assert error_line(checked.stderr) == error_line(served.stderr)
+    assert_refused(run_check(str(base), "--model-version", "v1"),
+                   "has no version v1 (no version directories; only numeric directory names "
+                   "are versions, not latest, v1)", max_lines=1)
 
 
 def test_serve_version_layout_ignores_non_ascii_digits(server_factory, nudenet_model, tmp_path):
@@ -282,16 +421,21 @@ def test_serve_version_layout_ignores_non_ascii_digits(server_factory, nudenet_m
 
     make_versions(tmp_path / "root" / "det", nudenet_model)
     path = str(tmp_path / "vas_model_det.sock")
-    spawn(server_factory, ["--models-root", str(tmp_path / "root"), "--model-id", "det",
-                           "--socket-dir", str(tmp_path), "--device", "cpu"], path)
+    server = spawn(server_factory, ["--models-root", str(tmp_path / "root"), "--model-id", "det",
+                                    "--socket-dir", str(tmp_path), "--device", "cpu"], path)
     assert info(path)["model_version"] == "10"
+    assert server.stop() == 0  # the log notes what is not a version, once, not as a warning
+    noted = [ln for ln in server.stderr_text().splitlines() if "not versions" in ln]
+    assert len(noted) == 1 and " INFO " in noted[0], server.stderr_text()
+    assert noted[0].endswith("only numeric directory names are versions; not versions: latest, \u00b2")
 
 
 def test_check_bad_version_and_usage(nudenet_model, tmp_path):
     base = tmp_path / "det"
     make_versions(base, nudenet_model)
     assert_refused(run_check(str(base), "--model-version", "7"),
-                   "has no version 7 (versions 1, 2, 10)", max_lines=1)
+                   "has no version 7 (versions 1, 2, 10; only numeric directory names are "
+                   "versions, not latest, \u00b2)", max_lines=1)
     assert_refused(run_check(str(tmp_path / "nothing")), "does not exist", max_lines=1)
     assert_refused(run_check(str(base / "1" / "model.onnx"), "--model-version", "1"),
                    "--model-version needs a directory", max_lines=1)

@@ -177,6 +177,7 @@ def check(path: str, *, device: str = "auto", version: str | None = None,
         "stages_ms": {k: median(f"{k}_ms") for k in ("preprocess", "inference", "postprocess")},
         "synthetic_frame": {"width": FRAME_WIDTH, "height": FRAME_HEIGHT, "format": "NV12"},
         "detections": detections, "ignored_yaml_keys": list(source.ignored_keys),
+        "ignored_version_dirs": list(source.ignored_versions),
     }
 
 
@@ -230,6 +231,9 @@ def format_report(r: dict[str, Any]) -> str:
                         + (f"; skeleton of {len(kp['skeleton'])} edges" if kp["skeleton"] else "")))
     if r["ignored_yaml_keys"]:
         rows.append(("note", "model.yaml keys not used: " + ", ".join(r["ignored_yaml_keys"])))
+    if r["ignored_version_dirs"]:
+        rows.append(("note", "only numeric directory names are versions; not versions: "
+                             + ", ".join(r["ignored_version_dirs"])))
     return "\n".join(f"{k:<12} {v}" for k, v in rows) + "\nok"
 
 

@@ -22,7 +22,10 @@ from vasipc.errors import ModelError, first_line
 from vasipc.heads import Declared, Family, Head, ModelFacts, family_for
 from vasipc.runtime import Device
 
-__all__ = ["LoadedModel", "ModelError", "ModelSpec", "batch_sizes_for", "load_model"]
+__all__ = ["CLASSES_SOURCE", "LoadedModel", "ModelError", "ModelSpec", "batch_sizes_for",
+           "load_model"]
+
+CLASSES_SOURCE = "model.yaml output_schema.classes"  # a class names source, in messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,10 @@ class ModelSpec:
     cache_dir: str | None = None  # compiled engines (tensorrt)
     class_names_source: str | None = None  # where class_names came from, for error messages
     expected_resolution: tuple[int, int] | None = None  # model.yaml's (w, h): must be the input's
+    # model.yaml output_schema.classes: the class count, or the names by id (must be the
+    # names served from a names file, else the ONNX metadata's; with no such names, the
+    # names served: then class_names_source is CLASSES_SOURCE)
+    declared_classes: int | tuple[str, ...] | None = None
     declared: Declared = field(default_factory=Declared)  # model.yaml: architecture, task, ...
     # (its class_names are this spec's, filled in at load)
 
@@ -142,6 +149,31 @@ def batch_sizes_for(max_batch: int, fixed_batch: int = 0) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
+def check_declared_classes(spec: ModelSpec, facts: ModelFacts, head: Head) -> None:
+    """model.yaml's output_schema.classes against the model: its count against the model's
+    classes, its names against the names a names file gives, else the ONNX metadata's (a
+    model.yaml that disagrees describes another model)."""
+    declared = spec.declared_classes
+    if declared is None:
+        return
+    count = declared if isinstance(declared, int) else len(declared)
+    if count != head.num_classes:
+        raise ModelError(f"{spec.path}: {CLASSES_SOURCE} says {count} classes but the model "
+                         f"has {head.num_classes}")
+    if isinstance(declared, int):
+        return
+    other, what = ((facts.metadata_names, "the model's ONNX metadata")
+                   if spec.class_names_source == CLASSES_SOURCE
+                   else (head.class_names, spec.class_names_source))
+    if other is None or tuple(other) == declared:
+        return
+    if len(other) != count:
+        raise ModelError(f"{spec.path}: {CLASSES_SOURCE} names {count} classes, {what} {len(other)}")
+    i = next(i for i, (a, b) in enumerate(zip(declared, other, strict=True)) if a != b)
+    raise ModelError(f"{spec.path}: {CLASSES_SOURCE} does not match {what}: class {i} is "
+                     f"{declared[i]!r} in model.yaml, {other[i]!r} there")
+
+
 def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
                preprocess: str = "auto") -> LoadedModel:
     """Open the model with its backend, recognize its family (heads/), compile it for its
@@ -217,4 +249,5 @@ def load_model(spec: ModelSpec, device: Device, max_batch: int | None,
                 raise facts.refuse(f"the outputs of a batch of {b} are {shapes}, not batch-first")
             if model.head is None:
                 model = dataclasses.replace(model, head=family.build([(1, *s[1:]) for s in shapes]))
+                check_declared_classes(spec, facts, model.head)
     return model

@@ -2,7 +2,8 @@
 
 The one place that reads `model.yaml` (the original onboarding format, docs/contract.md 8):
 `model_id`, `model_name`, `model_version`, `model_weights`, `confidence_threshold`,
-`nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file`,
+`nms_iou_threshold`, `expected_resolution`, `output_schema.class_names_file` /
+`output_schema.classes` (a class count, or the names by id),
 `resource_requirements.gpu_required` / `cpu_fallback_allowed`, `weights_sha256` (checked
 against the weights every time the source is read), `source` (informational: where
 `vasipc register` got the model, or the version `vasipc quantize` quantized),
@@ -11,8 +12,10 @@ models without Ultralytics metadata `architecture`, `task`, `preprocess`, `keypo
 (docs/contract.md 6), and how to serve it: `backend`, `precision` (under the command
 line's `--backend`, `--precision`). Every problem is one
 `ModelSourceError` line naming the file and the key; what can only be checked against the
-loaded model (the class count, `expected_resolution` against the input size) is checked by
-`model.load_model`, from the `ModelSpec` that `model_spec` builds.
+loaded model (the class count and names, `expected_resolution` against the input size) is
+checked by `model.load_model`, from the `ModelSpec` that `model_spec` builds. Keys the
+format does not have, and entries of a versions directory that are not versions, are
+named (`ignored_keys`, `ignored_versions`), not refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from vasipc.backends import BACKENDS, PRECISIONS, choose_backend
 from vasipc.heads import ARCHITECTURES, TASKS, Declared
-from vasipc.model import ModelSpec
+from vasipc.model import CLASSES_SOURCE, ModelSpec
 from vasipc.preprocess import KEYS
 
 if TYPE_CHECKING:
@@ -40,6 +43,8 @@ KNOWN_KEYS = frozenset({
     "nms_iou_threshold", "expected_resolution", "output_schema", "resource_requirements",
     "architecture", "task", "preprocess", "keypoint_names", "skeleton", "source",
     "backend", "precision", "quantization_report"})
+KNOWN_SUBKEYS = {"output_schema": frozenset({"class_names_file", "classes"}),
+                 "resource_requirements": frozenset({"gpu_required", "cpu_fallback_allowed"})}
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -62,6 +67,8 @@ class ModelSource:
     cpu_fallback_allowed: bool = True
     expected_resolution: tuple[int, int] | None = None  # (width, height): must be the model's
     ignored_keys: tuple[str, ...] = ()  # model.yaml keys this format does not have (typos?)
+    ignored_versions: tuple[str, ...] = ()  # non-numeric directories beside the versions
+    classes: int | tuple[str, ...] | None = None  # output_schema.classes: count or names
     backend: str | None = None    # the runtime to serve with (the CLI's --backend wins)
     precision: str | None = None  # the precision to serve at (the CLI's --precision wins)
     declared: Declared = field(default_factory=Declared)  # architecture, task, preprocess, keypoints
@@ -129,6 +136,21 @@ def version_dirs(directory: str) -> list[str]:
         return []
     return sorted((e for e in entries
                    if VERSION_RE.match(e) and os.path.isdir(os.path.join(directory, e))), key=int)
+
+
+def other_dirs(directory: str) -> list[str]:
+    """The subdirectories of a versions directory that are not versions (non-numeric names
+    such as `latest` or `v2`; dot names aside), sorted."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(e for e in entries if not VERSION_RE.match(e) and not e.startswith(".")
+                  and os.path.isdir(os.path.join(directory, e)))
+
+
+def _only_numeric(others: list[str]) -> str:
+    return f"only numeric directory names are versions, not {', '.join(others)}"
 
 
 def _version_of(directory: str) -> str:
@@ -255,7 +277,10 @@ def from_model_dir(directory: str) -> ModelSource:
     if not os.path.lexists(yaml_path):  # lexists: a dangling model.yaml link is an error below
         onnx = _single_onnx(directory)
         if onnx is None:
-            raise ModelSourceError(f"{directory} has no model.yaml and not exactly one .onnx file")
+            others = other_dirs(directory)  # meant as versions? say why they are not
+            raise ModelSourceError(f"{directory} has no model.yaml and not exactly one .onnx file"
+                                   + (f" (nor a numeric version directory: {_only_numeric(others)})"
+                                      if others and not version_dirs(directory) else ""))
         src = from_model_file(os.path.join(directory, onnx))
         return ModelSource(**{**_asdict(src), "model_version": _version_of(directory)})
     return _read_model_yaml(yaml_path, directory)
@@ -271,6 +296,28 @@ def written_doc(directory: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def _classes(schema: dict, where: str) -> int | tuple[str, ...] | None:
+    """output_schema.classes: the model's class count, or its class names by id."""
+    v = schema.get("classes")
+    if v is None:
+        return None
+    if type(v) is int and v > 0:
+        return v
+    if isinstance(v, list) and v and all(isinstance(n, str) and n for n in v):
+        return tuple(v)
+    raise ModelSourceError(f"{where}: output_schema.classes must be the class count or the "
+                           f"class names by id (a list of non-empty strings), got {_show(v)}")
+
+
+def _ignored_keys(doc: dict) -> tuple[str, ...]:
+    """Keys (and subkeys of the format's sections) this format does not have."""
+    ignored = [str(k) for k in doc if k not in KNOWN_KEYS]
+    for section, known in KNOWN_SUBKEYS.items():
+        if isinstance(doc.get(section), dict):
+            ignored += [f"{section}.{k}" for k in doc[section] if k not in known]
+    return tuple(sorted(ignored))
 
 
 def _asdict(src: ModelSource) -> dict[str, Any]:
@@ -314,7 +361,8 @@ def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
         raise ModelSourceError(f"{where}: model_id must be 1-64 characters of [A-Za-z0-9._-], "
                                f"got {_show(model_id)}")
 
-    names_file = _mapping(doc, "output_schema", where).get("class_names_file")
+    schema = _mapping(doc, "output_schema", where)
+    names_file = schema.get("class_names_file")
     if names_file is not None:
         if not isinstance(names_file, str) or not names_file.strip():
             raise ModelSourceError(f"{where}: output_schema.class_names_file must be a file "
@@ -340,7 +388,8 @@ def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
         gpu_required=gpu_required,
         cpu_fallback_allowed=cpu_fallback,
         expected_resolution=_resolution(doc, where),
-        ignored_keys=tuple(sorted(str(k) for k in doc if k not in KNOWN_KEYS)),
+        ignored_keys=_ignored_keys(doc),
+        classes=_classes(schema, where),
         declared=_declared(doc, where),
         backend=_choice(doc, "backend", BACKENDS, where),
         precision=_choice(doc, "precision", PRECISIONS, where),
@@ -352,15 +401,15 @@ def from_models_root(root: str, model_id: str, version: str | None) -> ModelSour
     base = os.path.join(root, model_id)
     if not os.path.isdir(base):
         raise ModelSourceError(f"{base} does not exist")
-    versions = version_dirs(base)
-    if version is not None:
-        if version not in versions:
-            have = f"versions {', '.join(versions)}" if versions else "no version directories"
-            raise ModelSourceError(f"{base} has no version {version} ({have})")
-        return from_model_dir(os.path.join(base, version))
-    if versions:
-        return from_model_dir(os.path.join(base, versions[-1]))
-    return from_model_dir(base)
+    versions, others = version_dirs(base), other_dirs(base)
+    if version is None and not versions:
+        return from_model_dir(base)  # the model directory itself
+    if version is not None and version not in versions:
+        have = f"versions {', '.join(versions)}" if versions else "no version directories"
+        raise ModelSourceError(f"{base} has no version {version} ({have}"
+                               + (f"; {_only_numeric(others)}" if others else "") + ")")
+    source = from_model_dir(os.path.join(base, version or versions[-1]))
+    return ModelSource(**{**_asdict(source), "ignored_versions": tuple(others)})
 
 
 def model_id_for(source: ModelSource, given: str | None = None) -> str:
@@ -389,7 +438,9 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
     Refuses a CPU device that model.yaml's resource_requirements rule out: always with
     gpu_required, and with cpu_fallback_allowed: false when `device_arg` (--device) was
     auto and found no GPU (an explicit --device cpu is not a fallback). Reads the class
-    names file (--labels over output_schema.class_names_file); load_model checks its count.
+    names file (--labels over output_schema.class_names_file, over output_schema.classes'
+    names); load_model checks its count, and output_schema.classes against the model (with
+    --labels, which renames the classes, only its count).
     """
     if device.kind == "cpu" and source.gpu_required:
         raise ModelSourceError("model.yaml says gpu_required: true and no usable GPU is selected")
@@ -399,6 +450,12 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
     names_file, what = ((labels, "labels file") if labels is not None
                         else (source.class_names_file, "output_schema.class_names_file"))
     names = read_labels(names_file, what) if names_file else None
+    declared = source.classes
+    if isinstance(declared, tuple) and labels is not None:
+        declared = len(declared)
+    names_source = f"{what} {names_file}" if names is not None else None
+    if names is None and isinstance(declared, tuple):
+        names, names_source = declared, CLASSES_SOURCE
     precision = precision or source.precision or "auto"
     backend = choose_backend(backend or source.backend or "auto", device, precision, preprocess,
                              source.weights)
@@ -408,9 +465,8 @@ def model_spec(source: ModelSource, device: Device, model_id: str, *,
              "precision": precision, "cache_dir": cache_dir}
     return ModelSpec(
         path=source.weights, model_id=model_id, model_name=source.model_name,
-        model_version=source.model_version, class_names=names,
-        class_names_source=f"{what} {names_file}" if names is not None else None,
-        expected_resolution=source.expected_resolution,
+        model_version=source.model_version, class_names=names, class_names_source=names_source,
+        expected_resolution=source.expected_resolution, declared_classes=declared,
         declared=source.declared, backend=backend,
         **{k: v for k, v in given.items() if v is not None},  # the rest: ModelSpec's defaults
     )

@@ -131,6 +131,8 @@ def register(src: str, models_root: str, *, model_id: str | None = None, device:
         schema = {k: v for k, v in (raw.get("output_schema") or {}).items() if k != "class_names_file"}
         if labels_name is not None:
             schema["class_names_file"] = labels_name
+        if labels is not None and isinstance(schema.get("classes"), list):
+            schema["classes"] = len(schema["classes"])  # --labels renamed them: their count stays
         doc = {"model_id": model_id, "model_name": source.model_name,
                "model_version": None,  # install_version writes the number it takes
                "model_weights": weights_name, "weights_sha256": digest,

@@ -232,7 +232,7 @@ def _start_metrics(args: argparse.Namespace):
     """The HTTP metrics and probe server, serving already, or None without --metrics-port."""
     if args.metrics_port is None:
         return None
-    from vasipc.metrics import MetricsServer
+    from vasipc.metrics_http import MetricsServer
 
     metrics = MetricsServer(args.metrics_host or "0.0.0.0", args.metrics_port)
     metrics.start()
@@ -320,6 +320,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if source.ignored_keys:  # not refused (the format may grow), but a typo should show
         log.warning("model.yaml keys not in the onboarding format, ignored: %s",
                     ", ".join(source.ignored_keys))
+    if source.ignored_versions:  # a `latest` link is fine; a `v3` that never serves is not
+        log.info("only numeric directory names are versions; not versions: %s",
+                 ", ".join(source.ignored_versions))
     log.info("serving model %s (%s, version %s) on %s: input %dx%d, %d classes, device %s, "
              "backend %s %s, precision %s, %d stream(s), providers %s, max batch %d (runs at "
              "%s), preprocess %s, batch timeout %d us, frame roots %s, metrics %s",
