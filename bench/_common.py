@@ -8,6 +8,7 @@ sys.path so the in-place build of vasipc is importable without installing it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -33,8 +34,9 @@ if str(REPO / "tests") not in sys.path:  # the kernels' reference data (referenc
     sys.path.append(str(REPO / "tests"))
 
 PYTHON = sys.executable
-BENCH_MODEL = Path(os.environ.get("VASIPC_BENCH_MODEL")
-                   or REPO.parent / "shared" / "models" / "yolov8n-640-random.onnx")
+# VASIPC_ZOO: a folder of real Ultralytics exports, one per task, named as tests/test_zoo.py
+# names them (AGPL-3.0 derivatives: never part of the project); the zoo rows need it
+ZOO = Path(os.environ["VASIPC_ZOO"]) if os.environ.get("VASIPC_ZOO") else None
 RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160)}
 _LENGTH = struct.Struct(">I")
 
@@ -47,6 +49,30 @@ def nudenet_model() -> str:
 
 
 # --- models ---------------------------------------------------------------------------------
+
+@functools.cache
+def bench_model() -> Path:
+    """The benchmark model: `VASIPC_BENCH_MODEL` if set, else the project's own 640x640
+    YOLO-layout detector with real compute cost (tests/family_models.py `compute_model`,
+    random weights), written into bench/out/ once per process."""
+    if os.environ.get("VASIPC_BENCH_MODEL"):
+        return Path(os.environ["VASIPC_BENCH_MODEL"])
+    from family_models import compute_model
+
+    (BENCH / "out").mkdir(exist_ok=True)
+    return compute_model(BENCH / "out" / "compute-640.onnx")
+
+
+def zoo_models(names: Sequence[str]) -> dict[str, Path]:
+    """name -> path of each zoo model (`VASIPC_ZOO`); SystemExit naming what is missing."""
+    if ZOO is None:
+        sys.exit("the zoo rows need VASIPC_ZOO=DIR: real Ultralytics exports, one per task "
+                 "(see bench/README.md)")
+    paths = {n: ZOO / f"{n}.onnx" for n in names}
+    missing = [n for n, p in paths.items() if not p.is_file()]
+    if missing:
+        sys.exit(f"missing from {ZOO}: {', '.join(missing)}")
+    return paths
 
 def tiny_model(path: str) -> None:
     """A tiny YOLO-shaped detector: input [1,3,64,64] -> Reshape -> MatMul -> Reshape ->

@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from _common import BENCH_MODEL, Load, drive, encode, machine, server, spread, vasipc_cmd, write_frames
+from _common import Load, bench_model, drive, encode, machine, server, spread, vasipc_cmd, write_frames
 from runtimes import HEIGHT, WIDTH, Run, frames_in, ort_session, ov_queue, threaded
 
 from vasipc.backends.onnxruntime import auto_streams, import_onnxruntime
@@ -69,9 +69,9 @@ def in_process(tensors: list, d: float, int8: str | None, has_bf16: bool
             lambda w, x: solo.run(None, {name: x}), tensors, 1, d),
     }
     core = ov.Core()
-    models = {"fp32": (str(BENCH_MODEL), "f32")}
+    models = {"fp32": (str(bench_model()), "f32")}
     if has_bf16:
-        models["bf16"] = (str(BENCH_MODEL), "bf16")
+        models["bf16"] = (str(bench_model()), "bf16")
     if int8:
         models["int8"] = (int8, "f32")
     for label, (path, hint) in models.items():
@@ -118,12 +118,12 @@ def run(args, servers: dict[str, list[str]], payloads: list[bytes], tensors: lis
     refs = in_process(tensors, d, args.int8, has_bf16)
     results: dict[str, list[float]] = {}
     p50s: dict[str, list[float]] = {}
-    print(f"# backends: {machine()}\n# model {BENCH_MODEL.name}, {WIDTH}x{HEIGHT} NV12, "
+    print(f"# backends: {machine()}\n# model {bench_model().name}, {WIDTH}x{HEIGHT} NV12, "
           f"c{conc} and c1, {d:g} s each, {args.repeats} rounds", flush=True)
     for rnd in range(args.repeats):
         for name, cli in servers.items():
             sock = os.path.join(shm, f"{len(results)}.sock")
-            model = args.int8 if name == "openvino int8" else BENCH_MODEL
+            model = args.int8 if name == "openvino int8" else bench_model()
             cmd = [*vasipc_cmd(model, sock), *cli]
             with server(cmd, sock, timeout=300) as proc:
                 for c in (conc, 1):

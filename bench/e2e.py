@@ -39,9 +39,9 @@ from collections.abc import Callable
 
 import numpy as np
 from _common import (
-    BENCH_MODEL,
     PYTHON,
     Load,
+    bench_model,
     drive,
     encode,
     machine,
@@ -161,7 +161,7 @@ class _PlainServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def serve_plain(path: str) -> None:
     """The plain design's server on `path`, the benchmark model in a session made as
     vasipc makes its own (create_session, default thread count)."""
-    _PlainHandler.session = create_session(str(BENCH_MODEL), Device("cpu"), import_onnxruntime())
+    _PlainHandler.session = create_session(str(bench_model()), Device("cpu"), import_onnxruntime())
     with _PlainServer(path, _PlainHandler) as srv:
         srv.serve_forever()
 
@@ -204,14 +204,14 @@ def what_if_session(ort, threads: int = 0, spinning: bool = True):
         opts.intra_op_num_threads = threads
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(BENCH_MODEL), sess_options=opts,
+    return ort.InferenceSession(str(bench_model()), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 
 
 def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray],
         sock: str) -> None:
     ort = import_onnxruntime()
-    session = create_session(str(BENCH_MODEL), Device("cpu"), ort)  # exactly the server's
+    session = create_session(str(bench_model()), Device("cpu"), ort)  # exactly the server's
     in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     r, nw, nh, left, top = letterbox_geometry(WIDTH, HEIGHT, SIZE, SIZE)
     slot = np.empty((1, 3, SIZE, SIZE), np.float32)
@@ -256,17 +256,17 @@ def run(args: argparse.Namespace, payloads: list[bytes], frames: list[np.ndarray
         configs["what-if: session.run 1 thread"] = runs_on(what_if_session(ort, threads=1))
         configs["what-if: session.run no spinning"] = runs_on(what_if_session(ort, spinning=False))
     results: dict[str, list[Load]] = {n: [] for n in configs}
-    print(f"# e2e: {machine()}\n# model {BENCH_MODEL.name}, {WIDTH}x{HEIGHT} NV12 -> "
+    print(f"# e2e: {machine()}\n# model {bench_model().name}, {WIDTH}x{HEIGHT} NV12 -> "
           f"{SIZE}x{SIZE}, ORT {ort.__version__} {session.get_providers()[0]}, "
           "default thread settings", flush=True)
     bsock = sock + ".base"
-    base_cmd = vasipc_cmd(BENCH_MODEL, bsock)
+    base_cmd = vasipc_cmd(bench_model(), bsock)
     if args.baseline:  # the baseline's package first on sys.path
         base_cmd[1:3] = ["-c", f"import sys; sys.path.insert(0, {os.path.abspath(args.baseline)!r}); "
                                "from vasipc.serve import main; main()"]
     psock = sock + ".plain"
     plain_cmd = [PYTHON, os.path.abspath(__file__), "--serve-plain", psock]
-    with server(vasipc_cmd(BENCH_MODEL, sock), sock) as proc, \
+    with server(vasipc_cmd(bench_model(), sock), sock) as proc, \
             (server(base_cmd, bsock) if args.baseline else contextlib.nullcontext()) as bproc, \
             (server(plain_cmd, psock) if args.plain else contextlib.nullcontext()) as pproc:
         pid = proc.pid

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 4's device check, in one call on the lent GPU machine (../shared/gpu/README.md):
+# Issue 4's device check, in one call on the lent GPU machine (bench/README.md, "GPU check"):
 # builds vasipc there, runs the GPU tests, and measures every issue-4 target, writing
 # everything under $OUT (summary.md first). Budget: under 8 minutes.
 #
-# Before it (see bench/README.md, "GPU check"): the onnxruntime-gpu wheel's parts in
-# /tmp/w on the warm machine (one `run` per part), cp312 wheels of the runtime
-# dependencies the image lacks (orjson, nudenet) in .whl/, and .gpu/ holding
-# ../shared/gpu/preload_cuda.py plus a sitecustomize.py that imports it.
+# Before it (bench/README.md, "GPU check"): the onnxruntime-gpu wheel's parts in /tmp/w on
+# the warm machine (one call per part), cp312 wheels of the runtime dependencies the image
+# lacks (orjson, nudenet) in .whl/, and the model in .gpu/ (built here:
+# `python tests/family_models.py .gpu/compute-640.onnx`). bench/gpu/ goes on PYTHONPATH: its
+# sitecustomize.py loads the CUDA libraries (preload_cuda.py) in every Python process.
 #
 #   bash bench/gpu_check.sh          # on the device (repo root; $OUT set by the tool)
 #   bash bench/gpu_check.sh --cpu    # here, without a GPU: the same steps on the CPU,
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 MODE=${1:-gpu}
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-MODEL=${VASIPC_BENCH_MODEL:-$(ls .gpu/*.onnx ../shared/models/yolov8n-640-random.onnx 2>/dev/null | head -1)}
+MODEL=${VASIPC_BENCH_MODEL:-$(ls .gpu/*.onnx 2>/dev/null | head -1)}
 log() { echo "== $*" | tee -a "$OUT/log.txt"; }
 started=$(date +%s)
 
@@ -29,12 +30,16 @@ else
   [ -f "$wheel" ] || cat /tmp/w/ort.p.* > "$wheel"
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" .whl/*.whl \
     >> "$OUT/log.txt" 2>&1 || { log "pip install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD/.gpu:$PWD
+  export PYTHONPATH=/tmp/site:$PWD/bench/gpu:$PWD
   log "build vasipc in place"
   $PY build.py >> "$OUT/log.txt" 2>&1 || { log "build failed"; exit 1; }
   nvidia-smi -L > "$OUT/gpu.txt" 2>&1
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
+if [ -z "$MODEL" ]; then  # the project's own 640 detector (needs onnx where this runs)
+  MODEL=$(mkdir -p bench/out && $PY tests/family_models.py bench/out/compute-640.onnx) \
+    || { log "no model: put one in .gpu/ (python tests/family_models.py .gpu/compute-640.onnx)"; exit 1; }
+fi
 $PY -c "import onnxruntime as o, vasipc; print(o.__version__, o.get_available_providers())" \
   > "$OUT/runtime.txt" 2>&1
 log "runtime: $(cat "$OUT/runtime.txt")"

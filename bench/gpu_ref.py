@@ -4,7 +4,7 @@
 
 For each batch size: `session.run` with numpy input and output (host copies included) and
 the same run through IO binding with input and output on the device (no host copies), as
-`../shared/gpu/README.md` measured them. Prints a table (p50 ms per run, images/s) and
+bench/README.md's reference figures measured them. Prints a table (p50 ms per run, images/s) and
 writes it as JSON with `--json`. On `--device cpu` it runs the same code on the CPU
 provider (IO binding to 'cpu'), which is how this script is tested without a GPU.
 """

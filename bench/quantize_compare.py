@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from _common import BENCH_MODEL, REPO, machine, nudenet_model
+from _common import ZOO, bench_model, machine, nudenet_model
 from runtimes import Run, frames_in, ort_session, ov_queue, report, threaded
 
 from vasipc import quantize as vq
@@ -54,7 +54,6 @@ from vasipc.frames import crop_even, rgb_to_nv12, write_frame_dir
 from vasipc.model import ModelSpec, load_model
 from vasipc.runtime import Device, usable_cpus
 
-ZOO = REPO.parent / "shared" / "models" / "zoo"
 LOW_CONFIDENCE = 0.05  # nudenet finds few things in these photos at 0.25: more pairs to compare
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
@@ -132,7 +131,7 @@ def speed(args: argparse.Namespace, out: str) -> None:
     feeds = [{"images": t} for t in tensors]
     quantizers = {k: v for k, v in ort_quantizers().items() if k in ("ort", "ort all ops")}
     quantizers["nncf"] = nncf_quantize
-    models = {"float": str(BENCH_MODEL), **build(quantizers, str(BENCH_MODEL), feeds, out)}
+    models = {"float": str(bench_model()), **build(quantizers, str(bench_model()), feeds, out)}
     layouts = speed_layouts(models, tensors[:4], args.duration)
     results: dict[str, list[Run]] = {name: [] for name in layouts}
     for rnd in range(args.repeats):
@@ -189,7 +188,7 @@ def accuracy(args: argparse.Namespace, out: str) -> None:
     table = [(f"nudenet 320n, {q}" + ("" if conf == 0.25 else f" (confidence {conf})"), r)
              for conf in (0.25, LOW_CONFIDENCE)
              for q, r in accuracy_rows(nudenet_model(), frames_dir, quantizers, out, conf)]
-    for path in sorted(ZOO.glob("*.onnx")):
+    for path in sorted(ZOO.glob("*.onnx")) if ZOO else []:
         table += [(f"zoo {path.stem}, {q}", r) for q, r in accuracy_rows(
             str(path), frames_dir, {"ort": vq.quantize_qdq, "nncf": nncf_quantize}, out)]
     keys = ("frames", "float_detections", "int8_detections", "matched", "mean_iou",

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from _common import BENCH_MODEL, machine, photo, spread
+from _common import bench_model, machine, photo, spread
 
 from vasipc._fast.letterbox import NV12, letterbox_geometry, letterbox_into
 from vasipc.backends.onnxruntime import create_session, import_onnxruntime
@@ -110,20 +110,20 @@ def threaded(run: Callable[[int, np.ndarray], object], inputs: list[np.ndarray],
     return Run(len(runs) * inputs[0].shape[0], clock() - t0, runs)
 
 
-def ort_session(ort, threads: int, spinning: bool = True, path: str = str(BENCH_MODEL)):
+def ort_session(ort, threads: int, spinning: bool = True, path: str | None = None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, sess_options=opts,
+    return ort.InferenceSession(path or str(bench_model()), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 
 
 def ort_layouts(ort, tensors: list[np.ndarray], batches: list[int], d: float
                 ) -> tuple[dict[str, Callable[[], Run]], Callable[[np.ndarray], np.ndarray]]:
-    today = create_session(str(BENCH_MODEL), Device("cpu"), ort)  # exactly the server's
+    today = create_session(str(bench_model()), Device("cpu"), ort)  # exactly the server's
     name = today.get_inputs()[0].name
     one = ort_session(ort, 1)
     pair = [ort_session(ort, 1), ort_session(ort, 1)]
@@ -180,7 +180,7 @@ def ov_layouts(tensors: list[np.ndarray], batches: list[int], d: float,
     layouts: dict[str, Callable[[], Run]] = {}
 
     def compile_for(hint: str, precision: str, batch: int | None = None):
-        model = core.read_model(str(BENCH_MODEL))
+        model = core.read_model(str(bench_model()))
         if batch:
             model.reshape({model.input(0): [batch, 3, SIZE, SIZE]})
         return core.compile_model(model, "CPU", {"PERFORMANCE_HINT": hint,
@@ -246,7 +246,7 @@ def main() -> None:
             ov, ov_notes = ov_layouts(tensors, batches, args.duration, reference)
             layouts.update(ov)
             notes += ov_notes
-    print(f"# runtimes: {machine()}\n# model {BENCH_MODEL.name}, {WIDTH}x{HEIGHT} NV12 "
+    print(f"# runtimes: {machine()}\n# model {bench_model().name}, {WIDTH}x{HEIGHT} NV12 "
           f"letterboxed to {SIZE}x{SIZE}, {args.frames} frames")
     for note in notes:
         print(f"# {note}", flush=True)

@@ -3,7 +3,7 @@
     python bench/tasks.py [--duration 10] [--repeats 3] [--concurrency 4] [--models a,b]
                           [--width 1920 --height 1080]
 
-Each round serves each model of ../shared/models/zoo/ in turn (`python -m vasipc.serve`,
+Each round serves each model of the zoo (`VASIPC_ZOO`, bench/README.md) in turn (`python -m vasipc.serve`,
 default options) and drives it closed loop at `--concurrency` with NV12 frames of the
 astronaut photo (`_common.write_frames`, 1920x1080 unless `--width`/`--height`). Printed
 per model: requests/s, the server's medians of inference and postprocess ms, results per
@@ -22,11 +22,9 @@ import os
 import shutil
 import statistics
 import tempfile
-from pathlib import Path
 
-from _common import PYTHON, drive, encode, machine, server, spread, vasipc_cmd, write_frames
+from _common import PYTHON, drive, encode, machine, server, spread, vasipc_cmd, write_frames, zoo_models
 
-ZOO = Path(__file__).resolve().parents[2] / "shared" / "models" / "zoo"
 # "MODEL@none": the segment model answering with config.mask_format "none" (no mask work:
 # what its inference alone allows)
 MODELS = ["yolo11n-320-detect", "yolo11n-320-seg", "yolo11n-320-seg@none", "yolo11n-320-pose",
@@ -67,10 +65,7 @@ def main() -> int:
     models = args.models.split(",") if args.models else MODELS
     if BASE not in models:
         models.insert(0, BASE)
-    missing = [m for m in models if not (ZOO / f"{m.split('@')[0]}.onnx").is_file()]
-    if missing:
-        print(f"missing from {ZOO}: {', '.join(missing)}")
-        return 2
+    zoo = zoo_models([m.split("@")[0] for m in models])
     shm = tempfile.mkdtemp(prefix="vasipc-tasks-", dir="/dev/shm")
     rps: dict[str, list[float]] = {m: [] for m in models}
     ratio: dict[str, list[float]] = {m: [] for m in models}
@@ -85,7 +80,7 @@ def main() -> int:
             for m in models:
                 name, _, mask_format = m.partition("@")
                 payloads = [request(p, mask_format or None) for p in paths]
-                with server(vasipc_cmd(ZOO / f"{name}.onnx", sock), sock) as proc:
+                with server(vasipc_cmd(zoo[name], sock), sock) as proc:
                     load = drive(sock, payloads, args.concurrency, duration=args.duration,
                                  warmup=20, server_pid=proc.pid)
                     md, results = answer_stats(sock, payloads[0])

@@ -16,10 +16,10 @@ as real prototypes are smooth), boxes 40-400 px. One group per output:
 Each test first asserts that both give the same masks (RLE strings, polygons).
 
 `zoo`: the workload that made masks dominate, `vasipc` only: the random-weight zoo segment
-model (../shared/models/zoo/yolo11n-320-seg.onnx, ONNX Runtime) on skimage's astronaut
+model (`yolo11n-320-seg.onnx` of `VASIPC_ZOO`, ONNX Runtime) on skimage's astronaut
 resized to 1920x1080, letterboxed to 320, conf 0.25, NMS 0.45: ~260 instances whose boxes
 cover ~42 million source pixels, prototypes [32, 80, 80] that are nearly noise (random
-weights), so most blocks are mixed. Skipped with the reason where ../shared or skimage is
+weights), so most blocks are mixed. Skipped with the reason where the zoo or skimage is
 absent. A few masks are first checked against the numpy reference.
 """
 
@@ -30,7 +30,7 @@ import math
 import cv2
 import numpy as np
 import pytest
-from _common import REPO  # (also puts tests/ on sys.path for reference_masks)
+from _common import ZOO  # (also puts tests/ on sys.path for reference_masks)
 from reference_masks import pad_cut, rle_counts, rle_string
 from reference_masks import segment_masks as reference_segment_masks
 
@@ -118,15 +118,15 @@ def test_polygon(benchmark, case, fn):
         np.testing.assert_array_equal(a, e)
 
 
-ZOO_SEG = REPO.parent / "shared" / "models" / "zoo" / "yolo11n-320-seg.onnx"
 ZW, ZH = 1920, 1080
 
 
 @pytest.fixture(scope="module")
 def zoo():
     """(protos, coeffs, boxes) of the zoo segment model on the astronaut at 1920x1080."""
-    if not ZOO_SEG.is_file():
-        pytest.skip(f"{ZOO_SEG} is absent (the model zoo lives in ../shared, outside the project)")
+    seg = ZOO / "yolo11n-320-seg.onnx" if ZOO else None
+    if seg is None or not seg.is_file():
+        pytest.skip(f"needs the zoo's yolo11n-320-seg.onnx in VASIPC_ZOO (now {ZOO}): bench/README.md")
     ort = pytest.importorskip("onnxruntime")
     astronaut = pytest.importorskip("skimage.data").astronaut()
     import reference_heads  # the tests' numpy letterbox geometry and NMS
@@ -137,7 +137,7 @@ def zoo():
     canvas = np.full((320, 320, 3), 114, np.uint8)
     canvas[top:top + nh, left:left + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
     x = np.ascontiguousarray(canvas.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255))
-    session = ort.InferenceSession(str(ZOO_SEG), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(seg), providers=["CPUExecutionProvider"])
     preds, protos = (o[0] for o in session.run(None, {session.get_inputs()[0].name: x}))
     rows = preds.T
     nc = rows.shape[1] - 4 - protos.shape[0]

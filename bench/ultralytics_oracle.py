@@ -4,7 +4,7 @@ dependency): the server's answers against `YOLO(model).predict(...)` on the same
     python -m venv /tmp/oracle && /tmp/oracle/bin/pip install ultralytics==8.4.190 onnxruntime orjson
     python -c "import skimage.data as d, cv2; cv2.imwrite('/tmp/a.png', d.astronaut()[..., ::-1])"
     /tmp/oracle/bin/python bench/ultralytics_oracle.py --image /tmp/a.png \\
-        --vasipc-python .venv/bin/python ../shared/models/zoo/*.onnx
+        --vasipc-python .venv/bin/python "$VASIPC_ZOO"/*.onnx
 
 For each model and each frame whose model input any correct implementation reproduces
 exactly (the model's own input size, and an exact 2x pixel-replicated upscale of it), it
