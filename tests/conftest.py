@@ -211,13 +211,13 @@ def nudenet_server(nudenet_model: str) -> Iterator[ServerProcess]:
         launcher.close()
 
 
-ZOO = REPO_ROOT.parent / "shared" / "models" / "zoo"
+ZOO = Path(os.environ.get("VASIPC_ZOO") or REPO_ROOT.parent / "shared" / "models" / "zoo")
 
 
 def zoo_model(name: str) -> Path:
-    """`name`.onnx of the model zoo: real Ultralytics 8.4 exports of every task, kept in
-    ../shared beside the project (never shipped), used by the zoo conformance tests only;
-    skips, saying so, where it is absent."""
+    """`name`.onnx of the model zoo: real Ultralytics 8.4 exports of every task, kept outside
+    the project (never shipped: AGPL-3.0) in `VASIPC_ZOO`, else ../shared beside the checkout,
+    and used by the zoo conformance tests only; skips, saying so, where it is absent."""
     path = ZOO / f"{name}.onnx"
     if not path.is_file():
         pytest.skip(f"{path} is absent (the model zoo of real exports lives in ../shared, "

@@ -1,10 +1,11 @@
-"""Real Ultralytics 8.4 exports of every task (../shared/models/zoo/, random weights that
-still give a few to a few hundred results) through a real server socket, against the
+"""Real Ultralytics 8.4 exports of every task (the zoo: `VASIPC_ZOO`, else
+../shared/models/zoo/ beside the checkout; random weights that still give a few to a few
+hundred results) through a real server socket, against the
 numpy reference: preprocessing as each family wants it (OpenCV's resize; PIL's for the
 classifier, as Ultralytics' torchvision transforms do), ONNX Runtime in-process,
 tests/reference_heads.py post-processing; and the classifier's top 5 on a 2x frame as
-Ultralytics 8.4 itself answered. Skipped, with the reason, where ../shared is
-absent (the zoo is for tests, never shipped)."""
+Ultralytics 8.4 itself answered. Skipped, with the reason, where the zoo is absent
+(it is for tests, never shipped: `conftest.zoo_model`)."""
 
 from __future__ import annotations
 
