@@ -1,9 +1,10 @@
-"""A pure-Python reference of vasipc._fast.framing (docs/contract.md section 2).
+"""A pure-Python reference of the contract's framing (docs/contract.md section 2).
 
-Slow and plain on purpose: socket.recv, struct and poll, one obvious step per rule.
-test_framing.py runs the same behaviour tests against this module and the compiled
-one, and the fuzz tests compare their outputs, so the two cannot drift apart. The
-exception classes are the compiled module's: they are the API's vocabulary.
+What a server must make of a connection's byte stream, read one blocking message at a
+time: the oracle that test_connloop.py's and fuzz_connloop.py's fuzzing derive the
+connection loop's expected answers from (test_framing.py pins it to the contract), and
+the reference of vasipc._fast.framing.json_depth_exceeds. Slow and plain on purpose:
+socket.recv, struct and poll, one obvious step per rule.
 """
 
 from __future__ import annotations
@@ -15,28 +16,35 @@ import socket
 import struct
 import time
 
-from vasipc._fast.framing import (
-    ConnectionClosed,
-    FramingError,
-    IdleTimeout,
-    ReadTimeout,
-    SendTimeout,
-    TooLarge,
-    ZeroLength,
-)
 
-__all__ = [
-    "ConnectionClosed",
-    "FramingError",
-    "IdleTimeout",
-    "MessageReader",
-    "ReadTimeout",
-    "SendTimeout",
-    "TooLarge",
-    "ZeroLength",
-    "json_depth_exceeds",
-    "send_message",
-]
+class FramingError(Exception):
+    """Base of every way a stream stops making messages."""
+
+
+class ConnectionClosed(FramingError):
+    """The peer closed or reset the connection before a message was whole."""
+
+
+class IdleTimeout(FramingError):
+    """No byte of a new message arrived within idle_timeout."""
+
+
+class ReadTimeout(FramingError):
+    """A message was not whole within read_timeout of its first byte."""
+
+
+class ZeroLength(FramingError):
+    """The length prefix was 0 (docs/contract.md 2 requires N >= 1)."""
+
+
+class TooLarge(FramingError):
+    """The length prefix exceeds max_message_bytes; the body was not read."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"message of {length} bytes exceeds max_message_bytes={limit}")
+        self.length = length
+        self.limit = limit
+
 
 _PREFIX = struct.Struct(">I")
 _RECV_BYTES = 65536
@@ -76,6 +84,9 @@ def _socket_for(fd: int) -> socket.socket:
 
 
 class MessageReader:
+    """The messages of one connection, one blocking read at a time, on a dup of `fd`
+    (close() releases it)."""
+
     def __init__(self, fd: int, max_message_bytes: int) -> None:
         if fd < 0 or max_message_bytes < 1:
             raise ValueError("bad fd or max_message_bytes")
@@ -133,39 +144,6 @@ class MessageReader:
         body = bytes(self._buf[4 : 4 + length])
         del self._buf[: 4 + length]
         return memoryview(body)
-
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def readable_now(self) -> bool:
-        if self._buf:
-            return True
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-
-
-def send_message(fd: int, body: bytes | bytearray | memoryview, timeout: float) -> None:
-    data = bytes(body)
-    if not data:
-        raise ValueError("a message body cannot be empty")
-    if len(data) > 0xFFFFFFFF:
-        raise ValueError("a message body does not fit a uint32 prefix")
-    deadline = _deadline(timeout, time.monotonic())
-    out = memoryview(_PREFIX.pack(len(data)) + data)
-    with _socket_for(fd) as sock:
-        while out:
-            try:
-                sent = sock.send(out, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                try:
-                    _wait(sock.fileno(), select.POLLOUT, deadline)
-                except _Expired:
-                    raise SendTimeout(f"message not sent within {timeout} s") from None
-                continue
-            except _PEER_GONE as exc:
-                raise ConnectionClosed(str(exc)) from None
-            out = out[sent:]
 
 
 def json_depth_exceeds(body: bytes | memoryview, max_depth: int = 64) -> bool:

@@ -1,5 +1,5 @@
 # The monotonic clock in nanoseconds, for the deadlines of the modules that do socket I/O
-# (framing's blocking reads and writes, connloop's timeouts).
+# (connloop's timeouts).
 
 from libc.stdint cimport int64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec

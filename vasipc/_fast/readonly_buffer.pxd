@@ -1,5 +1,4 @@
-# Filling a read-only 1-D uint8 buffer export, shared by the modules that export bytes
-# (FrameView's mapping, MessageReader's message bodies).
+# Filling a read-only 1-D uint8 buffer export (FrameView's mapping of a frame file).
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
 
