@@ -220,8 +220,8 @@ def zoo_model(name: str) -> Path:
     and used by the zoo conformance tests only; skips, saying so, where it is absent."""
     path = ZOO / f"{name}.onnx"
     if not path.is_file():
-        pytest.skip(f"{path} is absent (the model zoo of real exports lives in ../shared, "
-                    "outside the project; zoo conformance only)")
+        pytest.skip(f"{path} is absent (the zoo of real exports lives outside the project: "
+                    "VASIPC_ZOO, else ../shared; zoo conformance only)")
     return path
 
 
