@@ -45,7 +45,7 @@ def infer(sock: str, ref: str | os.PathLike, md: dict | None = None, *,
 
 
 def health(sock: str) -> dict:
-    return wire.roundtrip(sock, {"op": "health"}, 10.0)
+    return wire.roundtrip(sock, {"op": "health"})
 
 
 def assert_ok(resp: dict) -> list[dict]:
@@ -126,7 +126,7 @@ def concurrent(sock: str, msgs: list[dict], timeout: float = 60.0) -> list[dict]
     def one(i: int) -> None:
         try:
             with wire.connect(sock, timeout) as s:
-                start.wait(10)
+                start.wait(30)
                 wire.send(s, msgs[i])
                 results[i] = wire.recv(s)
         except Exception as exc:  # reported by the caller's asserts

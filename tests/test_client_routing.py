@@ -86,7 +86,7 @@ class GatedServer:
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > end:
@@ -139,7 +139,7 @@ class Load:
 
     def join(self) -> None:
         for thread in self.threads:
-            thread.join(10)
+            thread.join(30)
         assert not self.errors, self.errors
 
 

@@ -240,7 +240,7 @@ def test_readyz_503_while_draining(server_factory, bench_model, astronaut_frame)
         for s in socks:
             s.sendall(b"".join(wire.encode(wire.infer_request(str(astronaut_frame), "bench-m"))
                                for _ in range(depth)))
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while True:  # every request read: the drain must answer them all
             wire.send(monitor, {"op": "health"})
             if wire.recv(monitor)["requests_total"] >= n_conn * depth:
@@ -248,7 +248,7 @@ def test_readyz_503_while_draining(server_factory, bench_model, astronaut_frame)
             assert time.monotonic() < deadline
             time.sleep(0.005)
         server.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while http_get(base + "/readyz")[0] != 503:
             assert time.monotonic() < deadline, "readyz still 200 after SIGTERM"
             time.sleep(0.01)

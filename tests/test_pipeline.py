@@ -127,7 +127,7 @@ def pending(ref, **extra) -> Pending:
     return TPending(msg, parse_infer(msg, MODEL_ID), time.perf_counter())
 
 
-def wait_for(cond, timeout=10.0):
+def wait_for(cond, timeout=30.0):
     end = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < end, "timed out"
@@ -145,7 +145,7 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     ps = [pending(paths[i % len(paths)]) for i in range(5)]
     for p in ps[:2]:
         b.submit(p)
-    assert sess.started.acquire(timeout=10)   # ps[0] runs
+    assert sess.started.acquire(timeout=30)   # ps[0] runs
     wait_for(lambda: b.queued() == 0 and b._ahead == 2)  # ps[1] left the queue: prepared
     time.sleep(0.05)
     for p in ps[2:]:
@@ -183,14 +183,14 @@ def test_streams_run_batches_at_once(nudenet_model, frame_dirs):
     first = pending(paths[0])
     b.submit(first)
     assert first.wait(30) and sess.streams_used == [SOLO]  # alone: solo
-    assert sess.started.acquire(timeout=10)  # (its start)
+    assert sess.started.acquire(timeout=30)  # (its start)
     sess.gate.clear()
     ps = [pending(paths[i]) for i in range(4)]
     b.submit(ps[0])
-    assert sess.started.acquire(timeout=10)  # ps[0] runs solo (held by the gate)
+    assert sess.started.acquire(timeout=30)  # ps[0] runs solo (held by the gate)
     for p in ps[1:]:
         b.submit(p)
-    assert sess.started.acquire(timeout=10) and sess.started.acquire(timeout=10)
+    assert sess.started.acquire(timeout=30) and sess.started.acquire(timeout=30)
     wait_for(lambda: b.queued() == 1)  # three workers run; the fourth request waits
     assert sorted(sess.streams_used) == [SOLO, SOLO, 0, 1]
     sess.gate.set()
@@ -212,7 +212,7 @@ def test_a_batch_keeps_the_model_it_captured(models, frame_dirs):
     b, _ = make_batcher(a, root)
     p1, p2, p3 = (pending(paths[i]) for i in range(3))
     b.submit(p1)
-    assert sess.started.acquire(timeout=10)
+    assert sess.started.acquire(timeout=30)
     b.submit(p2)
     wait_for(lambda: b.queued() == 0 and b._ahead == 2)  # p2 prepared on model a
     new = dataclasses.replace(models[1])
@@ -277,7 +277,7 @@ def test_batches_fill_while_the_device_is_busy(models, frame_dirs):
     b, _ = make_batcher(model, root)
     first = pending(paths[0])
     b.submit(first)
-    assert sess.started.acquire(timeout=10)
+    assert sess.started.acquire(timeout=30)
     rest = [pending(paths[i % 6]) for i in range(9)]
     for p in rest:
         b.submit(p)
@@ -323,11 +323,11 @@ def test_a_batch_is_answered_while_the_next_one_runs(models, frame_dirs):
     b, _ = make_batcher(model, root)
     p1, p2 = pending(paths[0]), pending(paths[1])
     b.submit(p1)
-    assert sess.started.acquire(timeout=10)
+    assert sess.started.acquire(timeout=30)
     b.submit(p2)
     wait_for(lambda: b._ahead == 2)         # p2 prepared by the other worker
     sess.permits.release()                  # let p1's run through, not p2's
-    assert sess.started.acquire(timeout=10)  # p2's run started (and is held)
+    assert sess.started.acquire(timeout=30)  # p2's run started (and is held)
     assert p1.wait(30) and not p2.done()
     assert p1.thread == sess.threads[0] != sess.threads[1]
     sess.permits.release()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
-def connect(path: str, timeout: float = 10.0) -> socket.socket:
+def connect(path: str, timeout: float = 30.0) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.connect(path)
@@ -57,7 +57,7 @@ def roundtrip(path: str, msg: Any, timeout: float = 30.0) -> dict:
         return recv(s)
 
 
-def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
+def is_closed(sock: socket.socket, timeout: float = 30.0) -> bool:
     """True when the peer closed the connection (EOF or reset) within `timeout`."""
     sock.settimeout(timeout)
     try:
