@@ -240,7 +240,8 @@ def test_little_endian_hint_within_the_servers_limit(small):
     with wire.connect(small.socket) as s:
         s.sendall(struct.pack("<I", SMALL_MAX) + padded(SMALL_MAX))
         resp = assert_error(recv_within(s, 5), "message_too_large")
-        assert f"byte-swapped the prefix is {SMALL_MAX}: the length must be big-endian" in resp["error"]
+        assert (f"byte-swapped the prefix is {SMALL_MAX}: if it was written little-endian, it "
+                "must be big-endian") in resp["error"]
     with wire.connect(small.socket) as s:  # one above the limit swapped: no hint
         s.sendall(struct.pack("<I", SMALL_MAX + 1))
         assert "byte-swapped" not in assert_error(recv_within(s, 5), "message_too_large")["error"]

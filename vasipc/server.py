@@ -59,8 +59,8 @@ def framing_hint(length: int, max_message_bytes: int) -> str:
                 "needs a 4-byte big-endian length before its JSON")
     swapped = int.from_bytes(prefix, "little")
     if 1 <= swapped <= max_message_bytes:
-        return (f"; byte-swapped the prefix is {swapped}: the length must be big-endian "
-                "(network byte order), not little-endian")
+        return (f"; byte-swapped the prefix is {swapped}: if it was written little-endian, "
+                "it must be big-endian (network byte order)")
     return ""
 
 
