@@ -227,8 +227,8 @@ def zoo_model(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def bench_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 640x640 YOLOv8-detect-layout model with real compute cost (random weights, ~100 ms
-    a run on a 2-core CPU, meaningless detections), built once per session
+    """A 640x640 YOLOv8-detect-layout model with real compute cost (random weights, about
+    two thirds of a YOLOv8n's cost, meaningless detections), built once per session
     (family_models.compute_model)."""
     from family_models import compute_model
 

@@ -341,8 +341,9 @@ def compute_model(path: Path, *, imgsz: int = 640, depth: int = 12, width: int =
     activations neither vanish nor explode); the head's sigmoid maps boxes into the input
     (centres inside it, sides 3-33% of it) and class scores low (1e-4 to 1e-3, like a
     random-weight YOLOv8n's): a test that wants detections lowers the threshold.
-    At depth 12 a run costs about 0.7 of a YOLOv8n-640's on ONNX Runtime's CPU provider
-    (~100 ms on a 2-core machine): slow enough for requests to queue behind it."""
+    At depth 12 a run costs about two thirds of a YOLOv8n-640's on ONNX Runtime's CPU
+    provider (bench/RESULTS.md; 100-200 ms on a shared 2-core machine): slow enough for
+    requests to queue behind it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
