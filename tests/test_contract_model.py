@@ -486,9 +486,9 @@ def test_known_output_config(known, config, anchors):
 
 
 @pytest.mark.parametrize(("classes", "named"), [
-    (["delta"], "no class named 'delta'"),
-    (["Beta"], "no class named 'Beta'"),           # names are exact
-    ([0, "beta", ""], "config.classes[2]: no class named ''"),
+    (["delta"], 'no class named "delta"'),
+    (["Beta"], 'no class named "Beta"'),           # names are exact
+    ([0, "beta", ""], 'config.classes[2]: no class named ""'),
     ([1, True], "config.classes[1] must be a class id (an integer >= 0) or a class name, not true"),
     ([0, -1], "config.classes[1] must be a class id"),
     (["beta", None], "not null"),

@@ -7,6 +7,7 @@ dicts handed to the JSON encoder.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -186,9 +187,8 @@ def _class_ids(cl: Any, class_ids: Mapping[str, tuple[int, ...]]) -> tuple[int, 
 
 
 def _show(value: Any) -> str:
-    """A request's value in an error message: JSON-like, cut short."""
-    text = "null" if value is None else "true" if value is True else "false" if value is False \
-        else repr(value)
+    """A request's value in an error message: as JSON, cut short."""
+    text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
