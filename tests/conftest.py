@@ -35,11 +35,13 @@ def _has_openvino() -> bool:
     return True
 
 
-@pytest.fixture(params=["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
-    not _has_openvino(), reason="openvino is not installed (extra `openvino`)"))])
+@pytest.fixture(params=["onnxruntime", pytest.param("openvino", marks=[
+    pytest.mark.slow,
+    pytest.mark.skipif(not _has_openvino(), reason="openvino is not installed (extra `openvino`)")])])
 def every_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once per backend: servers started by it get `VASIPC_BACKEND` (the
-    lifecycle and batching guarantees hold on every runtime)."""
+    lifecycle and batching guarantees hold on every runtime; the fast subset, `-m "not
+    slow"`, runs them on ONNX Runtime only)."""
     monkeypatch.setenv("VASIPC_BACKEND", request.param)
     return request.param
 
