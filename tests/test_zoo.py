@@ -3,8 +3,10 @@
 hundred results) through a real server socket, against the
 numpy reference: preprocessing as each family wants it (OpenCV's resize; PIL's for the
 classifier, as Ultralytics' torchvision transforms do), ONNX Runtime in-process,
-tests/reference_heads.py post-processing; and the classifier's top 5 on a 2x frame as
-Ultralytics 8.4 itself answered. Skipped, with the reason, where the zoo is absent
+tests/reference_heads.py post-processing; the ONNX reader's metadata as ONNX Runtime's;
+ONNX Runtime and OpenVINO fp32 servers agreeing on each (within 2e-4: random weights
+amplify float32 rounding, tests/test_backends.py); and the classifier's top 5 on a 2x
+frame as Ultralytics 8.4 itself answered. Skipped, with the reason, where the zoo is absent
 (it is for tests, never shipped: `conftest.zoo_model`)."""
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import reference_heads
 import wire
 from conftest import zoo_model
 from contract_util import write_dir
+from test_backends import assert_fp32_backends_agree
 from test_families import assert_same_answer
+
+from vasipc.onnx_file import read_summary
 
 cv2 = pytest.importorskip("cv2")
 ort = pytest.importorskip("onnxruntime")
@@ -30,6 +35,9 @@ MODELS = ["yolo11n-320-detect", "yolo11n-320-nms", "yolo26n-320-end2end", "yolo1
 ARCHITECTURE = {"yolo11n-320-nms": "yolo-end2end", "yolo26n-320-end2end": "yolo-end2end",
                 "yolo26n-320-seg-end2end": "yolo-end2end",
                 "yolo26n-320-pose-end2end": "yolo-end2end", "yolo11n-224-cls": "yolo-classify"}
+# the exports both fp32 backends are compared on
+BACKEND_MODELS = ["yolo11n-320-detect", "yolo11n-320-nms", "yolo26n-320-end2end",
+                  "yolo11n-320-seg", "yolo11n-320-pose", "yolo11n-320-obb", "yolo11n-224-cls"]
 
 
 @dataclass
@@ -81,6 +89,7 @@ def test_zoo_model_through_the_socket(name: str, server_factory, shm_dir: Path,
                                       astronaut_rgb: np.ndarray) -> None:
     path = zoo_model(name)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert read_summary(str(path)).metadata == dict(session.get_modelmeta().custom_metadata_map)
     case = zoo_case(name, session)
     server = server_factory(model=str(path), model_id="zoo")
     info = wire.roundtrip(server.socket, {"op": "info"})
@@ -99,6 +108,15 @@ def test_zoo_model_through_the_socket(name: str, server_factory, shm_dir: Path,
         assert_same_answer({k: resp[k] for k in want}, want)
         answered += len(want.get("classifications") or want["detections"])
     assert answered > 0, "the zoo models give results on real frames"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKEND_MODELS)
+def test_zoo_fp32_backends_agree_within_2e4(name: str, server_factory, shm_dir: Path,
+                                            astronaut_rgb: np.ndarray) -> None:
+    path = zoo_model(name)
+    frame = write_dir(shm_dir / "astronaut", astronaut_rgb)
+    assert_fp32_backends_agree(server_factory, str(path), frame, 2e-4)
 
 
 def test_classifier_top5_is_ultralytics_on_a_2x_frame(astronaut_rgb: np.ndarray) -> None:
