@@ -213,13 +213,15 @@ class Conn:
 
 @contextlib.contextmanager
 def server(cmd: Sequence[str], sock: str, timeout: float = 120.0,
-           cpus: set[int] | None = None) -> Iterator[subprocess.Popen]:
-    """Run a server subprocess (pinned to `cpus` if given) until it answers `health` on
-    `sock`; SIGTERM it on exit."""
+           cpus: set[int] | None = None,
+           env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Run a server subprocess (pinned to `cpus` if given; with `env` for its environment
+    if given) until it answers `health` on `sock`; SIGTERM it on exit."""
     if cpus:
         cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
         try:
             _wait_ready(proc, sock, timeout, log)
             yield proc
