@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
 # vasipc model server, CPU image (onnxruntime). The GPU image is Dockerfile.gpu.
 #
-#   docker build -t vasipc:0.1.0-cpu .
+#   docker build -t vasipc:cpu .
 #   docker run --rm -v "$PWD/models:/models:ro" -v /run/vasipc:/run/vasipc \
-#       -v /dev/shm/vasipc:/dev/shm/vasipc vasipc:0.1.0-cpu \
+#       -v /dev/shm/vasipc:/dev/shm/vasipc vasipc:cpu \
 #       --models-root /models --model-id yolov8n --frame-root /dev/shm/vasipc --socket-mode 0660
 #
 # No model is baked in and nothing is downloaded at run time: mount a models volume
