@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,50 @@ def run_bench(*args: str, env: dict[str, str], timeout: float = 120) -> subproce
 def frame_dir(shm_dir: Path) -> Path:
     """Where the bench writes its frame rings (under /dev/shm, the server's frame root)."""
     return shm_dir
+
+
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # bench leaves an ignored signal ignored: the child gets the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def long_run(child_env: dict[str, str],
+             frame_dir: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, Path]]]:
+    """long_run(socket, *args) starts a 10-minute closed-loop bench and returns (process,
+    ring directory) once its ring holds a frame (with --warmup 0: once measured requests
+    are under way); the process is killed at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(socket: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vasipc.bench", "--socket", socket, "-c", "2",
+             "--duration", "600", "--width", "320", "--height", "240",
+             "--frame-dir", str(frame_dir), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+            preexec_fn=_default_sigint)
+        procs.append(proc)
+        for line in proc.stdout:
+            if line.startswith("-- ") and "; frames in " in line:
+                ring = Path(line.rsplit("; frames in ", 1)[1].strip())
+                break
+        else:
+            pytest.fail(f"the bench exited before its run: {proc.wait()} {proc.stderr.read()}")
+        assert ring.parent == frame_dir
+        deadline = time.monotonic() + 60
+        while not any(ring.rglob("slot_*")):  # the writers are at work
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        return proc, ring
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_closed_loop(server_factory, child_env, frame_dir: Path, tmp_path: Path) -> None:
@@ -74,8 +121,11 @@ def test_requests_budget_and_errors_by_code(server_factory, child_env, frame_dir
                     "--json", str(out), env=child_env)
     assert res.returncode == 0, res.stderr
     assert "errors:     frame_forbidden 10" in res.stdout
+    first = next(line for line in res.stdout.splitlines() if line.startswith("requests:"))
+    assert "(0 ok, 10 errors = 100.0%)" in first, first
     doc = json.loads(out.read_text())
     assert doc["requests"] == 10 and doc["ok"] == 0 and doc["errors"] == {"frame_forbidden": 10}
+    assert doc["error_rate"] == 1.0 and doc["server_lost"] is None
     assert doc["latency_ms"]["p50"] is None
     assert list(frame_dir.iterdir()) == []
 
@@ -92,6 +142,48 @@ def test_plot(server_factory, child_env, frame_dir: Path, tmp_path: Path) -> Non
     runs = json.loads(out.read_text())["runs"]
     assert [r["config"]["concurrency"] for r in runs] == [1, 2]
     assert "| 2 |" in res.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_and_removes_the_rings(sig: signal.Signals, server_factory,
+                                                      long_run, frame_dir: Path) -> None:
+    server = server_factory()
+    proc, ring = long_run(server.socket)
+    proc.send_signal(sig)
+    assert proc.wait(60) == 128 + sig
+    stderr = proc.stderr.read()
+    assert f"interrupted by {sig.name}" in stderr and "Traceback" not in stderr, stderr
+    assert not ring.exists()
+    assert list(frame_dir.iterdir()) == []
+
+
+def test_a_lost_server_stops_the_run(server_factory, long_run, frame_dir: Path) -> None:
+    server = server_factory()
+    proc, ring = long_run(server.socket, "--warmup", "0")
+    server.kill()
+    assert proc.wait(60) == 1
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    assert "lost the server on" in stderr and "Traceback" not in stderr, stderr
+    first = next(line for line in stdout.splitlines() if line.startswith("requests:"))
+    assert "errors = " in first and first.endswith("the server was lost"), first
+    assert "client_connection" in stdout
+    assert not ring.exists()
+    assert list(frame_dir.iterdir()) == []
+
+
+def test_plot_throughput_axis_starts_at_zero(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+
+    def summary(concurrency: int, requests: int) -> dict:
+        samples = [bench.Sample(0.01, None, None) for _ in range(requests)]
+        return bench.Result({"concurrency": concurrency}, "m", 1.0, samples).summary()
+
+    png = tmp_path / "p.png"
+    fig = bench.plot([summary(1, 100), summary(2, 103)], str(png), "a 3% wobble")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    throughput_axis = next(ax for ax in fig.axes if ax.get_ylabel().startswith("throughput"))
+    bottom, top = throughput_axis.get_ylim()
+    assert bottom == 0 and top >= 103
 
 
 @pytest.mark.parametrize("args", [

@@ -10,14 +10,18 @@ Two ways to load it:
 
 Like a video pipeline, every camera keeps a small ring of frame-export directories in
 /dev/shm (`--ring` slots) and rewrites the next slot atomically
-(vasipc.frames.write_frame_dir) before each request; they are removed at the end.
+(vasipc.frames.write_frame_dir) before each request. The rings are removed on every way
+out: the end of a run, an error, Ctrl-C, SIGTERM or SIGHUP (the frame writers are stopped
+first, so none writes into a removed ring).
 Prints throughput, error counts by `error_code`, latency percentiles and the server's
 stage timings (medians of the responses' `metadata`); `--json FILE` writes them too.
 `--sweep 1,2,4,8,16` repeats a closed-loop run per concurrency; `--plot FILE.png` draws
 p50/p90/p99 against concurrency (needs matplotlib: `pip install 'vasipc[plot]'`).
 
 Pure Python + numpy. Exit status: 0 when the run completed (error responses included:
-they are counted, not fatal), 1 when the server cannot be reached, 2 for a bad command line.
+they are counted, not fatal), 1 when the server cannot be reached or goes away during the
+run (the run stops there and reports what it measured), 2 for a bad command line, 128 +
+the signal's number when interrupted (130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import math
 import os
 import queue
 import random
+import secrets
 import shutil
+import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +63,48 @@ DEFAULT_SWEEP = (1, 2, 4, 8, 16)
 
 class UsageError(Exception):
     """A bad command line: reported in one line, exit status 2."""
+
+
+class Interrupted(BaseException):
+    """A stopping signal (SIGINT, SIGTERM, SIGHUP) arrived: raised in the main thread, so
+    the rings are removed on the way out; like KeyboardInterrupt, not an Exception."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Held:
+    """While `active`, a stopping signal is kept in `pending` instead of raised."""
+
+    active = False
+    pending: int | None = None
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    # One is enough: later signals are ignored, they would cut the removal of the rings short.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if _Held.active:
+        _Held.pending = signum
+        return
+    raise Interrupted(signum)
+
+
+def _remove_rings(gate: WriteGate, root: str) -> None:
+    """Stop the writers, then remove the rings. Called with _Held.active set: a signal
+    arriving meanwhile is raised once they are gone."""
+    try:
+        gate.close()
+        shutil.rmtree(root, ignore_errors=True)
+    finally:
+        _Held.active = False
+        if (signum := _Held.pending) is not None:
+            _Held.pending = None
+            raise Interrupted(signum)
 
 
 # --- frames ----------------------------------------------------------------------------------
@@ -123,26 +171,62 @@ def make_variants(rgb: np.ndarray, width: int, height: int, pixel_format: str,
     return [encode_frame(np.roll(base, 16 * i, axis=1), pixel_format) for i in range(count)]
 
 
+class RingsClosed(Exception):
+    """The run is over: its rings are being removed, no frame may be written."""
+
+
+class WriteGate:
+    """Lets frame writes through until `close()`, which waits for those under way: after
+    it, no thread writes into the rings, so removing them leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._writing = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            if self._closed:
+                raise RingsClosed
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing -= 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.wait_for(lambda: self._writing == 0)
+
+
 class Camera:
     """One camera's ring of frame-export directories under `root`."""
 
-    def __init__(self, root: str, index: int, cfg: Config, variants: list[np.ndarray]) -> None:
+    def __init__(self, root: str, index: int, cfg: Config, variants: list[np.ndarray],
+                 gate: WriteGate) -> None:
         self.camera_id = f"bench-cam{index}"
         self.dir = os.path.join(root, self.camera_id)
         self.cfg = cfg
         self.variants = variants
+        self.gate = gate
         self.seq = 0
         self.lock = threading.Lock()
 
     def next_frame(self) -> str:
-        """Write the next frame into its ring slot (atomically) and return its path."""
+        """Write the next frame into its ring slot (atomically) and return its path;
+        RingsClosed once the run is being cleaned up."""
         with self.lock:
             seq = self.seq
             self.seq += 1
         path = os.path.join(self.dir, f"slot_{seq % self.cfg.ring:02d}")
-        write_frame_dir(path, self.variants[seq % len(self.variants)], width=self.cfg.width,
-                        height=self.cfg.height, pixel_format=self.cfg.pixel_format,
-                        frame_id=seq)
+        with self.gate.write():
+            write_frame_dir(path, self.variants[seq % len(self.variants)],
+                            width=self.cfg.width, height=self.cfg.height,
+                            pixel_format=self.cfg.pixel_format, frame_id=seq)
         return path
 
 
@@ -201,6 +285,7 @@ class Result:
     elapsed_s: float
     samples: list[Sample] = field(default_factory=list)
     scheduled: int = 0  # open loop: frames the cameras emitted
+    server_lost: str | None = None  # why the run stopped early, when the server went away
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.error_code is None]
@@ -213,6 +298,9 @@ class Result:
             "requests": len(self.samples),
             "ok": len(ok),
             "errors": dict(sorted(errors.items())),
+            "error_rate": (len(self.samples) - len(ok)) / len(self.samples) if self.samples
+                          else 0.0,
+            "server_lost": self.server_lost,
             "throughput_rps": len(self.samples) / self.elapsed_s if self.elapsed_s else 0.0,
             "ok_rps": len(ok) / self.elapsed_s if self.elapsed_s else 0.0,
             "latency_ms": _percentiles(lat),
@@ -291,8 +379,29 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _call(client: Client, camera: Camera, cfg: Config, model_id: str) -> Sample:
-    """Write a frame, send it, time it; connection failures count as error codes too."""
+class StopSignal:
+    """Ends a run early when the server goes away; the first failure says why."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.server_lost: str | None = None
+        self._lock = threading.Lock()
+
+    def lose_server(self, why: str) -> None:
+        with self._lock:
+            if self.server_lost is None:
+                self.server_lost = why
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def _call(client: Client, camera: Camera, cfg: Config, model_id: str,
+          stop: StopSignal) -> Sample:
+    """Write a frame, send it, time it. A timeout is an error code (a slow server); a
+    connection that fails (the client has retried a pooled one already) means the server
+    is gone: that ends the run."""
     path = camera.next_frame()
     message: dict[str, Any] = {"op": "infer", "frame_reference": path, "frame_metadata": {},
                                "camera_id": camera.camera_id, "model_id": model_id,
@@ -306,7 +415,8 @@ def _call(client: Client, camera: Camera, cfg: Config, model_id: str) -> Sample:
         resp = client.request(message, cfg.timeout)
     except TimeoutError:
         return Sample(time.perf_counter() - t, "client_timeout", None)
-    except (ConnectionError, OSError):
+    except (ConnectionError, OSError) as exc:
+        stop.lose_server(str(exc))
         return Sample(time.perf_counter() - t, "client_connection", None)
     code = resp.get("error_code")
     return Sample(time.perf_counter() - t, None if code is None else str(code),
@@ -316,16 +426,18 @@ def _call(client: Client, camera: Camera, cfg: Config, model_id: str) -> Sample:
 def run_closed(cfg: Config, model_id: str, cameras: list[Camera]) -> Result:
     samples: list[Sample] = []
     budget = _Budget(cfg.requests)
+    stop = StopSignal()
     with Client(cfg.socket, timeout=cfg.timeout, pool_size=cfg.concurrency,
                 model_id=model_id) as client:
         start = threading.Barrier(cfg.concurrency + 1)
 
         def worker(camera: Camera) -> None:
-            for _ in range(cfg.warmup):
-                _call(client, camera, cfg, model_id)
-            start.wait()
-            while time.perf_counter() < deadline[0] and budget.take():
-                samples.append(_call(client, camera, cfg, model_id))
+            with contextlib.suppress(RingsClosed):  # the run was interrupted
+                for _ in range(cfg.warmup):
+                    _call(client, camera, cfg, model_id, stop)
+                start.wait()
+                while not stop.is_set() and time.perf_counter() < deadline[0] and budget.take():
+                    samples.append(_call(client, camera, cfg, model_id, stop))
 
         deadline = [math.inf]
         threads = [threading.Thread(target=worker, args=(cameras[i],), daemon=True)
@@ -339,7 +451,7 @@ def run_closed(cfg: Config, model_id: str, cameras: list[Camera]) -> Result:
             for th in threads:
                 th.join()
         elapsed = time.perf_counter() - t0
-    return Result(_config_dict(cfg), model_id, elapsed, samples)
+    return Result(_config_dict(cfg), model_id, elapsed, samples, server_lost=stop.server_lost)
 
 
 def run_open(cfg: Config, model_id: str, cameras: list[Camera]) -> Result:
@@ -349,17 +461,23 @@ def run_open(cfg: Config, model_id: str, cameras: list[Camera]) -> Result:
     work: queue.Queue[tuple[float, float, Camera] | None] = queue.Queue()
     rng = random.Random(12345)
     interval = 1.0 / cfg.fps
+    stop = StopSignal()
     with Client(cfg.socket, timeout=cfg.timeout, pool_size=cfg.connections,
                 model_id=model_id) as client:
         for camera in cameras[:cfg.connections]:  # warm the connections and the model
             for _ in range(cfg.warmup):
-                _call(client, camera, cfg, model_id)
+                _call(client, camera, cfg, model_id, stop)
 
         def worker() -> None:
             while (item := work.get()) is not None:
+                if stop.is_set():
+                    continue  # the server is gone: what is queued is not sent
                 scheduled, queued, camera = item
                 wait = time.perf_counter() - scheduled
-                s = _call(client, camera, cfg, model_id)
+                try:
+                    s = _call(client, camera, cfg, model_id, stop)
+                except RingsClosed:  # the run was interrupted
+                    return
                 # latency from the schedule: queueing for a free worker counts
                 s.latency_s = time.perf_counter() - scheduled
                 s.lag_s, s.wait_s = queued - scheduled, wait
@@ -377,12 +495,12 @@ def run_open(cfg: Config, model_id: str, cameras: list[Camera]) -> Result:
         heapq.heapify(heap)
         scheduled = 0
         with _Progress(cfg.progress, samples, cfg.duration, cfg.requests):
-            while heap:
+            while heap and not stop.is_set():
                 when, i = heapq.heappop(heap)
                 if when >= end or not budget.take():
                     break
-                if (wait := when - time.perf_counter()) > 0:
-                    time.sleep(wait)
+                if (wait := when - time.perf_counter()) > 0 and stop.event.wait(wait):
+                    break
                 work.put((when, time.perf_counter(), cameras[i]))
                 scheduled += 1
                 step = rng.expovariate(cfg.fps) if cfg.poisson else interval
@@ -392,7 +510,8 @@ def run_open(cfg: Config, model_id: str, cameras: list[Camera]) -> Result:
             for th in workers:
                 th.join()
         elapsed = time.perf_counter() - t0
-    return Result(_config_dict(cfg), model_id, elapsed, samples, scheduled)
+    return Result(_config_dict(cfg), model_id, elapsed, samples, scheduled,
+                  server_lost=stop.server_lost)
 
 
 class _Budget:
@@ -419,15 +538,26 @@ def _config_dict(cfg: Config) -> dict[str, Any]:
 
 
 def run(cfg: Config, model_id: str, variants: list[np.ndarray]) -> Result:
-    """One run; its frame directories live under a fresh directory, removed at the end."""
-    root = tempfile.mkdtemp(prefix="vasipc-bench-", dir=cfg.frame_dir)
+    """One run; its frame directories live under a fresh directory, removed however the
+    run ends (an Interrupted included), after the writers have stopped."""
+    # The name is chosen before the directory exists, so no signal can fall between its
+    # creation and the cleanup that knows it.
+    root = os.path.join(cfg.frame_dir, f"vasipc-bench-{os.getpid()}-{secrets.token_hex(4)}")
+    gate = WriteGate()
     try:
+        os.mkdir(root, 0o700)
         count = cfg.cameras if cfg.open_loop else cfg.concurrency
-        cameras = [Camera(root, i, cfg, variants) for i in range(count)]
+        cameras = [Camera(root, i, cfg, variants, gate) for i in range(count)]
+        print(f"-- {cfg.describe()}; frames in {root}", flush=True)
         return run_open(cfg, model_id, cameras) if cfg.open_loop else \
             run_closed(cfg, model_id, cameras)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            # From here a signal waits for the removal; one raised before this store has
+            # made later ones ignored, and the removal below still runs.
+            _Held.active = True
+        finally:
+            _remove_rings(gate, root)
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -439,9 +569,12 @@ def _ms(v: float | None) -> str:
 def report(summary: dict[str, Any], out=sys.stdout) -> None:
     lat, srv = summary["latency_ms"], summary["server_ms"]
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
+    failed = summary["requests"] - summary["ok"]
+    outcome = (f"{summary['ok']} ok, {failed} errors = {100 * summary['error_rate']:.1f}%"
+               if failed else f"{summary['ok']} ok")
     lines = [
-        f"requests:   {summary['requests']} in {summary['elapsed_s']:.2f} s "
-        f"({summary['ok']} ok)",
+        f"requests:   {summary['requests']} in {summary['elapsed_s']:.2f} s ({outcome})"
+        + (", the server was lost" if summary["server_lost"] else ""),
         f"throughput: {summary['throughput_rps']:.1f} req/s ({summary['ok_rps']:.1f} ok/s)",
         f"errors:     {errors}",
         f"latency ms: p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  "
@@ -462,7 +595,9 @@ def report(summary: dict[str, Any], out=sys.stdout) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
-def plot(summaries: list[dict[str, Any]], path: str, title: str) -> None:
+def plot(summaries: list[dict[str, Any]], path: str, title: str) -> Any:
+    """Latency percentiles and throughput against concurrency, saved to `path`; returns
+    the matplotlib Figure (closed: its axes can still be read)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -481,12 +616,14 @@ def plot(summaries: list[dict[str, Any]], path: str, title: str) -> None:
     ax2.plot(conc, [s["throughput_rps"] for s in summaries], "k.-", alpha=0.4,
              label="throughput")
     ax2.set_ylabel("throughput (req/s)")
+    ax2.set_ylim(bottom=0)  # from zero: a few % of wobble must not look like a collapse
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, [*("p50", "p90", "p99"), "throughput"], loc="upper left")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -623,6 +760,23 @@ def parse_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv)
+    # A signal raises Interrupted in this thread, so every `finally` on the way out runs
+    # (the rings' removal). A signal the caller ignores (nohup, a background job) stays so.
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
+    try:
+        return _measure(cfg, args)
+    except Interrupted as exc:
+        print(f"{PROG}: interrupted by {exc}; its frames are removed", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _measure(cfg: Config, args: argparse.Namespace) -> int:
     try:
         rgb, source = load_image(args.image)
     except UsageError as exc:
@@ -643,18 +797,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{info.get('max_batch_size', '?')}); image: {source}", flush=True)
 
     summaries: list[dict[str, Any]] = []
-    try:
-        for conc in args.sweep or [None]:
-            if conc is not None:
-                cfg.concurrency = conc
-            print(f"-- {cfg.describe()}", flush=True)
-            summary = run(cfg, model_id, variants).summary()
-            summary["source_image"] = source
-            report(summary)
-            summaries.append(summary)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    for conc in args.sweep or [None]:
+        if conc is not None:
+            cfg.concurrency = conc
+        summary = run(cfg, model_id, variants).summary()
+        summary["source_image"] = source
+        report(summary)
+        summaries.append(summary)
+        if summary["server_lost"]:
+            break
     if args.sweep:
         print("\n| concurrency | req/s | p50 ms | p90 ms | p99 ms | errors |\n"
               "|---|---|---|---|---|---|")
@@ -667,6 +818,10 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"runs": summaries} if args.sweep else summaries[0]
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
+    if lost := summaries[-1]["server_lost"]:
+        print(f"{PROG}: error: lost the server on {cfg.socket} after "
+              f"{summaries[-1]['requests']} requests, run stopped: {lost}", file=sys.stderr)
+        return 1
     if args.plot:
         plot(summaries, args.plot, f"{model_id} on {cfg.socket}: {cfg.width}x{cfg.height} "
                                    f"{cfg.pixel_format}, closed loop")
