@@ -3,7 +3,9 @@
 Every invalid model directory is refused with exit code 2 and its own one-line message,
 the same through `python -m vasipc.serve --model-dir` and `python -m vasipc.check` (real
 subprocesses); a valid one is reported by `vasipc check` (text and --json), including the
-version layout DIR/ID/<n>/.
+version layout DIR/ID/<n>/. The original format's rough edges: output_schema.classes is
+checked against the model, directories that are not versions and keys the server does not
+use are named (check's notes, the server's log), never silently dropped.
 """
 
 from __future__ import annotations
