@@ -130,6 +130,14 @@ def test_write_raw_frame_ring(tmp_path):
     assert ring.read_bytes() == b"aacccccaaa" + b"b" * 10
 
 
+def test_write_raw_frame_at_offset_zero_leaves_exactly_one_frame(tmp_path):
+    # The server refuses a file read without an offset unless it is exactly one frame.
+    raw = tmp_path / "frame.raw"
+    frames.write_raw_frame(raw, b"x" * 30)
+    frames.write_raw_frame(raw, b"y" * 12)
+    assert raw.read_bytes() == b"y" * 12
+
+
 # --- encoders --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("fmt", "to_rgb"), [("NV12", "COLOR_YUV2RGB_NV12"),

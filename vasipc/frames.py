@@ -195,8 +195,8 @@ def write_raw_frame(path: str | os.PathLike[str], data: BytesLike,
     """Write `data` at `offset` of a raw frame file (docs/contract.md 5.2), creating it if needed.
 
     In place, not atomic: a raw file can be a ring of frames that readers address by offset.
-    A file read without an offset must be exactly one frame long (the server refuses any
-    other size), so write a single frame at offset 0 into a new or same-sized file.
+    At offset 0 the file becomes exactly this frame (cut to its length), because a file read
+    without an offset must be one frame long; a ring's frames sit at offsets above 0.
     """
     pixels = _as_bytes_view(data)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -204,6 +204,8 @@ def write_raw_frame(path: str | os.PathLike[str], data: BytesLike,
         written = 0
         while written < len(pixels):
             written += os.pwrite(fd, pixels[written:], offset + written)
+        if offset == 0:
+            os.ftruncate(fd, len(pixels))
     finally:
         os.close(fd)
 
