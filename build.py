@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,19 @@ def wheel(args: argparse.Namespace) -> None:
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", "dist", ROOT])
 
 
+def extra_requirements(extras: dict[str, list[str]], name: str) -> list[str]:
+    """The requirements of extra `name`, an extra that names others (`vasipc[lint]`) expanded."""
+    reqs: list[str] = []
+    for req in extras[name]:
+        named = re.fullmatch(r"vasipc\[([\w,\s-]+)\]", req)
+        if named:
+            for other in named.group(1).split(","):
+                reqs += extra_requirements(extras, other.strip())
+        else:
+            reqs.append(req)
+    return reqs
+
+
 def deps(args: argparse.Namespace) -> None:
     """Install what the in-place checkout needs to run, without installing vasipc itself."""
     import tomllib
@@ -72,7 +86,7 @@ def deps(args: argparse.Namespace) -> None:
         project = tomllib.load(f)["project"]
     reqs = list(project["dependencies"])
     for extra in args.extras:
-        reqs += project["optional-dependencies"][extra]
+        reqs += extra_requirements(project["optional-dependencies"], extra)
     _run([sys.executable, "-m", "pip", "install", *reqs])
 
 
