@@ -40,6 +40,7 @@ def openvino_caps() -> list[str]:
 
 # --- the ONNX file reader ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nudenet", "built"])
 def test_metadata_is_onnxruntimes(name: str, nudenet_model: str, bench_model: str) -> None:
     """The reader's metadata and operators, on the trained model and a built one with
@@ -152,6 +153,7 @@ def test_tensorrt_profiles_one_per_padded_batch_size() -> None:
 
 # --- refusals at start ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "needle"), [
     (["--backend", "openvino", "--device", "cuda"], "openvino serves on cpu"),
     (["--backend", "onnxruntime", "--precision", "bf16"], "--precision bf16"),
@@ -173,6 +175,7 @@ def test_a_backend_or_precision_this_machine_cannot_run_is_exit_2(
                              *args), needle)
 
 
+@pytest.mark.slow
 def test_precisions_the_cpu_lacks_are_exit_2(nudenet_model: str, tmp_path: Path) -> None:
     caps = openvino_caps()
     for precision, cap in (("bf16", "BF16"), ("fp16", "FP16")):
@@ -208,6 +211,7 @@ def test_openvino_info_and_streams_option(server_factory) -> None:
     assert info["providers"] == ["OpenVINO:CPU"]
 
 
+@pytest.mark.slow
 def test_model_yaml_chooses_backend_and_precision(nudenet_model: str, tmp_path: Path,
                                                   server_factory) -> None:
     pytest.importorskip("openvino")
@@ -221,6 +225,7 @@ def test_model_yaml_chooses_backend_and_precision(nudenet_model: str, tmp_path: 
     assert (info["backend"], info["precision"]) == ("openvino", "fp32")
 
 
+@pytest.mark.slow
 def test_check_reports_the_runtime(nudenet_model: str) -> None:
     pytest.importorskip("openvino")
     from vasipc.check import check
@@ -297,11 +302,13 @@ def assert_fp32_backends_agree(server_factory, model: str, frame: Path, tol: flo
         assert not missing, f"{len(missing)} unmatched, e.g. {missing[:3]}; same class: {near}"
 
 
+@pytest.mark.slow
 def test_fp32_backends_agree_within_1e4(nudenet_model: str, astronaut_dir: Path,
                                         server_factory) -> None:
     assert_fp32_backends_agree(server_factory, nudenet_model, astronaut_dir, 1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_keeps_the_trained_models_detections(nudenet_model: str, astronaut_dir: Path,
                                                   server_factory) -> None:
     if "BF16" not in openvino_caps():

@@ -71,6 +71,7 @@ def long_run(child_env: dict[str, str],
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_closed_loop(server_factory, child_env, frame_dir: Path, tmp_path: Path) -> None:
     server = server_factory()
     out = tmp_path / "r.json"
@@ -93,6 +94,7 @@ def test_closed_loop(server_factory, child_env, frame_dir: Path, tmp_path: Path)
     assert list(frame_dir.iterdir()) == []  # rings removed
 
 
+@pytest.mark.slow
 def test_open_loop(server_factory, child_env, frame_dir: Path,
                                             tmp_path: Path) -> None:
     server = server_factory()
@@ -111,6 +113,7 @@ def test_open_loop(server_factory, child_env, frame_dir: Path,
     assert list(frame_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_requests_budget_and_errors_by_code(server_factory, child_env, frame_dir: Path,
                                             tmp_path: Path) -> None:
     # A frame root elsewhere: every frame is outside it, so every request is frame_forbidden.
@@ -130,6 +133,7 @@ def test_requests_budget_and_errors_by_code(server_factory, child_env, frame_dir
     assert list(frame_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_plot(server_factory, child_env, frame_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     server = server_factory()
@@ -144,6 +148,7 @@ def test_plot(server_factory, child_env, frame_dir: Path, tmp_path: Path) -> Non
     assert "| 2 |" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_the_run_and_removes_the_rings(sig: signal.Signals, server_factory,
                                                       long_run, frame_dir: Path) -> None:
@@ -157,6 +162,7 @@ def test_a_signal_stops_the_run_and_removes_the_rings(sig: signal.Signals, serve
     assert list(frame_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_lost_server_stops_the_run(server_factory, long_run, frame_dir: Path) -> None:
     server = server_factory()
     proc, ring = long_run(server.socket, "--warmup", "0")
@@ -208,6 +214,7 @@ def test_bad_command_line_exits_2(args: list[str], capsys) -> None:
     assert "error:" in err and len(err.strip().splitlines()) <= 2
 
 
+@pytest.mark.slow
 def test_unreachable_server_exits_1(child_env, tmp_path: Path) -> None:
     res = run_bench("--socket", str(tmp_path / "none.sock"), "-n", "1", env=child_env)
     assert res.returncode == 1
@@ -237,6 +244,7 @@ def test_no_matplotlib_is_one_line(monkeypatch, capsys) -> None:
     assert "matplotlib" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case_name", "config"), [("yolo-classify", '{"top_k": 1}'),
                                                    ("yolo-segment", '{"mask_format": "polygon"}'),
                                                    ("yolo-segment", '{"mask_format": "bitmap"}')])
@@ -258,6 +266,7 @@ def test_any_task_with_a_request_config(case_name: str, config: str, server_fact
     assert want in res.stdout, res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["[1]", "{not json"])
 def test_config_must_be_a_json_object(config: str, child_env) -> None:
     res = run_bench("--socket", "/nonexistent.sock", "--config", config, env=child_env)

@@ -56,6 +56,7 @@ def test_infer_astronaut(client, astronaut_frame):
     assert result.raw["error_code"] is None and result.raw["error"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_name", ["yolo-segment", "yolo-pose", "yolo-pose-xy", "yolo-obb",
                                        "yolo-classify"])
 def test_infer_task_fields(case_name, server_factory, tmp_path, astronaut_frame):
@@ -216,6 +217,7 @@ def settled(read: Callable[[], int], want: int | None = None, timeout: float = 3
     return last
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_sequential_requests_reuse_one_connection(server_factory, astronaut_frame):
     server = server_factory()
@@ -228,6 +230,7 @@ def test_sequential_requests_reuse_one_connection(server_factory, astronaut_fram
     assert settled(lambda: socket_fds(server.pid), want=baseline) == baseline
 
 
+@pytest.mark.slow
 def test_threads_share_one_client(client, nudenet_server, astronaut_frame):
     # 16 threads x 20 requests; every 5th is an infer (CPU inference is slow), the others
     # `health`, so quick and slow answers interleave on the shared pool.
@@ -256,6 +259,7 @@ def test_threads_share_one_client(client, nudenet_server, astronaut_frame):
     assert requests_total(nudenet_server.socket) - before == 16 * 4
 
 
+@pytest.mark.slow
 def test_reconnects_after_server_restart(server_factory, astronaut_frame):
     first = server_factory()
     with Client(first.socket, model_id=MODEL_ID) as c:
@@ -271,6 +275,7 @@ def test_reconnects_after_server_restart(server_factory, astronaut_frame):
         assert c.infer(astronaut_frame, camera_id="c").detections
 
 
+@pytest.mark.slow
 def test_least_outstanding_routing_spreads_over_servers(server_factory, astronaut_frame):
     servers = [server_factory(), server_factory()]
     with Client([s.socket for s in servers], model_id=MODEL_ID) as c:

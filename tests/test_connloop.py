@@ -658,6 +658,7 @@ def test_fds_back_to_baseline_after_many_connections(serve):
     assert _open_fds() == baseline
 
 
+@pytest.mark.slow
 def test_accepts_again_after_running_out_of_fds(tmp_path):
     """Clients left in the backlog while fds ran out are accepted once fds free up."""
     path = str(tmp_path / "s.sock")
@@ -899,6 +900,7 @@ else:
         s.close()
         return got
 
+    @pytest.mark.slow
     @FUZZ
     @given(data=st.data(), max_bytes=max_bytes_strategy,
            cuts=st.lists(st.integers(0, 1 << 20), max_size=30),
@@ -966,6 +968,7 @@ else:
             finally:
                 served.close()
 
+    @pytest.mark.slow
     @FUZZ
     @given(data=st.data(), max_bytes=max_bytes_strategy, clients=st.integers(2, 4),
            depth=st.sampled_from([1, 3, 64]), mode=st.sampled_from(["sync", "mixed"]),

@@ -151,6 +151,7 @@ def test_every_option_accepted_with_its_default(server_factory, astronaut_frame)
     assert server.stop() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("static", "max_batch", "expected"), [(1, "4", 1), (2, "4", 2),
                                                                (4, None, 1)])
 def test_max_batch_capped_by_static_batch_dimension(server_factory, tmp_path, astronaut_frame,
@@ -206,6 +207,7 @@ BAD_OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
 def test_bad_option_exits_2(nudenet_model, tmp_path, args):
     path = str(tmp_path / "s.sock")
@@ -227,6 +229,7 @@ BAD_ENVIRONMENT = {  # variable=value: what the one error line says after it
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", BAD_ENVIRONMENT)
 def test_bad_environment_value_names_the_variable(nudenet_model, tmp_path, monkeypatch, setting):
     """`vasipc.serve: error: VAR=value: why`, one line (no usage: the command line is not
@@ -240,6 +243,7 @@ def test_bad_environment_value_names_the_variable(nudenet_model, tmp_path, monke
     assert not os.path.lexists(path)
 
 
+@pytest.mark.slow
 def test_command_line_wins_over_a_bad_environment_value(server_factory, monkeypatch):
     """An environment value the command line overrides is never parsed; an empty one is unset."""
     monkeypatch.setenv("VASIPC_MAX_BATCH", "abc")
@@ -249,6 +253,7 @@ def test_command_line_wins_over_a_bad_environment_value(server_factory, monkeypa
     assert info(server.socket)["max_batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_model_source_count(nudenet_model, tmp_path):
     sock = ["--socket", str(tmp_path / "s.sock"), "--model-id", "x"]
     assert_refused(run_serve(*sock))
@@ -263,6 +268,7 @@ def test_models_root_needs_model_id(nudenet_model, tmp_path):
                    "model-id")
 
 
+@pytest.mark.slow
 def test_unusable_models_exit_2(tmp_path):
     text = tmp_path / "text.onnx"
     text.write_text("this is not an ONNX model\n" * 10)
@@ -281,6 +287,7 @@ def test_unusable_models_exit_2(tmp_path):
         assert not path.exists(), model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
 def test_device_cuda_without_gpu_exits_2(nudenet_model, tmp_path, device):
     import onnxruntime
@@ -291,6 +298,7 @@ def test_device_cuda_without_gpu_exits_2(nudenet_model, tmp_path, device):
                              "--socket", str(tmp_path / "s.sock")), "cuda", max_lines=1)
 
 
+@pytest.mark.slow
 def test_missing_labels_or_frame_root_exit_2(nudenet_model, tmp_path):
     sock = ["--model", nudenet_model, "--socket", str(tmp_path / "s.sock")]
     assert_refused(run_serve(*sock, "--labels", str(tmp_path / "nope.txt")))
@@ -305,6 +313,7 @@ def write_yaml(directory: Path, text: str) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_model_dir_with_model_yaml(server_factory, nudenet_model, tmp_path, astronaut_frame,
                                    monkeypatch):
     """model.yaml gives id, name, version, weights, class names, thresholds; the socket's
@@ -345,6 +354,7 @@ resource_requirements:
     assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_model_dir_yaml_without_model_id_uses_file_stem(server_factory, nudenet_model, tmp_path):
     """`--model-id` defaults to model.yaml's model_id, else the ONNX file's stem (not the
     model_name, which need not be a valid id)."""
@@ -359,6 +369,7 @@ def test_model_dir_yaml_without_model_id_uses_file_stem(server_factory, nudenet_
     assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_model_dir_without_yaml(server_factory, nudenet_model, tmp_path):
     d = tmp_path / "7"
     link_model(d / "plain.onnx", nudenet_model)
@@ -369,6 +380,7 @@ def test_model_dir_without_yaml(server_factory, nudenet_model, tmp_path):
     assert (got["model_id"], got["model_name"], got["model_version"]) == ("plain", "plain", "7")
 
 
+@pytest.mark.slow
 def test_gpu_required_without_gpu_exits_2(nudenet_model, tmp_path):
     import onnxruntime
 
@@ -385,6 +397,7 @@ def test_gpu_required_without_gpu_exits_2(nudenet_model, tmp_path):
     assert os.listdir(tmp_path) == ["gpu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("yaml_text", [
     "model_weights: missing.onnx\n",
     "model_id: [not, a, string]\nmodel_weights: w.onnx\n",
@@ -410,6 +423,7 @@ def make_models_root(root: Path, model_id: str, nudenet_model: str) -> None:
     (root / model_id / "99").write_text("a file, not a version directory")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("version", "expected"), [(None, "10"), ("2", "2")])
 def test_models_root_versions(server_factory, nudenet_model, tmp_path, astronaut_frame, version,
                               expected):
@@ -427,6 +441,7 @@ def test_models_root_versions(server_factory, nudenet_model, tmp_path, astronaut
     assert resp["metadata"]["model_version"] == expected, resp
 
 
+@pytest.mark.slow
 def test_models_root_bad_version_or_id_exits_2(nudenet_model, tmp_path):
     root = tmp_path / "root"
     make_models_root(root, "det", nudenet_model)
@@ -438,6 +453,7 @@ def test_models_root_bad_version_or_id_exits_2(nudenet_model, tmp_path):
 
 # --- precedence and labels -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_precedence_cli_env_yaml(server_factory, nudenet_model, tmp_path, astronaut_frame,
                                  monkeypatch):
     """Command line over environment (--max-batch 2 over VASIPC_MAX_BATCH=3), environment
@@ -464,12 +480,14 @@ def test_precedence_cli_env_yaml(server_factory, nudenet_model, tmp_path, astron
     assert_default_conf(path, "prec-env", astronaut_frame, 0.5, 0.9)
 
 
+@pytest.mark.slow
 def test_cli_conf_over_environment(server_factory, astronaut_frame, monkeypatch):
     monkeypatch.setenv("VASIPC_CONF", "0.5")
     server = server_factory("--conf", "0.1")
     assert_default_conf(server.socket, MODEL_ID, astronaut_frame, 0.1, 0.5)
 
 
+@pytest.mark.slow
 def test_labels_rename_classes(server_factory, tmp_path, astronaut_frame, monkeypatch):
     """--labels (over VASIPC_LABELS) names the classes in info and in detections."""
     labels = tmp_path / "labels.txt"
@@ -496,6 +514,7 @@ def _thread_count(pid: int) -> int:
     return min(counts)
 
 
+@pytest.mark.slow
 def test_threads_sets_the_onnx_runtime_pool(server_factory):
     """--threads N gives ONNX Runtime N intra-op threads (N-1 pool threads beside the
     caller) on one stream; its own default would count the machine's cores, not the

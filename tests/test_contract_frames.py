@@ -233,6 +233,7 @@ def test_short_frame_meta_is_invalid(sock, root):
     assert_error(infer(sock, path), "frame_invalid")
 
 
+@pytest.mark.slow
 def test_max_frame_dim_option(server_factory, shm_dir):
     server = server_factory("--max-frame-dim", "100")
     ok = write_dir(shm_dir / "ok", gray(100, 100), "NV12")
@@ -537,6 +538,7 @@ def test_dangling_symlink_inside_the_roots_is_not_found(sock, root):
     assert_error(infer(sock, link, RAW_MD), "frame_not_found")
 
 
+@pytest.mark.slow
 def test_extra_frame_root(server_factory, shm_dir):
     extra = Path(tempfile.mkdtemp(prefix="vasipc-root-"))
     sibling = Path(tempfile.mkdtemp(prefix="vasipc-sibling-"))

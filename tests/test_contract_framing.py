@@ -208,6 +208,7 @@ def test_too_large_answered_at_once_without_body(nudenet_server, length):
         assert wire.is_closed(s, 30)
 
 
+@pytest.mark.slow
 def test_too_large_with_partial_body_closes_without_reading_it(small):
     with wire.connect(small.socket) as s:
         s.sendall(struct.pack(">I", SMALL_MAX + 1) + padded(SMALL_MAX + 1)[:200])
@@ -384,6 +385,7 @@ def test_message_stalled_mid_body_is_dropped(small):
         assert time.monotonic() - t0 > 0.8  # not before the 1 s read timeout
 
 
+@pytest.mark.slow
 def test_others_served_while_a_message_stalls(server_factory):
     """Other connections are served while one stalls mid-message: with a read timeout longer
     than their hang guard they could not be if the stall held the server up."""
@@ -506,6 +508,7 @@ def accepted_connection(path: str, timeout: float = 30.0) -> socket.socket:
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_max_connections(server_factory):
     server = server_factory("--max-connections", "3")
     first = [accepted_connection(server.socket) for _ in range(3)]
@@ -523,6 +526,7 @@ def test_max_connections(server_factory):
             s.close()
 
 
+@pytest.mark.slow
 def test_out_of_file_descriptors_is_survived(nudenet_model, tmp_path):
     """Connections beyond what the process's fd limit allows wait in the backlog; once
     connections close, the server accepts and answers again (it never stops listening)."""

@@ -74,6 +74,7 @@ def read_answers(socks: list[socket.socket], depth: int) -> list[list[dict]]:
 
 # --- start -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_socket_appears_only_when_warm(server_factory, bench_model):
     """The first successful connect already finds the model loaded and warm: health says
     ready; nothing answers "starting". (A slow model with four warm-up batch sizes makes
@@ -102,7 +103,8 @@ def test_socket_appears_only_when_warm(server_factory, bench_model):
 
 # --- drain -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["TERM", "INT"])
 def test_signal_drains_in_flight_requests(server_factory, astronaut_frame, sig):
     n_conn, depth = 4, 8
     server = server_factory("--max-queue", "2048", "--drain-timeout", "120")
@@ -146,6 +148,7 @@ def test_signal_drains_in_flight_requests(server_factory, astronaut_frame, sig):
             s.close()
 
 
+@pytest.mark.slow
 def test_signal_answers_what_was_sent_beyond_the_pipeline_depth(server_factory, astronaut_frame):
     """More requests pipelined on one connection than the server reads ahead (64): the ones
     the client had sent before the signal are answered normally; one sent after the
@@ -168,6 +171,7 @@ def test_signal_answers_what_was_sent_beyond_the_pipeline_depth(server_factory, 
             s.close()
 
 
+@pytest.mark.slow
 def test_signal_with_nothing_in_flight_exits_0_at_once(server_factory):
     """An idle connection does not hold the exit up: with a drain timeout longer than
     stop's 30 s hang guard, a server waiting on it would be killed and the test fail."""
@@ -177,6 +181,7 @@ def test_signal_with_nothing_in_flight_exits_0_at_once(server_factory):
         assert wire.is_closed(idle, 30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_conn, depth", [(2, 16), (1, 100)], ids=["2x16", "1x100"])
 def test_drain_timeout_answers_the_rest_shutting_down(server_factory, astronaut_frame,
                                                       bench_model, n_conn, depth):

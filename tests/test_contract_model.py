@@ -213,6 +213,7 @@ def test_detections_match_the_reference_at_a_low_threshold(sock, reference, root
             assert_same_detections(server, ref, conf)
 
 
+@pytest.mark.slow
 def test_wide_and_tall_frames(sock, reference, root, astronaut_rgb):
     """Letterbox padding on either axis, odd new sizes, frames smaller than the input."""
     cases = {"wide": astronaut_rgb[100:300], "tall": astronaut_rgb[:, 150:350],
@@ -248,6 +249,7 @@ def test_server_letterbox_matches_the_reference_tensor(photo):
 
 # --- the benchmark model (static 640 input, random weights) --------------------------------------
 
+@pytest.mark.slow
 def test_benchmark_model_matches_the_reference(bench_server, bench_model, root, photo):
     info = wire.roundtrip(bench_server.socket, {"op": "info"})
     assert info["input"] == {"width": 640, "height": 640}
@@ -279,6 +281,7 @@ def test_class_names_from_onnx_metadata(sock, root, photo):
         assert d["class_name"] == info["classes"][d["class_id"]]
 
 
+@pytest.mark.slow
 def test_class_names_from_labels_file(server_factory, tmp_path, root, photo):
     labels = tmp_path / "labels.txt"
     names = [f"label-{i}" for i in range(18)]
@@ -310,6 +313,7 @@ def bare_model(nudenet_model) -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_class_id_names_and_640_input_without_metadata(server_factory, bare_model, reference,
                                                        root, photo):
     server = server_factory(model=bare_model, model_id="bare")
@@ -326,6 +330,7 @@ def test_class_id_names_and_640_input_without_metadata(server_factory, bare_mode
     assert_same_detections(dets, reference.detect(photo, 640), 0.25)
 
 
+@pytest.mark.slow
 def test_input_size_from_imgsz_metadata(sock, reference, root, photo):
     """nudenet's spatial dims are dynamic; its metadata imgsz [320, 320] decides."""
     assert wire.roundtrip(sock, {"op": "info"})["input"] == {"width": 320, "height": 320}
@@ -339,6 +344,7 @@ def test_input_size_from_imgsz_metadata(sock, reference, root, photo):
 
 # --- config.classes is applied before NMS (and before max_detections) ----------------------------
 
+@pytest.mark.slow
 def test_classes_filter_keeps_best_class_candidates(sock, reference, root, photo):
     path, md = write_frame(root, photo, "RGB24", "raw")
     conf = 0.05

@@ -132,6 +132,7 @@ def test_info_fields(sock, nudenet_server):
     assert info["socket"] == nudenet_server.socket
 
 
+@pytest.mark.slow
 def test_info_max_batch_size_is_the_effective_max_batch(server_factory):
     server = server_factory("--max-batch", "3", "--device", "cpu")
     info = wire.roundtrip(server.socket, {"op": "info"})
@@ -405,6 +406,7 @@ def test_config_is_per_request(sock, frame_dir, base_dets):
 
 # --- deadline_ms and overload (the slow benchmark model) -----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("every_backend")
 def test_deadline_exceeded_when_queued_behind_others(server_factory, bench_model, frame_dir):
     sock = server_factory(model=bench_model, model_id="bench").socket
@@ -424,6 +426,7 @@ def test_deadline_exceeded_when_queued_behind_others(server_factory, bench_model
     assert wait_idle(sock)
 
 
+@pytest.mark.slow
 def test_deadline_is_checked_before_the_frame_is_opened(bench_server):
     """A request that misses its deadline is answered deadline_exceeded even when its frame
     would be refused: the queue check comes first (and precedes frame_* in docs/contract.md 4)."""
@@ -442,6 +445,7 @@ def test_deadline_is_checked_before_the_frame_is_opened(bench_server):
     assert_serving(sock)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("every_backend")
 def test_overloaded_when_the_queue_is_full(server_factory, bench_model, frame_dir):
     server = server_factory("--max-queue", "1", model=bench_model, model_id="bench")

@@ -280,6 +280,7 @@ def test_message_too_large_closes_and_others_keep_the_connection(sock, root):
             assert wire.recv(s)["error_code"] in ("invalid_request", "model_mismatch", None)
 
 
+@pytest.mark.slow
 def test_shutting_down(server_factory, bench_model, root):
     """SIGTERM with slow work in flight: later infers on open connections get
     shutting_down (after invalid_request and model_mismatch in precedence), health and

@@ -76,6 +76,7 @@ def test_default_path_and_mode_and_removal_at_stop(server_factory, tmp_socket_pa
     assert not os.path.lexists(path), "the socket file was not removed at stop"
 
 
+@pytest.mark.slow
 def test_socket_dir_option_and_environment(server_factory, tmp_socket_path, monkeypatch,
                                            nudenet_model, tmp_path):
     """--socket-dir DIR and VASIPC_SOCKET_DIR move the default path; the option wins over
@@ -118,6 +119,7 @@ def test_socket_mode_without_leading_zero(server_factory):
 
 # --- what is already at the path ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("listened", [False, True], ids=["bound", "listened"])
 def test_stale_socket_is_replaced(server_factory, listened):
     path = server_factory.socket_path("stale.sock")
@@ -142,6 +144,7 @@ def test_live_server_is_not_taken_over(server_factory, nudenet_server):
     assert health(path)["ready"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["file", "directory", "fifo", "symlink"])
 def test_non_socket_at_path_is_left_alone(server_factory, tmp_path, kind):
     path = server_factory.socket_path(f"taken-{kind}.sock")
@@ -170,6 +173,7 @@ def test_non_socket_at_path_is_left_alone(server_factory, tmp_path, kind):
 
 # --- model id and path length ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", [
     "a" * 65, "", "bad id", "a/b", "a:b", "caf\u00e9", "abc\n", "x*", "../up",
 ], ids=["65-chars", "empty", "space", "slash", "colon", "non-ascii", "newline", "star", "dotdot"])
@@ -225,6 +229,7 @@ def test_socket_removed_at_sigint(server_factory):
     assert not os.path.lexists(server.socket)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replacement", ["file", "socket"])
 def test_replaced_socket_file_is_not_removed_at_stop(server_factory, replacement):
     server = server_factory()

@@ -538,6 +538,7 @@ class TestCompiledDecode(_DecodeBehaviour):
                                      1, 1, 0, 0, 1, 1)
 
 
+@pytest.mark.slow  # a slow numpy reference; the compiled decoder runs the same checks fast
 class TestReferenceDecode(_DecodeBehaviour):
     mod = reference_decode
 
@@ -556,6 +557,7 @@ def both(pred, layout_kw, *args):
             for m in (decode, reference_decode)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_compiled_equals_reference_exactly(seed: int) -> None:
     pred = stress(n=5000, nc=30, seed=100 + seed)
@@ -627,6 +629,7 @@ def random_case(draw):
     return kw, pred, (conf, iou, max_det, mask, *geom)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_case())
 def test_compiled_equals_reference_on_random_inputs(case) -> None:

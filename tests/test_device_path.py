@@ -138,6 +138,7 @@ def nv12_frames(astronaut_rgb):
     return out, w, h
 
 
+@pytest.mark.slow
 def test_padded_batch_equals_unpadded_requests(models, nv12_frames):
     """n=3 with max_batch 4 runs at 4 (one pad slot): each request's output equals its
     own batch-1 run within 1e-4 (C kernel buffers and the device path alike)."""
@@ -181,6 +182,7 @@ def _staged(model, buf: DeviceBatch, data: np.ndarray, w: int, h: int, fmt: int 
     return model.device_path.stage(_Frame(data, fmt, w, h, stride or lb.min_stride(fmt, w)), buf)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_slot_is_the_graph_output(models, astronaut_rgb, fmt_name):
     """The graph writes its output straight into its slot of the batch buffer, and only
@@ -377,6 +379,7 @@ def test_graph_preprocess_of_a_truncated_frame_is_frame_changed(models, shm_dir,
     assert model.run_batch(buf, 1)[0].shape[0] == 1
 
 
+@pytest.mark.slow
 def test_graph_mode_reads_no_frame_copy_in_python(models, shm_dir):
     """The frame reaches the staging buffer by the C copy from the mapping: preprocessing a
     4K frame allocates far less in Python than its 12 MB."""
@@ -443,6 +446,7 @@ def _match(got: list[dict], want: list[dict]) -> None:
             assert min(abs(a["confidence"] - b["confidence"]) for b in partners) <= CONF_TOL
 
 
+@pytest.mark.slow
 def test_info_says_graph(servers):
     assert wire.roundtrip(servers["graph"].socket, {"op": "info"})["preprocess"] == "graph"
     assert wire.roundtrip(servers["cpu"].socket, {"op": "info"})["preprocess"] == "cpu"
@@ -452,6 +456,7 @@ def test_info_says_graph(servers):
     assert "runs at 1/2/4" in servers["graph4"].stderr_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["dir", "raw"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_graph_server_finds_the_face(servers, shm_dir, astronaut_rgb, fmt, form):
@@ -477,6 +482,7 @@ def _pipelined(path: str, msgs: list[dict]) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_graph_batched_equals_unbatched(servers, astronaut_rgb):
     root = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="vasipc-dp-"))
     try:
@@ -517,6 +523,7 @@ def test_graph_batched_equals_unbatched(servers, astronaut_rgb):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_graph_server_truncated_frame(servers, shm_dir):
     """A raw frame file shrinking and growing while requests read it: answers are ok,
     frame_changed or frame_invalid, never a crash; the server keeps serving."""
@@ -530,6 +537,7 @@ def test_graph_server_truncated_frame(servers, shm_dir):
     assert_ok(infer(sock, path, md))
 
 
+@pytest.mark.slow
 def test_preprocess_option_and_env(nudenet_model, tmp_path, server_factory, astronaut_frame,
                                    monkeypatch):
     from serve_cli import assert_refused, run_serve
@@ -543,6 +551,7 @@ def test_preprocess_option_and_env(nudenet_model, tmp_path, server_factory, astr
     assert_ok(infer(server.socket, astronaut_frame))
 
 
+@pytest.mark.slow
 def test_mapping_is_released(models, shm_dir, astronaut_rgb):
     """After a graph-mode preprocess the frame's mapping is gone (closed as on the CPU path)."""
     model = models[1, "graph"]

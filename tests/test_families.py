@@ -345,6 +345,7 @@ def test_malformed_models_are_refused(name: str, model_dir: Path) -> None:
     assert MALFORMED[name][3].lower() in text.lower(), text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["segment-without-protos", "pose-without-kpt-shape",
                                   "two-outputs-no-metadata"])
 def test_refusal_is_one_line_naming_shapes_task_and_declaration(name: str, model_dir: Path) -> None:
@@ -370,6 +371,7 @@ def _check(*args: str) -> tuple[int, str, str]:
     return res.returncode, res.stdout, res.stderr
 
 
+@pytest.mark.slow
 def test_check_reports_family_task_and_keypoints(model_dir: Path) -> None:
     import json
 
@@ -387,6 +389,7 @@ def test_check_reports_family_task_and_keypoints(model_dir: Path) -> None:
     assert report["transform"]["resize"] == "center_crop" and report["detections"] == 5  # top 5
 
 
+@pytest.mark.slow
 def test_check_names_what_it_refused(model_dir: Path) -> None:
     path = _malformed(model_dir, "pose-without-kpt-shape")
     code, out, err = _check(str(path), "--device", "cpu")
@@ -397,6 +400,7 @@ def test_check_names_what_it_refused(model_dir: Path) -> None:
 
 # --- metadata is data, whatever it holds -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_metadata_of_any_shape_is_recognized_or_refused_in_one_line(model_dir: Path) -> None:
     """ONNX metadata values are read with ast.literal_eval: any text in any key gives a
     family or a ModelError line, never another exception (nor code execution)."""

@@ -433,6 +433,7 @@ class _LetterboxBehaviour:
 
     # --- the general placement and output transform ---------------------------------------
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("case", MODE_CASES, ids=[c[0] for c in MODE_CASES])
     @pytest.mark.parametrize("resize", ["letterbox", "stretch", "center_crop"])
     @pytest.mark.parametrize("fmt_name", list(FORMATS))
@@ -440,6 +441,7 @@ class _LetterboxBehaviour:
         out, expected = _run_mode(self.kernel, FORMATS[fmt_name], case, Preprocess(resize=resize))
         assert_matches_opencv(out, expected)
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("options", OPTIONS, ids=[o[0] for o in OPTIONS])
     @pytest.mark.parametrize("resize", ["letterbox", "center_crop"])
     @pytest.mark.parametrize("fmt_name", list(FORMATS))
@@ -509,6 +511,7 @@ class _LetterboxBehaviour:
 
     # --- the antialias filter: PIL's resize -------------------------------------------------
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("case", AA_CASES, ids=[c[0] for c in AA_CASES])
     @pytest.mark.parametrize("fmt_name", list(FORMATS))
     def test_antialias_equals_pil(self, fmt_name: str, case: tuple) -> None:
@@ -546,6 +549,7 @@ class TestCompiledLetterbox(_LetterboxBehaviour):
     kernel = letterbox
 
 
+@pytest.mark.slow  # a slow numpy reference; the compiled kernel runs the same checks fast
 class TestReferenceLetterbox(_LetterboxBehaviour):
     kernel = reference_kernels
 
@@ -722,6 +726,7 @@ def test_antialias_threads_bit_for_bit(case: tuple) -> None:
         many, _, _ = _run_antialias(letterbox, FORMATS["I420"], case, threads=threads)
         assert np.array_equal(many, one), threads
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
 def test_compiled_equals_reference_bit_for_bit(fmt_name: str, case: tuple) -> None:
@@ -734,6 +739,7 @@ def test_compiled_equals_reference_bit_for_bit(fmt_name: str, case: tuple) -> No
         assert np.array_equal(compiled, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [("default", {}), *OPTIONS], ids=lambda o: o[0])
 @pytest.mark.parametrize("resize", ["letterbox", "stretch", "center_crop"])
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
@@ -748,6 +754,7 @@ def test_modes_compiled_equals_reference_bit_for_bit(fmt_name: str, resize: str,
         assert np.array_equal(compiled, reference), case[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resize", ["stretch", "center_crop"])
 @pytest.mark.parametrize("fmt_name", ["NV12", "RGB24"])
 def test_modes_threads_bit_for_bit(fmt_name: str, resize: str) -> None:
@@ -944,6 +951,7 @@ def _pool_probe() -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not hasattr(os, "fork"),
                     reason="needs /proc and fork")
 def test_pool_persists_forks_and_exits() -> None:

@@ -32,6 +32,7 @@ def parse_lines(stderr: str, fmt: str) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_one_line_per_error_class_none_per_success(server_factory, astronaut_frame, shm_dir,
                                                    fmt):

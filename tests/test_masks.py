@@ -93,6 +93,7 @@ class _MaskBehaviour:
         assert (self.impl.MASK_RLE, self.impl.MASK_POLYGON) == (0, 1)
 
     # the masks: Ultralytics' pixels, pycocotools' strings
+    @pytest.mark.slow
     @pytest.mark.parametrize(("w", "h"), GEOMETRIES)
     def test_rle_matches_ultralytics(self, w: int, h: int) -> None:
         protos, coeffs, boxes = random_case(w * 7 + h, w, h)
@@ -304,6 +305,7 @@ class TestCompiledMasks(_MaskBehaviour):
     impl = compiled
 
 
+@pytest.mark.slow  # a slow numpy reference; the compiled kernel runs the same checks fast
 class TestReferenceMasks(_MaskBehaviour):
     impl = reference_masks
 
@@ -388,6 +390,7 @@ def fractional_boxes(rng, k: int, w: int, h: int) -> np.ndarray:
     return boxes
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), w=st.integers(1, 160), h=st.integers(1, 160),
        mh=st.integers(1, 12), mw=st.integers(1, 12), special=st.floats(0, 1))
@@ -427,6 +430,7 @@ def test_near_zero_logits_compiled_equals_reference(w, h, mh, mw, scale) -> None
             np.testing.assert_array_equal(points, opencv_polygon(mask))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w", [1, 7, 8, 9, 63, 64, 65, 129])
 @pytest.mark.parametrize(("mh", "mw"), [(1, 3), (3, 5), (40, 40)], ids=["one-row", "upscale", "downscale"])
 def test_chunk_and_lane_edges_compiled_equals_reference(w: int, mh: int, mw: int) -> None:

@@ -80,6 +80,7 @@ def infer(path: str, frame: str, model_id: str = MODEL_ID) -> dict:
 
 # --- /metrics ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_metrics_follow_the_requests(server_factory, astronaut_frame, shm_dir):
     """Counts by op and error_code, the stage and total histograms (bucket by bucket, from
     the responses' own metadata), batches, frame bytes, gauges and the model info."""
@@ -173,6 +174,7 @@ def test_metrics_follow_the_requests(server_factory, astronaut_frame, shm_dir):
     assert val(after, "process_resident_memory_bytes") > 0
 
 
+@pytest.mark.slow
 def test_reload_counts_on_metrics(server_factory):
     """SIGHUP reloads the model; /metrics reads the server's reload counts when scraped."""
     server = server_factory("--metrics-port", "0", "--metrics-host", "127.0.0.1")
@@ -190,6 +192,7 @@ def test_reload_counts_on_metrics(server_factory):
 
 # --- probes ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_probes_during_load_and_while_serving(server_factory, tmp_path, monkeypatch):
     """The HTTP server is up before the model loads: /healthz 200, /readyz 503 (the labels
     file is a FIFO, so the load waits for us), then 200 once serving. Options from the
@@ -226,6 +229,7 @@ def test_probes_during_load_and_while_serving(server_factory, tmp_path, monkeypa
     assert f"metrics http://127.0.0.1:{port}" in server.stderr_text()
 
 
+@pytest.mark.slow
 def test_readyz_503_while_draining(server_factory, bench_model, astronaut_frame):
     """SIGTERM with ~2 s of work queued: while the server drains, /readyz says 503 and
     /healthz 200, as the socket's health says ready false."""

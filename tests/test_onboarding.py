@@ -179,6 +179,7 @@ def make_dir(tmp_path: Path, nudenet_model: str, yaml_text: str | None,
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("yaml_text", "files", "extra", "needles"), INVALID.values(),
                          ids=INVALID.keys())
 def test_invalid_model_dir_refused_by_serve_and_check(nudenet_model, tmp_path, yaml_text, files,
@@ -206,6 +207,7 @@ def test_unreadable_weights_refused(nudenet_model, tmp_path):
         assert_refused(result, "w.onnx is not readable", max_lines=1)
 
 
+@pytest.mark.slow
 def test_cpu_fallback_not_allowed(nudenet_model, tmp_path):
     """gpu_required: false with cpu_fallback_allowed: false: --device auto finding no GPU
     does not fall back to CPU; an explicit --device cpu runs it there."""
@@ -374,6 +376,7 @@ def make_versions(base: Path, nudenet_model: str) -> None:
     (base / "99").write_text("a file, not a version directory")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("version", "expected"), [(None, "10"), ("2", "2")])
 def test_check_version_layout(nudenet_model, tmp_path, version, expected):
     base = tmp_path / "det"

@@ -169,6 +169,7 @@ def test_one_batch_runs_one_waits_prepared_the_rest_stay_queued(models, frame_di
     assert b._ahead == 0 and not b._busy and not b._filling
 
 
+@pytest.mark.slow
 def test_streams_run_batches_at_once(nudenet_model, frame_dirs):
     """With 2 streams: a batch alone runs SOLO (every thread); batches that come while it
     runs take the streams beside it, so three run at once; every answer is the
@@ -637,6 +638,7 @@ def mixed_frames(astronaut_rgb):
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_batching_on_equals_off_under_32_concurrent_clients(models, mixed_frames):
     """Issue 4's CPU check: 32 clients at once, mixed frames, formats and frame forms; each
     request's answer from a batching server (max batch 4) equals its answer from an
@@ -739,6 +741,7 @@ def test_ordinary_preprocessing_failure_is_not_fatal(nudenet_model, frame_dirs):
 
 # --- hot reload ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_set_model_frees_the_old_model_once_idle(models, frame_dirs):
     """After a reload the idle workers let go of the old model's buffers at once: the old
     LoadedModel (on a GPU: its session and device buffers) is freed without waiting for

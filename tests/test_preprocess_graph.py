@@ -174,6 +174,7 @@ def image_mask(in_w: int, in_h: int, width: int, height: int) -> np.ndarray:
 
 # --- the graph against the CPU kernel ---------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_size", MODEL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: g[0])
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
@@ -382,6 +383,7 @@ def kernel_preprocess(frame: np.ndarray, fmt: int, width: int, height: int, stri
     return out, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_size", [(224, 224), (320, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("geometry", MODE_GEOMETRIES, ids=lambda g: g[0])
 @pytest.mark.parametrize("mode", MODES, ids=str)

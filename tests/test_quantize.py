@@ -25,6 +25,8 @@ from conftest import REPO_ROOT, _child_env
 
 from vasipc import frames
 
+pytestmark = pytest.mark.slow  # calibration and INT8 servers: tens of seconds a test
+
 MODEL_ID = "nude"
 REPORT_KEYS = {"frames", "float_detections", "int8_detections", "matched", "mean_iou",
                "max_score_drift", "mean_score_drift"}

@@ -27,6 +27,8 @@ from serve_cli import assert_refused, info, run_serve, spawn
 
 from vasipc.versions import TEMP_PREFIX, install_version
 
+pytestmark = pytest.mark.slow  # a CLI child and a server per test
+
 NUM_CLASSES = 18  # nudenet's 320n.onnx
 WAIT_S = 60.0
 

@@ -22,7 +22,8 @@ import pytest
 import wire
 from serve_cli import info, spawn
 
-pytestmark = pytest.mark.usefixtures("every_backend")  # each test on every runtime
+pytestmark = [pytest.mark.usefixtures("every_backend"),  # each test on every runtime
+              pytest.mark.slow]  # servers reloading under load (test_logs.py reloads one in the fast subset)
 
 NUM_CLASSES = 18  # nudenet's 320n.onnx
 RELOAD_WAIT_S = 60.0
