@@ -256,7 +256,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from vasipc.backends import select_device
-    from vasipc.heap import HeapTrimmer
     from vasipc.listener import StartupError, check_socket_path, default_socket_path
     from vasipc.model import ModelError
     from vasipc.model_yaml import ModelSourceError
@@ -345,11 +344,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                         watched=load.watched_files if args.watch else None,
                         interval=_pick(args.watch_interval, 2.0))
     reloader.start()
-    heap = HeapTrimmer()
     while not stop.wait(0.2):
         server.error_log.flush()  # the per-class error counts whose interval has passed
         server.stats.fold()  # here, not on a response's way out
-        heap.maybe_trim()  # RSS stays flat under churn (vasipc/heap.py)
         if server.fatal is not None:
             code = server.abort()
             log.error("exiting after a session error")
