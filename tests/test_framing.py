@@ -26,7 +26,7 @@ from vasipc._fast import framing
 
 PREFIX = struct.Struct(">I")
 MiB = 1024 * 1024
-LONG = 10.0   # a timeout that must not expire in a passing test
+LONG = 30.0   # a timeout that must not expire in a passing test (a hang guard)
 SHORT = 0.2   # a timeout that must expire
 
 
