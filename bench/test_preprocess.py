@@ -9,6 +9,8 @@ One group per source resolution, so each comparison prints side by side:
 - `opencv`: the reference pipeline of docs/contract.md 6 as a Python server would write it:
   cvtColor NV12->RGB, resize INTER_LINEAR, copyMakeBorder 114, astype(float32)/255,
   transpose to CHW (contiguous);
+- `graph_cpu`: the preprocessing graph the GPU path runs (vasipc/preprocess_graph.py), here
+  on ONNX Runtime's CPU provider with one thread: what `--preprocess graph` costs on a CPU;
 - `opencv_blob`: OpenCV at its best: cvtColor, resize into the centre of a preallocated
   114-filled canvas (no border copy), then dnn.blobFromImage (scale + CHW in one C++ pass).
 
@@ -159,6 +161,20 @@ def test_vasipc_threads2(benchmark, frame):
     out = np.empty((3, SIZE, SIZE), np.float32)
     got = benchmark(vasipc_letterbox, nv12, w, h, geom, out, 2)
     assert np.array_equal(got, vasipc_letterbox(nv12, w, h, geom, np.empty_like(out)))
+
+
+def test_graph_cpu(benchmark, frame):
+    import onnxruntime as ort
+
+    from vasipc.preprocess_graph import PreprocessSession
+
+    name, nv12, w, h, geom = frame
+    _group(benchmark, name)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = PreprocessSession(NV12, SIZE, SIZE, sess_options=options)
+    got = benchmark(session.run, nv12, w, h, w)
+    assert np.abs(got.reshape(3, SIZE, SIZE) - opencv_letterbox(nv12, w, h, geom)).mean() < 2 / 255
 
 
 def test_opencv(benchmark, frame):

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -459,26 +458,6 @@ def test_bad_arguments(session_for):
         session.run(frame.astype(np.int16), 64, 48, 64)
     with pytest.raises(ValueError):
         session_for(I420, 320, 320).run(frame, 64, 48, 63)  # odd I420 stride
-
-
-def test_time_1080p_nv12_on_cpu(session_for, capsys):
-    """Prints the time of one 1080p NV12 frame on the CPU provider (never asserted)."""
-    width, height = 1920, 1080
-    frame = make_frame(_photo(width, height), NV12, width)
-    session = session_for(NV12, 640, 640)
-    session.run(frame, width, height, width)  # warm-up
-    runs = 5
-    start = time.perf_counter()
-    for _ in range(runs):
-        session.run(frame, width, height, width)
-    graph_ms = (time.perf_counter() - start) / runs * 1e3
-    start = time.perf_counter()
-    for _ in range(runs):
-        kernel_letterbox(frame, NV12, width, height, width, 640, 640)
-    kernel_ms = (time.perf_counter() - start) / runs * 1e3
-    with capsys.disabled():
-        print(f"\n1080p NV12 -> 640x640 on CPU, 1 thread: graph {graph_ms:.1f} ms, "
-              f"C kernel {kernel_ms:.2f} ms")
 
 
 # --- CUDA (skipped without a usable GPU) ---------------------------------------------------------
