@@ -94,6 +94,8 @@ class Reloader:
                 self._trigger.clear()
                 reason = "SIGHUP"
             else:
+                # Each poll is a debug line, so a test can wait for polls instead of time.
+                log.debug("watch poll: %s", "no change" if sig == last else "a change")
                 if sig == last or sig != seen:
                     seen = sig  # unchanged, or still changing: look again next interval
                     continue
