@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from vasipc.backends import BACKENDS, PRECISIONS, choose_backend
@@ -282,7 +282,7 @@ def from_model_dir(directory: str) -> ModelSource:
                                    + (f" (nor a numeric version directory: {_only_numeric(others)})"
                                       if others and not version_dirs(directory) else ""))
         src = from_model_file(os.path.join(directory, onnx))
-        return ModelSource(**{**_asdict(src), "model_version": _version_of(directory)})
+        return replace(src, model_version=_version_of(directory))
     return _read_model_yaml(yaml_path, directory)
 
 
@@ -318,10 +318,6 @@ def _ignored_keys(doc: dict) -> tuple[str, ...]:
         if isinstance(doc.get(section), dict):
             ignored += [f"{section}.{k}" for k in doc[section] if k not in known]
     return tuple(sorted(ignored))
-
-
-def _asdict(src: ModelSource) -> dict[str, Any]:
-    return {f: getattr(src, f) for f in src.__slots__}
 
 
 def _read_model_yaml(yaml_path: str, directory: str) -> ModelSource:
@@ -409,7 +405,7 @@ def from_models_root(root: str, model_id: str, version: str | None) -> ModelSour
         raise ModelSourceError(f"{base} has no version {version} ({have}"
                                + (f"; {_only_numeric(others)}" if others else "") + ")")
     source = from_model_dir(os.path.join(base, version or versions[-1]))
-    return ModelSource(**{**_asdict(source), "ignored_versions": tuple(others)})
+    return replace(source, ignored_versions=tuple(others))
 
 
 def model_id_for(source: ModelSource, given: str | None = None) -> str:
